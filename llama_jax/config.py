@@ -1,0 +1,146 @@
+"""Model configuration and the presets of every published Llama size.
+
+A preset is a fact about the family (REFERENCE.md); what to train it on, with which mesh and
+recipe, is an experiment and lives in `experiments/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency-dependent RoPE scaling (Hugging Face `rope_type: "llama3"`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # Master weights. Compute dtype "auto" means bf16 on TPU/GPU and fp32 on CPU.
+    param_dtype: str = "float32"
+    compute_dtype: str = "auto"
+    # Rematerialisation of each block in the backward pass: one of REMAT_POLICIES.
+    remat: str = "none"
+    # Stack the layers with nn.scan so compile time does not grow with depth.
+    scan_layers: bool = True
+    # Standard deviation of the normal initialiser of every weight matrix.
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
+                    "max_seq_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads}) for grouped-query attention.")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
+        for name in ("param_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if value != "auto" or name == "param_dtype":
+                try:
+                    jnp.dtype(value)
+                except TypeError:
+                    raise ValueError(f"ModelConfig.{name} is not a dtype: {value!r}.") from None
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The compute dtype, with "auto" resolved for the default backend."""
+        if self.compute_dtype == "auto":
+            return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+        return jnp.dtype(self.compute_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self, *, include_embeddings: bool = True) -> int:
+        """Parameter count by formula; `model.count_params` checks it against the real tree."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.ffn_dim
+        per_layer = attn + mlp + 2 * self.dim
+        embed = self.vocab_size * self.dim
+        head = 0 if self.tie_embeddings else embed
+        total = self.n_layers * per_layer + self.dim + head
+        return total + embed if include_embeddings else total
+
+
+def ffn_dim_for(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's rule for the SwiGLU hidden width: 2/3 of 4*dim, scaled, rounded up."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def _llama(dim, n_layers, n_heads, n_kv_heads, multiple_of, mult, vocab, seq, theta, eps,
+           head_dim=128, tied=False, scaling=None) -> ModelConfig:
+    return ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       head_dim=head_dim, ffn_dim=ffn_dim_for(dim, multiple_of, mult),
+                       vocab_size=vocab, max_seq_len=seq, rope_theta=theta, rope_scaling=scaling,
+                       norm_eps=eps, tie_embeddings=tied)
+
+
+_L31 = RopeScaling(factor=8.0)
+_L32 = RopeScaling(factor=32.0)
+
+# The columns follow REFERENCE.md: dim, layers, heads, kv heads, multiple_of, ffn multiplier,
+# vocab, context, rope theta, norm eps.
+PRESETS: dict[str, ModelConfig] = {
+    "llama1_7b": _llama(4096, 32, 32, 32, 256, None, 32000, 2048, 1e4, 1e-6),
+    "llama1_13b": _llama(5120, 40, 40, 40, 256, None, 32000, 2048, 1e4, 1e-6),
+    "llama1_33b": _llama(6656, 60, 52, 52, 256, None, 32000, 2048, 1e4, 1e-6),
+    "llama1_65b": _llama(8192, 80, 64, 64, 256, None, 32000, 2048, 1e4, 1e-5),
+    "llama2_7b": _llama(4096, 32, 32, 32, 256, None, 32000, 4096, 1e4, 1e-5),
+    "llama2_13b": _llama(5120, 40, 40, 40, 256, None, 32000, 4096, 1e4, 1e-5),
+    "llama2_70b": _llama(8192, 80, 64, 8, 4096, 1.3, 32000, 4096, 1e4, 1e-5),
+    "llama3_8b": _llama(4096, 32, 32, 8, 1024, 1.3, 128256, 8192, 5e5, 1e-5),
+    "llama3_70b": _llama(8192, 80, 64, 8, 4096, 1.3, 128256, 8192, 5e5, 1e-5),
+    "llama3_1_8b": _llama(4096, 32, 32, 8, 1024, 1.3, 128256, 131072, 5e5, 1e-5, scaling=_L31),
+    "llama3_1_70b": _llama(8192, 80, 64, 8, 4096, 1.3, 128256, 131072, 5e5, 1e-5, scaling=_L31),
+    "llama3_1_405b": _llama(16384, 126, 128, 8, 4096, 1.2, 128256, 131072, 5e5, 1e-5,
+                            scaling=_L31),
+    "llama3_2_1b": _llama(2048, 16, 32, 8, 256, 1.5, 128256, 131072, 5e5, 1e-5, head_dim=64,
+                          tied=True, scaling=_L32),
+    "llama3_2_3b": _llama(3072, 28, 24, 8, 256, 1.0, 128256, 131072, 5e5, 1e-5, tied=True,
+                          scaling=_L32),
+    # A toy of the Llama 3 shape (GQA, untied) for laptops and tests.
+    "tiny": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, ffn_dim=768,
+                        vocab_size=4096, max_seq_len=512, rope_theta=1e4),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """The `ModelConfig` of a published size, e.g. `model_preset("llama3_8b")`."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown model preset {name!r}.{hint} Known: {', '.join(PRESETS)}.")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

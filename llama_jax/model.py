@@ -1,0 +1,254 @@
+"""The Llama transformer as pure Flax Linen modules.
+
+    tokens -> tok_embeddings -> n_layers x Block -> norm -> output (or tied embeddings) -> logits
+    Block:  h = x + Attention(RMSNorm(x));  out = h + FeedForward(RMSNorm(h))
+
+Parameter names follow Meta's checkpoints (`layers/attention/wq`, `layers/feed_forward/w1`, ...).
+Every parameter and main activation carries logical axis names; `sharding.py` maps them to the
+mesh, so nothing here knows about devices. RoPE uses the rotate-half layout of Hugging Face
+checkpoints (Meta's interleaved q/k weights are permuted on conversion).
+
+Run `python -m llama_jax.model --preset llama3_1_405b` to print a preset's shapes and size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.attention import attention
+from llama_jax.config import PRESETS, ModelConfig, RopeScaling, model_preset
+
+# Logical axes of the activations (parameters name theirs where they are declared).
+ACTIVATION = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", "head_dim")
+KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _weight(module: nn.Module, name: str, shape, axes, init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        jnp.dtype(module.cfg.param_dtype))
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2], with Llama 3.1 scaling (REFERENCE.md) if given."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / np.float32(theta) ** exponents).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    original = scaling.original_max_position_embeddings
+    low_freq_wavelength = original / scaling.low_freq_factor
+    high_freq_wavelength = original / scaling.high_freq_factor
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    smooth = (original / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = np.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
+    in_band = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return np.where(in_band, interpolated, scaled).astype(np.float32)
+
+
+def rotary_tables(positions, cfg: ModelConfig):
+    """cos and sin [batch, length, head_dim] for integer `positions` [batch, length]."""
+    inv_freq = jnp.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate-half RoPE on x [batch, length, heads, head_dim], in fp32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        weight = _weight(self, "weight", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        cfg, dtype = self.cfg, self.cfg.dtype
+        init = nn.initializers.normal(cfg.init_std)
+        wq = _weight(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
+        wk = _weight(self, "wk", (cfg.dim, cfg.n_kv_heads, cfg.head_dim),
+                     ("embed", "kv_heads", "head_dim"), init)
+        wv = _weight(self, "wv", (cfg.dim, cfg.n_kv_heads, cfg.head_dim),
+                     ("embed", "kv_heads", "head_dim"), init)
+        wo = _weight(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.dim), ("heads", "head_dim", "embed"), init)
+
+        q = nn.with_logical_constraint(jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype)), HEADS)
+        k = nn.with_logical_constraint(jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype)), KV_HEADS)
+        v = nn.with_logical_constraint(jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype)), KV_HEADS)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = nn.with_logical_constraint(attention(q, k, v, segment_ids), HEADS)
+        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dtype))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dtype = self.cfg, self.cfg.dtype
+        init = nn.initializers.normal(cfg.init_std)
+        w1 = _weight(self, "w1", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), init)
+        w3 = _weight(self, "w3", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), init)
+        w2 = _weight(self, "w2", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), init)
+        gate = jnp.einsum("btd,df->btf", x, w1.astype(dtype))
+        up = jnp.einsum("btd,df->btf", x, w3.astype(dtype))
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("btf,fd->btd", hidden, w2.astype(dtype))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer. Returns (x, None) so that nn.scan can stack it."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        h = x + Attention(self.cfg, name="attention")(
+            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids)
+        h = nn.with_logical_constraint(h, ACTIVATION)
+        out = h + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h))
+        return nn.with_logical_constraint(out, ACTIVATION), None
+
+
+class Llama(nn.Module):
+    """`Llama(cfg).apply({"params": p}, tokens, positions, segment_ids) -> logits [B, T, vocab]`.
+
+    `positions` default to 0..T-1. `segment_ids` (0 = padding) number the documents packed in a
+    row; attention never crosses from one to another. Logits are fp32. With `return_hidden=True`
+    the final normed hidden states [B, T, dim] are returned instead (for losses that apply the
+    head chunk by chunk; see `lm_head`).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, *, return_hidden: bool = False):
+        cfg = self.cfg
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        embeddings = _weight(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
+                             nn.initializers.normal(cfg.init_std))
+        x = nn.with_logical_constraint(jnp.take(embeddings, tokens, axis=0).astype(cfg.dtype), ACTIVATION)
+        cos, sin = rotary_tables(positions, cfg)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(cfg, name="layers")(x, cos, sin, segment_ids)
+        else:
+            for i in range(cfg.n_layers):
+                x, _ = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids)
+
+        x = RMSNorm(cfg, name="norm")(x)
+        if return_hidden:
+            return x
+        if cfg.tie_embeddings:
+            head = embeddings.T
+        else:
+            head = _weight(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
+                           nn.initializers.normal(cfg.init_std))
+        return nn.with_logical_constraint(lm_logits(x, head), ("batch", "length", "vocab"))
+
+
+def lm_logits(hidden, head):
+    """fp32 logits from hidden [..., dim] and the head [dim, vocab], in the hidden's dtype."""
+    return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def lm_head(params, cfg: ModelConfig):
+    """The [dim, vocab] output projection: `output`, or the transposed embeddings if tied."""
+    return params["tok_embeddings"].T if cfg.tie_embeddings else params["output"]
+
+
+def _init_variables(cfg: ModelConfig, rng):
+    return Llama(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))
+
+
+def init_params(cfg: ModelConfig, rng):
+    """Randomly initialised parameters (plain arrays) of `Llama(cfg)`."""
+    return nn.meta.unbox(_init_variables(cfg, rng)["params"])
+
+
+def abstract_params(cfg: ModelConfig):
+    """Shapes and dtypes of the parameters, with their logical axes, computed without memory."""
+    return jax.eval_shape(lambda rng: _init_variables(cfg, rng), jax.random.key(0))["params"]
+
+
+def param_logical_axes(cfg: ModelConfig):
+    """A tree of PartitionSpecs of logical axis names, matching `init_params`' tree."""
+    return nn.get_partition_spec(abstract_params(cfg))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters, counted from the abstract tree (no memory needed)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))
+
+
+def describe(cfg: ModelConfig) -> str:
+    """The shape tree and parameter count, as `python -m llama_jax.model` prints them."""
+    boxed = abstract_params(cfg)
+    shapes = nn.meta.unbox(boxed)
+    axes = nn.get_partition_spec(boxed)
+    lines = []
+    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
+            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        lines.append(f"  {name:<32} {str(tuple(leaf.shape)):<28} {leaf.dtype}  {tuple(spec)}")
+    total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+    lines.append(f"parameters: {total:,} ({total / 1e9:.2f}B)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_jax.model",
+        description="Print a Llama preset's parameter shapes, logical axes and parameter count.")
+    parser.add_argument("--preset", default="llama3_8b", help=f"one of: {', '.join(PRESETS)}")
+    args = parser.parse_args(argv)
+    try:
+        cfg = model_preset(args.preset)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"{args.preset}: {cfg}")
+    print(describe(cfg))
+
+
+if __name__ == "__main__":
+    main()
