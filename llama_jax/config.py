@@ -6,9 +6,12 @@ recipe, is an experiment and lives in `experiments/`.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import importlib.util
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +147,151 @@ def model_preset(name: str, **overrides) -> ModelConfig:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown model preset {name!r}.{hint} Known: {', '.join(PRESETS)}.")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Experiments: what to train, how, on which mesh. `experiments/NAME.py` files build these.
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 (at most one) takes all the devices the others leave."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup, cosine decay to a floor and an optional final linear anneal to zero."""
+
+    peak_lr: float = 3e-4
+    warmup_steps: int = 2000
+    # Steps from the start to the end of the cosine (0: the whole run). After it the lr stays at
+    # the floor until the anneal.
+    decay_steps: int = 0
+    final_lr_ratio: float = 0.1    # the cosine's floor, as a fraction of peak_lr
+    anneal_steps: int = 0          # Llama 3: linear to zero over the last N steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1      # not applied to norm weights
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16           # sequences per step, over all devices and microbatches
+    seq_len: int = 256
+    microbatches: int = 1          # gradient accumulation inside the jitted step
+    loss_chunk: int = 512          # positions per chunk of the LM head + loss (bounds fp32 logits)
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    seed: int = 0
+    sample_tokens: int = 48        # length of the sample printed at the end (0: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything a run needs. The defaults are the `tiny` experiment, runnable on a laptop."""
+
+    name: str = "tiny"
+    model: ModelConfig = PRESETS["tiny"]
+    optim: OptimConfig = OptimConfig(peak_lr=1e-3, warmup_steps=30, final_lr_ratio=0.1,
+                                     weight_decay=0.1)
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    # The hardware the recipe was sized for, e.g. "v5p-512"; informational until checked by AOT.
+    target: str = "cpu"
+    description: str = ""
+
+    def replace(self, **changes) -> "Experiment":
+        return dataclasses.replace(self, **changes)
+
+
+class ConfigError(ValueError):
+    """A bad experiment or override; its message is one sentence fit for the user."""
+
+
+def _all_keys(cfg, prefix=""):
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _all_keys(value, prefix + field.name + ".")
+        else:
+            yield prefix + field.name
+
+
+def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
+    """`["optim.peak_lr=1e-4", "mesh.tensor=8"]` applied to `exp`, type-checked by OmegaConf."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not overrides:
+        return exp
+    keys = list(_all_keys(exp))
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Override {item!r} is not of the form key=value (e.g. train.steps=100).")
+        if key not in keys and not any(k.startswith(key + ".") for k in keys):
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"Unknown override key {key!r}.{hint}")
+    merged = OmegaConf.structured(exp)
+    for item in overrides:  # one at a time, so an error can name the override at fault
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"Bad override {item!r}: {str(err).splitlines()[0]}") from None
+    try:
+        return OmegaConf.to_object(merged)
+    except (TypeError, ValueError, OmegaConfBaseException) as err:
+        raise ConfigError(f"Bad override: {str(err).splitlines()[0]}") from None
+
+
+# Experiment files live in the repository's experiments/ folder; a path to any .py file works too.
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _defines_experiment(path: Path) -> bool:
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return False
+    return any(isinstance(node, ast.FunctionDef) and node.name == "experiment" for node in tree.body)
+
+
+def list_experiments() -> list[str]:
+    """Names of the files in experiments/ that define `experiment()`, plus the built-in `tiny`."""
+    names = {"tiny"}
+    if EXPERIMENTS_DIR.is_dir():
+        names |= {p.stem for p in EXPERIMENTS_DIR.glob("*.py") if _defines_experiment(p)}
+    return sorted(names)
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    """The Experiment returned by `experiment()` in experiments/NAME.py or in a given file."""
+    looks_like_path = name_or_path.endswith(".py") or "/" in name_or_path
+    path = Path(name_or_path) if looks_like_path else EXPERIMENTS_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        if name_or_path == "tiny":
+            return Experiment()  # the embedded default, also when experiments/ is not installed
+        if looks_like_path:
+            raise ConfigError(f"Experiment file {name_or_path} does not exist.")
+        close = difflib.get_close_matches(name_or_path, list_experiments(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"Unknown experiment {name_or_path!r}.{hint} "
+                          "See `python -m llama_jax.train --help` for the list.")
+    spec = importlib.util.spec_from_file_location(f"llama_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "experiment"):
+        raise ConfigError(f"{path} does not define experiment() -> Experiment.")
+    exp = module.experiment()
+    if not isinstance(exp, Experiment):
+        raise ConfigError(f"experiment() in {path} returned a {type(exp).__name__}, not an Experiment.")
+    return exp

@@ -2,8 +2,10 @@
 
 import os
 
-# Tests run on the CPU in fp32; keep XLA from grabbing every core's worth of threads per test.
+# Tests run on the CPU. Eight simulated devices let the sharding tests build real meshes; they
+# must be requested before JAX starts, hence here.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import numpy as np
 import pytest

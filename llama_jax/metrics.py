@@ -1,0 +1,90 @@
+"""Throughput and MFU, and where metrics go: metrics.jsonl and TensorBoard event files.
+
+MFU = tokens/s x (6N + 12 L H Q T) / peak (PaLM appendix B; REFERENCE.md), with N the
+non-embedding parameters plus the LM head.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import ModelConfig
+from llama_jax.model import count_params
+
+# Dense bf16 peak per chip, TFLOP/s, by a substring of `device_kind` (more specific first).
+PEAK_TFLOPS = (
+    ("v6 lite", 918.0), ("v6e", 918.0),
+    ("v5 lite", 197.0), ("v5e", 197.0),
+    ("v5p", 459.0), ("v5", 459.0),
+    ("v4", 275.0),
+    ("h200", 989.0), ("h100", 989.0),
+)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12 L H Q T for attention."""
+    n = count_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+@functools.cache
+def measured_cpu_peak(size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of the host's best fp32 matmul, timed once: the CPU's stand-in for a peak."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best
+
+
+def peak_flops_per_second() -> tuple[float, str]:
+    """(peak FLOP/s of all devices together, where the figure comes from)."""
+    devices = jax.devices()
+    kind = devices[0].device_kind.lower()
+    if devices[0].platform == "cpu":
+        # Simulated CPU devices share the same cores: the host is one "chip".
+        return measured_cpu_peak(), "measured fp32 matmul on this CPU"
+    for key, tflops in PEAK_TFLOPS:
+        if key in kind:
+            return tflops * 1e12 * len(devices), f"{tflops:g} TFLOP/s x {len(devices)} {kind}"
+    return float("nan"), f"unknown peak for {kind}"
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors scalars to
+    TensorBoard event files in WORKDIR."""
+
+    def __init__(self, workdir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+            self._tensorboard = SummaryWriter(str(workdir))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step":
+                self._tensorboard.add_scalar(key, value, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()

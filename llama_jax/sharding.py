@@ -1,0 +1,115 @@
+"""The device mesh and the one table that maps logical axis names to it.
+
+Model code names axes (`embed`, `heads`, ...); `LOGICAL_RULES` says which mesh axis shards each.
+Changing an experiment's parallelism changes its mesh sizes, never the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes). Flax applies the rules in order and never uses one mesh
+# axis twice in an array, so in activations [batch, length, embed] `embed` falls back to
+# replicated because `batch` already took `fsdp`.
+LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),          # parameters: FSDP shards the model dimension
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices or the batch; the message is one sentence."""
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise MeshError(f"Only one mesh axis may be -1, got {', '.join(free)}.")
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise MeshError(f"Mesh sizes must be positive or -1, got {sizes}.")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if n_devices % fixed:
+            fixed_axes = ", ".join(f"{k}={v}" for k, v in sizes.items() if v != -1)
+            raise MeshError(f"The mesh sizes {fixed_axes} do not divide the {n_devices} devices.")
+        sizes[free[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise MeshError(f"The mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} "
+                        f"needs {math.prod(sizes.values())} devices, but there are {n_devices}.")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    # Auto axes: XLA propagates shardings from the parameters, batches and the model's constraints.
+    return jax.make_mesh(shape, MESH_AXES, (jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def logical_to_spec(logical: PartitionSpec, shape, mesh: Mesh, rules=LOGICAL_RULES) -> PartitionSpec:
+    """The mesh PartitionSpec of an array; dims the mesh axes do not divide stay replicated."""
+    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else (axes or ())
+        size = math.prod(mesh.shape[name] for name in names)
+        fitted.append(axes if size > 1 and dim % size == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def tree_shardings(abstract_tree, logical_specs, mesh: Mesh):
+    """NamedShardings for a tree of shapes, given the matching tree of logical PartitionSpecs."""
+    is_spec = lambda x: isinstance(x, PartitionSpec) or x is None  # noqa: E731
+    specs = jax.tree.leaves(logical_specs, is_leaf=is_spec)
+    leaves, treedef = jax.tree.flatten(abstract_tree)
+    if len(specs) != len(leaves):
+        raise ValueError(f"{len(leaves)} arrays but {len(specs)} partition specs.")
+    return treedef.unflatten([
+        NamedSharding(mesh, logical_to_spec(spec or PartitionSpec(), leaf.shape, mesh))
+        for leaf, spec in zip(leaves, specs)])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches [batch, length] split over the data-parallel axes (data and fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch(batch_size: int, microbatches: int, mesh: Mesh) -> None:
+    dp = data_parallel_size(mesh)
+    if batch_size % microbatches:
+        raise MeshError(f"train.batch_size={batch_size} is not divisible by "
+                        f"train.microbatches={microbatches}.")
+    if (batch_size // microbatches) % dp:
+        raise MeshError(f"The microbatch of {batch_size // microbatches} sequences is not divisible "
+                        f"by the data-parallel size {dp} (mesh.data x mesh.fsdp).")
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=LOGICAL_RULES):
+    """Inside, the model's `with_logical_constraint`s resolve against this mesh and table."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

@@ -1,0 +1,274 @@
+"""Training: `python -m llama_jax.train [--exp NAME|PATH] [--workdir DIR] [key=value ...]`.
+
+The core is `train_step(state, batch) -> (state, metrics)`, a pure function compiled once with
+explicit shardings for the state (from the logical-axis table) and the batch (split over the
+data-parallel axes). Everything else here (data, logging, the progress bar) is the shell around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from llama_jax.config import (ConfigError, Experiment, apply_overrides, list_experiments,
+                              load_experiment)
+from llama_jax.loss import cross_entropy_sum, next_token_targets
+from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_second
+from llama_jax.model import Llama, count_params, init_params, lm_head
+from llama_jax.optim import make_optimizer
+from llama_jax.sharding import (MeshError, activation_sharding, batch_sharding, check_batch,
+                                make_mesh, tree_shardings)
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def loss_sum_and_count(params, batch: Batch, exp: Experiment):
+    """(summed next-token loss, number of predicted tokens) of one batch."""
+    cfg = exp.model
+    hidden = Llama(cfg).apply({"params": params}, batch["tokens"], batch["positions"],
+                              batch["segment_ids"], return_hidden=True)
+    targets, weights = next_token_targets(batch)
+    return cross_entropy_sum(hidden, lm_head(params, cfg), targets, weights, exp.train.loss_chunk)
+
+
+def make_train_step(exp: Experiment, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+    """A pure `train_step(state, batch) -> (state, metrics)`; jit it with `compile_steps`."""
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sum_and_count(p, b, exp), has_aux=True)
+    microbatches = exp.train.microbatches
+
+    def train_step(state: TrainState, batch: Batch):
+        if microbatches == 1:
+            (loss_sum, count), grads = grad_fn(state.params, batch)
+        else:
+            # Row i goes to microbatch i % microbatches, so each device's rows spread evenly.
+            split = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1),
+                batch)
+
+            def accumulate(total, micro):
+                (loss_sum, count), grads = grad_fn(state.params, micro)
+                return jax.tree.map(jnp.add, total, (loss_sum, count, grads)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, split)
+        # Sum over tokens, then one division: the same gradient however the batch is split.
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                               opt_state=opt_state)
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state.step), "target_tokens": count}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(exp: Experiment) -> Callable:
+    def eval_step(params, batch: Batch):
+        return loss_sum_and_count(params, batch, exp)
+    return eval_step
+
+
+def state_shardings(exp: Experiment, optimizer, mesh):
+    """Shardings of the whole TrainState, from the parameters' logical axes."""
+    cfg = exp.model
+
+    def init_boxed(rng):  # parameters still wrapped with their logical axis names
+        params = Llama(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    logical = nn.get_partition_spec(boxed)
+    return tree_shardings(nn.meta.unbox(boxed), logical, mesh)
+
+
+def create_train_state(exp: Experiment, optimizer, mesh, rng) -> tuple[TrainState, Any]:
+    """A fresh TrainState, initialised directly into its shardings (never whole on one host)."""
+    shardings = state_shardings(exp, optimizer, mesh)
+
+    def init(rng):
+        params = init_params(exp.model, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    with activation_sharding(mesh):
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+    train_step: Callable
+    eval_step: Callable
+    state_shardings: Any
+    batch_sharding: Any
+
+
+def compile_steps(exp: Experiment, optimizer, schedule, mesh) -> CompiledSteps:
+    """jit-wrapped train and eval steps with explicit in/out shardings."""
+    shardings = state_shardings(exp, optimizer, mesh)
+    batch = batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(exp, optimizer, schedule), in_shardings=(shardings, batch),
+                         out_shardings=(shardings, None), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(exp), in_shardings=(shardings.params, batch))
+    return CompiledSteps(train_step, eval_step, shardings, batch)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding) -> Batch:
+    """This process's rows of the batch, as global arrays on the mesh."""
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for key, value in local.items()}
+
+
+def check_experiment(exp: Experiment, mesh) -> None:
+    """Bad configurations stop here, before anything compiles."""
+    if exp.train.seq_len > exp.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={exp.train.seq_len} is longer than the model's "
+                          f"max_seq_len={exp.model.max_seq_len}.")
+    if exp.train.steps < 1 or exp.train.log_every < 1:
+        raise ConfigError("train.steps and train.log_every must be at least 1.")
+    check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
+    if exp.train.batch_size % jax.process_count():
+        raise MeshError(f"train.batch_size={exp.train.batch_size} does not split evenly over "
+                        f"{jax.process_count()} processes.")
+
+
+def greedy_sample(params, cfg, prompt: list[int], n_tokens: int) -> list[int]:
+    """A short greedy continuation, recomputing the whole window each token (no KV cache)."""
+    length = len(prompt) + n_tokens
+    buffer = jnp.zeros((1, length), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt, jnp.int32))
+
+    @jax.jit
+    def run(buffer):
+        def body(i, buf):
+            logits = Llama(cfg).apply({"params": params}, buf)
+            return buf.at[0, i].set(jnp.argmax(logits[0, i - 1]).astype(jnp.int32))
+        return jax.lax.fori_loop(len(prompt), length, body, buffer)
+
+    return [int(t) for t in run(buffer)[0, len(prompt):]]
+
+
+def evaluate(steps: CompiledSteps, params, batches, n_batches: int) -> float:
+    total, count = 0.0, 0.0
+    for _, local in zip(range(n_batches), batches):
+        loss_sum, n = steps.eval_step(params, global_batch(local, steps.batch_sharding))
+        total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0)
+
+
+def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
+    """Runs the experiment; returns the last logged metrics (and `eval_loss` if evaluated)."""
+    from llama_jax.data.training import training_data
+
+    workdir = Path(workdir)
+    mesh = make_mesh(exp.mesh)
+    check_experiment(exp, mesh)
+    data = training_data(exp, quiet=quiet)
+    optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
+    steps = compile_steps(exp, optimizer, schedule, mesh)
+    state, _ = create_train_state(exp, optimizer, mesh, jax.random.key(exp.train.seed))
+
+    tokens_per_step = exp.train.batch_size * exp.train.seq_len
+    flops_per_step = flops_per_token(exp.model, exp.train.seq_len) * tokens_per_step
+    peak, peak_source = peak_flops_per_second()
+    say = (lambda *a: None) if quiet else tqdm.write
+    say(f"{exp.name}: {count_params(exp.model) / 1e6:,.1f}M parameters, mesh {dict(mesh.shape)} on "
+        f"{len(jax.devices())} {jax.devices()[0].platform} device(s), {tokens_per_step:,} tokens/step, "
+        f"{exp.train.steps} steps; peak {peak / 1e12:.2f} TFLOP/s ({peak_source}); workdir {workdir}")
+
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "experiment.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
+    start_step = int(state.step)
+    bar = tqdm(total=exp.train.steps, initial=start_step, desc=exp.name, unit="step",
+               disable=quiet or None, dynamic_ncols=True)
+    last: dict = {}
+    window: list = []
+    window_start = time.perf_counter()
+    with activation_sharding(mesh):
+        for step in range(start_step, exp.train.steps):
+            state, metrics = steps.train_step(state, global_batch(next(data.train), steps.batch_sharding))
+            window.append(metrics)
+            if step == start_step:  # the first step carries the compile; time from its end
+                jax.block_until_ready(metrics)
+                window, window_start = [], time.perf_counter()
+            done = step + 1
+            if window and (done % exp.train.log_every == 0 or done == exp.train.steps):
+                fetched = jax.device_get(window)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = len(fetched) * tokens_per_step / elapsed
+                last = {"loss": float(np.mean([m["loss"] for m in fetched])),
+                        "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
+                        "tokens_per_s": tokens_per_s, "step_time_s": elapsed / len(fetched),
+                        "mfu": tokens_per_s * flops_per_step / tokens_per_step / peak}
+                writer.write(done, last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                mfu=f"{last['mfu']:.1%}")
+                window, window_start = [], time.perf_counter()
+            if data.eval is not None and (done % exp.train.eval_every == 0 or done == exp.train.steps):
+                eval_loss = evaluate(steps, state.params, data.eval(), exp.train.eval_batches)
+                last["eval_loss"] = eval_loss
+                writer.write(done, {"eval_loss": eval_loss})
+                say(f"step {done}: eval loss {eval_loss:.4f}")
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            bar.update()
+    bar.close()
+    writer.close()
+    if exp.train.sample_tokens and data.tokenizer is not None and not quiet:
+        prompt = data.tokenizer.encode(data.sample_prompt, bos=True)
+        sample = greedy_sample(state.params, exp.model, prompt, exp.train.sample_tokens)
+        say(f"sample: {data.sample_prompt}{data.tokenizer.decode(sample)!s}")
+    last["state"] = state
+    return last
+
+
+def _parser() -> argparse.ArgumentParser:
+    names = ", ".join(list_experiments())
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_jax.train",
+        description="Train a Llama model. With no arguments, trains the `tiny` experiment on the "
+                    "Python standard library's source files (a few minutes on a laptop CPU).",
+        epilog=f"experiments: {names}. Overrides: any field, e.g. train.steps=100 "
+               "optim.peak_lr=1e-4 mesh.fsdp=8 model.remat=full.")
+    parser.add_argument("--exp", default="tiny", help="an experiment name or a path to a .py file")
+    parser.add_argument("--workdir", default=None, help="where metrics and checkpoints go (default runs/EXP)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from llama_jax.data.training import DataError
+    try:
+        exp = apply_overrides(load_experiment(args.exp), args.overrides)
+        train(exp, args.workdir or Path("runs") / exp.name)
+    except (ConfigError, MeshError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
