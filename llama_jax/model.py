@@ -160,7 +160,9 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         embeddings = _weight(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
                              nn.initializers.normal(cfg.init_std))
-        x = nn.with_logical_constraint(jnp.take(embeddings, tokens, axis=0).astype(cfg.dtype), ACTIVATION)
+        # Gather the table's FSDP shards first (as for any weight) so the lookup stays local.
+        table = nn.with_logical_constraint(embeddings, ("vocab", None))
+        x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(cfg.dtype), ACTIVATION)
         cos, sin = rotary_tables(positions, cfg)
 
         block = Block

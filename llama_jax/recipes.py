@@ -1,0 +1,62 @@
+"""The published pretraining recipes (REFERENCE.md) as Experiment builders.
+
+`experiments/llama2_70b.py` and its siblings call `pretraining(...)` with the paper's numbers; the
+arithmetic from tokens to steps and sequences lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+
+from llama_jax.config import Experiment, MeshConfig, OptimConfig, TrainConfig, model_preset
+
+
+def pretraining(preset: str, *, seq_len: int, batch_tokens: int, total_tokens: float,
+                peak_lr: float, warmup_steps: int, final_lr_ratio: float, eps: float = 1e-8,
+                decay_steps: int = 0, anneal_tokens: float = 0, target: str,
+                mesh: MeshConfig = MeshConfig(data=1, fsdp=-1, tensor=1), remat: str = "full",
+                microbatches: int = 1, description: str = "") -> Experiment:
+    """A pretraining Experiment from a paper's recipe: AdamW (0.9, 0.95), weight decay 0.1,
+    clipping 1.0, warmup then cosine to `final_lr_ratio`, and optionally Llama 3's anneal."""
+    batch_size = batch_tokens // seq_len
+    steps = math.ceil(total_tokens / (batch_size * seq_len))
+    return Experiment(
+        name=preset,
+        model=model_preset(preset, remat=remat),
+        optim=OptimConfig(peak_lr=peak_lr, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                          final_lr_ratio=final_lr_ratio,
+                          anneal_steps=math.ceil(anneal_tokens / (batch_size * seq_len)),
+                          b1=0.9, b2=0.95, eps=eps, weight_decay=0.1, clip_norm=1.0),
+        mesh=mesh,
+        train=TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len,
+                          microbatches=microbatches, loss_chunk=1024, log_every=10,
+                          eval_every=1000, eval_batches=20, sample_tokens=0),
+        target=target,
+        description=description)
+
+
+# LLaMA 1 (2302.13971): 4M-token batches of 2048, 2000 warmup steps, cosine to 10%.
+def llama1(preset: str, peak_lr: float, total_tokens: float, target: str) -> Experiment:
+    return pretraining(preset, seq_len=2048, batch_tokens=4 * 2**20, total_tokens=total_tokens,
+                       peak_lr=peak_lr, warmup_steps=2000, final_lr_ratio=0.1, target=target,
+                       description=f"LLaMA 1 recipe: {total_tokens / 1e12:.1f}T tokens.")
+
+
+# Llama 2 (2307.09288): as LLaMA 1 with eps 1e-5, 4096 context, 2T tokens.
+def llama2(preset: str, peak_lr: float, target: str) -> Experiment:
+    return pretraining(preset, seq_len=4096, batch_tokens=4 * 2**20, total_tokens=2.0e12,
+                       peak_lr=peak_lr, warmup_steps=2000, final_lr_ratio=0.1, eps=1e-5,
+                       target=target, description="Llama 2 recipe: 2.0T tokens.")
+
+
+# Llama 3 (2407.21783): 8K context, ~15.6T tokens, cosine to 1% then a linear anneal to zero over
+# the last 40M tokens. The paper gives 405B's batch (ramped 4M -> 8M -> 16M tokens; we use the
+# final 16M), its 8000 warmup steps and its 1.2M-step cosine; for 8B and 70B it gives only the
+# peak lr, so they take Llama 2's 4M-token batch and 2000 warmup steps and decay over the run.
+def llama3(preset: str, peak_lr: float, target: str, mesh: MeshConfig = MeshConfig(),
+           large: bool = False) -> Experiment:
+    return pretraining(preset, seq_len=8192, batch_tokens=(16 if large else 4) * 2**20,
+                       total_tokens=15.6e12, peak_lr=peak_lr, warmup_steps=8000 if large else 2000,
+                       decay_steps=1_200_000 if large else 0, final_lr_ratio=0.01,
+                       anneal_tokens=40e6, target=target, mesh=mesh,
+                       description="Llama 3 recipe: 15.6T tokens at 8K context, annealed.")
