@@ -148,10 +148,6 @@ def test_wrong_files(tmp_path, sp_tokenizer):
 # --- chat templates ---------------------------------------------------------
 
 
-def _pieces(tok, ids, mask):
-  return [(tok.decode([i]), m) for i, m in zip(ids, mask)]
-
-
 def test_llama3_chat(tt_tokenizer):
   tok = tt_tokenizer
   dialog = [

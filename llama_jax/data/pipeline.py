@@ -136,6 +136,9 @@ class _SplitLongDocumentsIterator(grain.DatasetIterator):
     self._parent.set_state(state["parent"])
     self._parent_state = state["parent"]
     self._pieces, self._next_piece = [], 0
+    # A restored run used documents before its saved state, so running out of
+    # usable ones after it is not the all-unusable error.
+    self._documents_seen = max(self._documents_seen, 1)
     if state["next_piece"]:
       # Cut the same document again and skip the pieces already returned.
       self._pieces = self._cut(self._next_document())

@@ -228,9 +228,10 @@ def _field_of(record: Any, field: str, chat: bool, name: str, where: str) -> Any
       return value
     COUNTERS.add(name, SKIPPED, f": {where} has no list of messages in {field!r}")
     return None
-  if isinstance(value, str):
-    return value if value else None
-  COUNTERS.add(name, SKIPPED, f": {where} has no string field {field!r}")
+  if isinstance(value, str) and value:
+    return value
+  problem = "an empty" if value == "" else "no string"
+  COUNTERS.add(name, SKIPPED, f": {where} has {problem} field {field!r}")
   return None
 
 
