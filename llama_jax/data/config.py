@@ -21,127 +21,123 @@ PACKINGS = ("first_fit", "concat_then_split")
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-  """One corpus.
+    """One corpus.
 
-  Attributes:
-    path: a file, a directory (searched recursively) or a glob; or several.
-    kind: one of SOURCE_KINDS.
-    field: the JSONL field or Parquet column holding the document.
-    weight: relative share of documents drawn from this source in a mixture.
-    tokenized: ArrayRecord records are token ids (from `prepare`), not text.
-    chat_template: "llama2" or "llama3" when `field` holds a dialog, a list of
-      {"role", "content"} messages; the loss then covers assistant replies only.
-    name: for logs and errors; defaults to the first path.
-  """
+    Attributes:
+      path: a file, a directory (searched recursively) or a glob; or several.
+      kind: one of SOURCE_KINDS.
+      field: the JSONL field or Parquet column holding the document.
+      weight: relative share of documents drawn from this source in a mixture.
+      tokenized: ArrayRecord records are token ids (from `prepare`), not text.
+      chat_template: "llama2" or "llama3" when `field` holds a dialog, a list of
+        {"role", "content"} messages; the loss then covers assistant replies only.
+      name: for logs and errors; defaults to the first path.
+    """
 
-  path: str | tuple[str, ...]
-  kind: str = "jsonl"
-  field: str = "text"
-  weight: float = 1.0
-  tokenized: bool = False
-  chat_template: str | None = None
-  name: str = ""
+    path: str | tuple[str, ...]
+    kind: str = "jsonl"
+    field: str = "text"
+    weight: float = 1.0
+    tokenized: bool = False
+    chat_template: str | None = None
+    name: str = ""
 
-  def __post_init__(self):
-    if isinstance(self.path, (str, os.PathLike)):
-      object.__setattr__(self, "path", os.fspath(self.path))
-    else:  # a list, tuple or OmegaConf ListConfig of paths
-      object.__setattr__(self, "path", tuple(os.fspath(p) for p in self.path))
-    if not self.paths:
-      raise ValueError("A data source needs at least one path.")
-    if self.kind not in SOURCE_KINDS:
-      raise ValueError(
-          f"Unknown source kind {self.kind!r}; use one of {sorted(SOURCE_KINDS)}."
-      )
-    if not self.weight > 0:
-      raise ValueError(f"Source {self.display_name}: weight must be > 0.")
-    if self.tokenized and self.kind != "arrayrecord":
-      raise ValueError("Only arrayrecord sources can be pre-tokenized.")
-    if self.chat_template not in (None, "llama2", "llama3"):
-      raise ValueError(
-          f"Unknown chat template {self.chat_template!r}; use llama2 or llama3."
-      )
-    if self.chat_template and self.kind not in ("jsonl", "parquet"):
-      raise ValueError("Chat data must come from jsonl or parquet sources.")
+    def __post_init__(self):
+        if isinstance(self.path, (str, os.PathLike)):
+            object.__setattr__(self, "path", os.fspath(self.path))
+        else:  # a list, tuple or OmegaConf ListConfig of paths
+            object.__setattr__(self, "path", tuple(os.fspath(p) for p in self.path))
+        if not self.paths:
+            raise ValueError("A data source needs at least one path.")
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(
+                f"Unknown source kind {self.kind!r}; use one of {sorted(SOURCE_KINDS)}."
+            )
+        if not self.weight > 0:
+            raise ValueError(f"Source {self.display_name}: weight must be > 0.")
+        if self.tokenized and self.kind != "arrayrecord":
+            raise ValueError("Only arrayrecord sources can be pre-tokenized.")
+        if self.chat_template not in (None, "llama2", "llama3"):
+            raise ValueError(f"Unknown chat template {self.chat_template!r}; use llama2 or llama3.")
+        if self.chat_template and self.kind not in ("jsonl", "parquet"):
+            raise ValueError("Chat data must come from jsonl or parquet sources.")
 
-  @property
-  def paths(self) -> tuple[str, ...]:
-    return self.path if isinstance(self.path, tuple) else (self.path,)
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return self.path if isinstance(self.path, tuple) else (self.path,)
 
-  @property
-  def display_name(self) -> str:
-    return self.name or self.paths[0]
+    @property
+    def display_name(self) -> str:
+        return self.name or self.paths[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """The input pipeline of one experiment.
+    """The input pipeline of one experiment.
 
-  Attributes:
-    sources: the corpora, mixed by their weights.
-    tokenizer_path: a SentencePiece or tiktoken ``tokenizer.model``.
-    seq_len: tokens per row.
-    batch_size: rows per batch on each process (host).
-    seed: seeds shuffling and packing; the same seed gives the same batches.
-    shuffle: shuffle documents (differently each epoch).
-    num_epochs: passes over the data; None repeats forever. With several
-      sources, the pass ends when the first source (relative to its weight)
-      runs out.
-    add_bos, add_eos: wrap each text document in BOS ... EOS.
-    packing: "first_fit" keeps documents that fit whole within a row and pads
-      the rest of the row; "concat_then_split" fills every row completely,
-      continuing a document on the next row.
-    packing_bins: rows packed at once by first_fit (default: batch_size).
-    read_threads: threads reading and tokenizing documents in each process.
-    worker_count: extra processes running the pipeline (0: none).
-    worker_buffer_size: batches each worker process prepares ahead.
-    drop_remainder: drop a last, incomplete batch (at the end of num_epochs).
-  """
+    Attributes:
+      sources: the corpora, mixed by their weights.
+      tokenizer_path: a SentencePiece or tiktoken ``tokenizer.model``.
+      seq_len: tokens per row.
+      batch_size: rows per batch on each process (host).
+      seed: seeds shuffling and packing; the same seed gives the same batches.
+      shuffle: shuffle documents (differently each epoch).
+      num_epochs: passes over the data; None repeats forever. With several
+        sources, the pass ends when the first source (relative to its weight)
+        runs out.
+      add_bos, add_eos: wrap each text document in BOS ... EOS.
+      packing: "first_fit" keeps documents that fit whole within a row and pads
+        the rest of the row; "concat_then_split" fills every row completely,
+        continuing a document on the next row.
+      packing_bins: rows packed at once by first_fit (default: batch_size).
+      read_threads: threads reading and tokenizing documents in each process.
+      worker_count: extra processes running the pipeline (0: none).
+      worker_buffer_size: batches each worker process prepares ahead.
+      drop_remainder: drop a last, incomplete batch (at the end of num_epochs).
+    """
 
-  sources: tuple[SourceConfig, ...]
-  tokenizer_path: str
-  seq_len: int
-  batch_size: int
-  seed: int = 0
-  shuffle: bool = True
-  num_epochs: int | None = None
-  add_bos: bool = True
-  add_eos: bool = True
-  packing: str = "first_fit"
-  packing_bins: int | None = None
-  read_threads: int = 2
-  worker_count: int = 0
-  worker_buffer_size: int = 2
-  drop_remainder: bool = True
+    sources: tuple[SourceConfig, ...]
+    tokenizer_path: str
+    seq_len: int
+    batch_size: int
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    add_bos: bool = True
+    add_eos: bool = True
+    packing: str = "first_fit"
+    packing_bins: int | None = None
+    read_threads: int = 2
+    worker_count: int = 0
+    worker_buffer_size: int = 2
+    drop_remainder: bool = True
 
-  def __post_init__(self):
-    sources = tuple(
-        SourceConfig(**s) if isinstance(s, Mapping) else s for s in self.sources
-    )
-    object.__setattr__(self, "sources", sources)
-    if not sources:
-      raise ValueError("DataConfig needs at least one source.")
-    for name in ("seq_len", "batch_size", "read_threads"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"DataConfig.{name} must be >= 1.")
-    if self.num_epochs is not None and self.num_epochs < 1:
-      raise ValueError("DataConfig.num_epochs must be >= 1, or None for forever.")
-    if self.packing not in PACKINGS:
-      raise ValueError(f"Unknown packing {self.packing!r}; use one of {PACKINGS}.")
-    if self.worker_count < 0:
-      raise ValueError("DataConfig.worker_count must be >= 0.")
+    def __post_init__(self):
+        sources = tuple(SourceConfig(**s) if isinstance(s, Mapping) else s for s in self.sources)
+        object.__setattr__(self, "sources", sources)
+        if not sources:
+            raise ValueError("DataConfig needs at least one source.")
+        for name in ("seq_len", "batch_size", "read_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1.")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError("DataConfig.num_epochs must be >= 1, or None for forever.")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"Unknown packing {self.packing!r}; use one of {PACKINGS}.")
+        if self.worker_count < 0:
+            raise ValueError("DataConfig.worker_count must be >= 0.")
 
-  @classmethod
-  def from_dict(cls, config: Mapping[str, Any]) -> DataConfig:
-    """Builds a DataConfig from plain dicts, e.g. an OmegaConf container."""
-    config = dict(config)
-    config["sources"] = tuple(
-        SourceConfig(**dict(s)) for s in _as_sequence(config.get("sources", ()))
-    )
-    return cls(**config)
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> DataConfig:
+        """Builds a DataConfig from plain dicts, e.g. an OmegaConf container."""
+        config = dict(config)
+        config["sources"] = tuple(
+            SourceConfig(**dict(s)) for s in _as_sequence(config.get("sources", ()))
+        )
+        return cls(**config)
 
 
 def _as_sequence(value: Any) -> Sequence[Any]:
-  if isinstance(value, Mapping):
-    raise ValueError("DataConfig.sources must be a list of sources.")
-  return list(value)
+    if isinstance(value, Mapping):
+        raise ValueError("DataConfig.sources must be a list of sources.")
+    return list(value)
