@@ -29,20 +29,25 @@ def attention_mask(q_len: int, kv_len: int, segment_ids=None, kv_segment_ids=Non
 def xla_attention(q, k, v, segment_ids=None, kv_segment_ids=None):
     """q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K. Returns [B, T, H, D].
 
-    Each KV head serves H/K consecutive query heads (the Hugging Face `repeat_kv` order); the
-    query heads are grouped by reshaping, so K and V are never repeated in memory.
+    Each KV head serves H/K consecutive query heads (the Hugging Face `repeat_kv` order). The
+    query heads of a group are stacked as extra rows, [B, K, (H/K)*T, D], so K and V are never
+    repeated in memory and each KV head does one large matmul rather than H/K small ones.
     """
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv_heads = k.shape[1], k.shape[2]
     groups = n_heads // n_kv_heads
-    q = q.reshape(batch, q_len, n_kv_heads, groups, head_dim)
+    rows = q.reshape(batch, q_len, n_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    rows = rows.reshape(batch, n_kv_heads, groups * q_len, head_dim)
+    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     # Scores and softmax in fp32 whatever the compute dtype.
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkrd,bksd->bkrs", rows, keys, preferred_element_type=jnp.float32)
     scores = scores * (head_dim ** -0.5)
-    mask = attention_mask(q_len, kv_len, segment_ids, kv_segment_ids)[:, None, None]
+    mask = attention_mask(q_len, kv_len, segment_ids, kv_segment_ids)  # [B or 1, T, S]
+    mask = jnp.tile(mask, (1, groups, 1))[:, None]                      # rows ordered (group, t)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs, values)
+    out = out.reshape(batch, n_kv_heads, groups, q_len, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, n_heads, head_dim)
 
 

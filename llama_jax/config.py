@@ -11,10 +11,13 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from llama_jax.data.config import STDLIB_EVAL, STDLIB_TRAIN, DataConfig
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -192,6 +195,7 @@ class TrainConfig:
     eval_batches: int = 4
     seed: int = 0
     sample_tokens: int = 48        # length of the sample printed at the end (0: none)
+    sample_prompt: str = "def "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +208,8 @@ class Experiment:
                                      weight_decay=0.1)
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
+    data: DataConfig = STDLIB_TRAIN
+    eval_data: DataConfig | None = STDLIB_EVAL   # held-out split, evaluated every train.eval_every
     # The hardware the recipe was sized for, e.g. "v5p-512"; informational until checked by AOT.
     target: str = "cpu"
     description: str = ""
@@ -221,6 +227,9 @@ def _all_keys(cfg, prefix=""):
         value = getattr(cfg, field.name)
         if dataclasses.is_dataclass(value):
             yield from _all_keys(value, prefix + field.name + ".")
+        elif isinstance(value, (tuple, list)) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):  # e.g. data.sources.0.weight
+                yield from _all_keys(item, f"{prefix}{field.name}.{i}.")
         else:
             yield prefix + field.name
 
@@ -243,14 +252,36 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
             raise ConfigError(f"Unknown override key {key!r}.{hint}")
     merged = OmegaConf.structured(exp)
     for item in overrides:  # one at a time, so an error can name the override at fault
+        key, _, text = item.partition("=")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            value = OmegaConf.from_dotlist([f"value={text}"])["value"]  # YAML-typed, as on a CLI
+            merged = OmegaConf.merge(merged, _nested_override(merged, key.split("."), value))
         except OmegaConfBaseException as err:
             raise ConfigError(f"Bad override {item!r}: {str(err).splitlines()[0]}") from None
     try:
         return OmegaConf.to_object(merged)
     except (TypeError, ValueError, OmegaConfBaseException) as err:
-        raise ConfigError(f"Bad override: {str(err).splitlines()[0]}") from None
+        message = re.sub(r"^Could not create instance of `\w+`: ", "", str(err).splitlines()[0])
+        raise ConfigError(f"Bad override: {message}") from None
+
+
+def _nested_override(config, parts: list[str], value):
+    """{"a": {"b": value}} for a.b; a merge replaces lists whole, so for data.sources.0.weight
+    the override carries the whole list with that one field changed."""
+    from omegaconf import OmegaConf
+
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            items = OmegaConf.to_container(OmegaConf.select(config, ".".join(parts[:i])))
+            node = items[int(part)]
+            for sub in parts[i + 1:-1]:
+                node = node[sub]
+            node[parts[-1]] = value
+            parts, value = parts[:i], items
+            break
+    for part in reversed(parts):
+        value = {part: value}
+    return value
 
 
 # Experiment files live in the repository's experiments/ folder; a path to any .py file works too.

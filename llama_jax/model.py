@@ -36,6 +36,14 @@ _REMAT_POLICIES = {
 }
 
 
+def _project(x, w, dtype):
+    """x [B, T, d_in] times w [d_in, ...out] as one 2-D matmul ([B*T, d_in] @ [d_in, prod(out)]),
+    which XLA's CPU backend differentiates much faster than the 3-D einsum."""
+    batch, length, d_in = x.shape
+    out = x.reshape(batch * length, d_in) @ w.astype(dtype).reshape(d_in, -1)
+    return out.reshape(batch, length, *w.shape[1:])
+
+
 def _weight(module: nn.Module, name: str, shape, axes, init):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape,
                         jnp.dtype(module.cfg.param_dtype))
@@ -101,12 +109,13 @@ class Attention(nn.Module):
                      ("embed", "kv_heads", "head_dim"), init)
         wo = _weight(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.dim), ("heads", "head_dim", "embed"), init)
 
-        q = nn.with_logical_constraint(jnp.einsum("btd,dhk->bthk", x, wq.astype(dtype)), HEADS)
-        k = nn.with_logical_constraint(jnp.einsum("btd,dhk->bthk", x, wk.astype(dtype)), KV_HEADS)
-        v = nn.with_logical_constraint(jnp.einsum("btd,dhk->bthk", x, wv.astype(dtype)), KV_HEADS)
+        q = nn.with_logical_constraint(_project(x, wq, dtype), HEADS)
+        k = nn.with_logical_constraint(_project(x, wk, dtype), KV_HEADS)
+        v = nn.with_logical_constraint(_project(x, wv, dtype), KV_HEADS)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = nn.with_logical_constraint(attention(q, k, v, segment_ids), HEADS)
-        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dtype))
+        batch, length = out.shape[:2]
+        return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype)
 
 
 class FeedForward(nn.Module):
@@ -121,10 +130,9 @@ class FeedForward(nn.Module):
         w1 = _weight(self, "w1", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), init)
         w3 = _weight(self, "w3", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), init)
         w2 = _weight(self, "w2", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), init)
-        gate = jnp.einsum("btd,df->btf", x, w1.astype(dtype))
-        up = jnp.einsum("btd,df->btf", x, w3.astype(dtype))
+        gate, up = _project(x, w1, dtype), _project(x, w3, dtype)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("btf,fd->btd", hidden, w2.astype(dtype))
+        return _project(hidden, w2, dtype)
 
 
 class Block(nn.Module):
@@ -190,8 +198,9 @@ class Llama(nn.Module):
 
 def lm_logits(hidden, head):
     """fp32 logits from hidden [..., dim] and the head [dim, vocab], in the hidden's dtype."""
-    return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # 2-D: see _project
+    logits = jnp.dot(flat, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(*hidden.shape[:-1], head.shape[-1])
 
 
 def lm_head(params, cfg: ModelConfig):

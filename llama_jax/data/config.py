@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sysconfig
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,10 @@ class SourceConfig:
             raise ValueError(
                 f"Unknown source kind {self.kind!r}; use one of {sorted(SOURCE_KINDS)}."
             )
+        try:  # overrides arrive untyped here: data.sources.0.weight=2
+            object.__setattr__(self, "weight", float(self.weight))
+        except (TypeError, ValueError):
+            raise ValueError(f"Source {self.display_name}: weight must be a number, got {self.weight!r}.") from None
         if not self.weight > 0:
             raise ValueError(f"Source {self.display_name}: weight must be > 0.")
         if self.tokenized and self.kind != "arrayrecord":
@@ -97,9 +102,11 @@ class DataConfig:
     """
 
     sources: tuple[SourceConfig, ...]
-    tokenizer_path: str
-    seq_len: int
-    batch_size: int
+    # In an Experiment, the training loop fills these in: seq_len and batch_size (per process)
+    # from train.*, and an empty tokenizer_path with a tokenizer trained on the sources and cached.
+    tokenizer_path: str = ""
+    seq_len: int = 0
+    batch_size: int = 0
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None
@@ -117,9 +124,11 @@ class DataConfig:
         object.__setattr__(self, "sources", sources)
         if not sources:
             raise ValueError("DataConfig needs at least one source.")
-        for name in ("seq_len", "batch_size", "read_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DataConfig.{name} must be >= 1.")
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DataConfig.{name} must be >= 1 (or 0 in an Experiment).")
+        if self.read_threads < 1:
+            raise ValueError("DataConfig.read_threads must be >= 1.")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError("DataConfig.num_epochs must be >= 1, or None for forever.")
         if self.packing not in PACKINGS:
@@ -141,3 +150,16 @@ def _as_sequence(value: Any) -> Sequence[Any]:
     if isinstance(value, Mapping):
         raise ValueError("DataConfig.sources must be a list of sources.")
     return list(value)
+
+
+# The embedded default corpus: the Python standard library's own top-level modules (no
+# site-packages, no tests), present wherever Python is, split by first letter into a training
+# and a held-out part (a few MB and about 1 MB of source).
+_STDLIB = sysconfig.get_paths()["stdlib"]
+STDLIB_TRAIN = DataConfig(
+    sources=(SourceConfig(os.path.join(_STDLIB, "[a-s]*.py"), kind="text", name="python-stdlib[a-s]"),)
+)
+STDLIB_EVAL = DataConfig(
+    sources=(SourceConfig(os.path.join(_STDLIB, "[t-z]*.py"), kind="text", name="python-stdlib[t-z]"),),
+    shuffle=False,
+)

@@ -257,6 +257,9 @@ def make_dataset(
     process_count: int | None = None,
 ) -> grain.IterDataset:
     """The batches of this process as a Grain IterDataset (see make_iterator)."""
+    for name in ("seq_len", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(config, name)}.")
     if process_index is None or process_count is None:
         import jax  # pylint: disable=import-outside-toplevel
 
