@@ -185,13 +185,13 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 16           # sequences per step, over all devices and microbatches
     seq_len: int = 256
     microbatches: int = 1          # gradient accumulation inside the jitted step
     loss_chunk: int = 512          # positions per chunk of the LM head + loss (bounds fp32 logits)
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 4
     seed: int = 0
     sample_tokens: int = 48        # length of the sample printed at the end (0: none)
@@ -204,7 +204,7 @@ class Experiment:
 
     name: str = "tiny"
     model: ModelConfig = PRESETS["tiny"]
-    optim: OptimConfig = OptimConfig(peak_lr=1e-3, warmup_steps=30, final_lr_ratio=0.1,
+    optim: OptimConfig = OptimConfig(peak_lr=2e-3, warmup_steps=15, final_lr_ratio=0.1,
                                      weight_decay=0.1)
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
