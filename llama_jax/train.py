@@ -154,19 +154,25 @@ def check_experiment(exp: Experiment, mesh) -> None:
                         f"{jax.process_count()} processes.")
 
 
-def greedy_sample(params, cfg, prompt: list[int], n_tokens: int) -> list[int]:
-    """A short greedy continuation, recomputing the whole window each token (no KV cache)."""
+def sample_text(params, cfg, prompt: list[int], n_tokens: int, seed: int = 0,
+                temperature: float = 0.8, top_k: int = 40) -> list[int]:
+    """A short seeded continuation (top-k, temperature), recomputing the whole window for each
+    token: enough to show what a run learned; `generate` is the fast path."""
     length = len(prompt) + n_tokens
     buffer = jnp.zeros((1, length), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt, jnp.int32))
 
     @jax.jit
-    def run(buffer):
-        def body(i, buf):
-            logits = Llama(cfg).apply({"params": params}, buf)
-            return buf.at[0, i].set(jnp.argmax(logits[0, i - 1]).astype(jnp.int32))
-        return jax.lax.fori_loop(len(prompt), length, body, buffer)
+    def run(buffer, rng):
+        def body(i, carry):
+            buf, rng = carry
+            rng, key = jax.random.split(rng)
+            logits = Llama(cfg).apply({"params": params}, buf)[0, i - 1] / temperature
+            kth = jax.lax.top_k(logits, top_k)[0][-1]
+            token = jax.random.categorical(key, jnp.where(logits < kth, -jnp.inf, logits))
+            return buf.at[0, i].set(token.astype(jnp.int32)), rng
+        return jax.lax.fori_loop(len(prompt), length, body, (buffer, rng))[0]
 
-    return [int(t) for t in run(buffer)[0, len(prompt):]]
+    return [int(t) for t in run(buffer, jax.random.key(seed))[0, len(prompt):]]
 
 
 def evaluate(steps: CompiledSteps, params, batches, n_batches: int) -> float:
@@ -237,7 +243,7 @@ def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
     writer.close()
     if exp.train.sample_tokens and data.tokenizer is not None and not quiet:
         prompt = data.tokenizer.encode(data.sample_prompt, bos=True)
-        sample = greedy_sample(state.params, exp.model, prompt, exp.train.sample_tokens)
+        sample = sample_text(state.params, exp.model, prompt, exp.train.sample_tokens, exp.train.seed)
         say(f"sample: {data.sample_prompt}{data.tokenizer.decode(sample)!s}")
     last["state"] = state
     return last
