@@ -326,3 +326,11 @@ def load_experiment(name_or_path: str) -> Experiment:
     if not isinstance(exp, Experiment):
         raise ConfigError(f"experiment() in {path} returned a {type(exp).__name__}, not an Experiment.")
     return exp
+
+
+def model_config_from_dict(fields: dict) -> ModelConfig:
+    """The inverse of `dataclasses.asdict(cfg)`, e.g. for a config stored beside a checkpoint."""
+    fields = dict(fields)
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    return ModelConfig(**fields)
