@@ -1,25 +1,147 @@
 """Checkpoints on Orbax.
 
+`TrainCheckpointer`: the training run's checkpoints in WORKDIR/checkpoints/STEP, each holding the
+TrainState (parameters, optimizer state, step), the data iterator's position and the experiment.
+Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it when
+complete), old ones are deleted only after a newer one is complete, and on restore a damaged
+checkpoint is reported, moved aside and skipped for the one before it. Restoring with the current
+run's shardings reshards onto any mesh.
+
 `save_params` / `load_params`: a parameters-only checkpoint (for inference and conversion), an
 Orbax PyTree under DIR/params with the ModelConfig in DIR/model_config.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
-from llama_jax.config import ModelConfig, model_config_from_dict
+from llama_jax.config import CheckpointConfig, ModelConfig, model_config_from_dict
+
+log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
+# ModelConfig fields that change the shapes or layout of the saved parameters.
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
+                "tie_embeddings", "scan_layers", "param_dtype")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which and why."""
+
+
+class TrainCheckpointer:
+    """Saves and restores {state, data iterator position, experiment} under WORKDIR/checkpoints."""
+
+    def __init__(self, workdir: str | Path, cfg: CheckpointConfig):
+        self.directory = (Path(workdir) / "checkpoints").absolute()
+        self.cfg = cfg
+        self._manager = None
+
+    def _open(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.cfg.keep_last, keep_period=self.cfg.keep_every or None,
+                enable_async_checkpointing=self.cfg.async_save, cleanup_tmp_directories=True,
+                create=True)
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        return self._manager
+
+    def steps(self) -> list[int]:
+        return sorted(self._open().all_steps())
+
+    def save(self, step: int, state, data_iterator, experiment: dict, *, wait: bool = False) -> None:
+        """Starts writing checkpoint `step`; returns at once unless `wait` (or async is off)."""
+        import grain
+
+        with self._save_errors(step):
+            manager = self._open()
+            if step in manager.all_steps():
+                return
+            items = {"state": ocp.args.StandardSave(state), "experiment": ocp.args.JsonSave(experiment)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            manager.save(step, args=ocp.args.Composite(**items), force=True)
+            if wait:
+                manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _save_errors(self, step):
+        # An asynchronous write that failed (say, on a full disk) surfaces at the next save or wait.
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"Saving a checkpoint in {self.directory} failed near step {step} "
+                                  f"({reason}); the checkpoints already complete are intact.") from err
+
+    def restore_latest(self, abstract_state, data_iterator=None, model: ModelConfig | None = None):
+        """(state, step) from the newest checkpoint that restores cleanly, or None if none does.
+
+        `abstract_state` is a tree of jax.ShapeDtypeStruct with the current run's shardings; the
+        data iterator, if given, is moved to the saved position in place. If `model` is given, a
+        checkpoint of a model of another shape is an error rather than damage.
+        """
+        import grain
+
+        for step in reversed(self.steps()):
+            if model is not None:
+                self._check_model(step, model)
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                restored = self._open().restore(step, args=ocp.args.Composite(**items))
+                return restored["state"], step
+            except Exception as err:  # Orbax and TensorStore raise many kinds for a bad file
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                self._quarantine(step, reason)
+        return None
+
+    def _check_model(self, step: int, model: ModelConfig) -> None:
+        try:
+            saved = self._open().restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
+            saved_model = saved["experiment"]["model"]
+        except Exception:  # unreadable metadata is damage, which the restore itself reports
+            return
+        ours = dataclasses.asdict(model)
+        differing = [k for k in SHAPE_FIELDS if saved_model.get(k) != ours[k]]
+        if differing:
+            changes = ", ".join(f"{k} {saved_model.get(k)} -> {ours[k]}" for k in differing)
+            raise CheckpointError(f"{self.directory} holds checkpoints of a different model ({changes}); "
+                                  "use another --workdir or the same model.")
+
+    def _quarantine(self, step: int, reason: str) -> None:
+        """Moves a damaged checkpoint aside (never deletes it) so that the step can be saved again."""
+        source = self.directory / str(step)
+        target = self.directory / f"damaged-{step}-{int(time.time())}"
+        log.warning("Checkpoint %s is damaged (%s); moved to %s, trying an earlier one.", source,
+                    reason, target.name)
+        print(f"warning: checkpoint {source} is damaged ({reason}); moved to {target.name}, "
+              "trying an earlier one.", flush=True)
+        if jax.process_index() == 0 and source.exists():
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine-{step}")
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+    def close(self) -> None:
+        if self._manager is not None:
+            with self._save_errors(self._manager.latest_step()):
+                self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
 
 
 def save_params(path: str | Path, params, cfg: ModelConfig) -> Path:

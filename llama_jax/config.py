@@ -199,6 +199,17 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in WORKDIR/checkpoints; `train` resumes from the newest good one."""
+
+    every_steps: int = 50          # 0: only at the end (and on SIGTERM or preemption)
+    keep_last: int = 3
+    keep_every: int = 0            # also keep every step divisible by this (0: none)
+    async_save: bool = True        # the step loop does not wait for the write
+    resume: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything a run needs. The defaults are the `tiny` experiment, runnable on a laptop."""
 
@@ -208,6 +219,7 @@ class Experiment:
                                      weight_decay=0.1)
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = STDLIB_TRAIN
     eval_data: DataConfig | None = STDLIB_EVAL   # held-out split, evaluated every train.eval_every
     # The hardware the recipe was sized for, e.g. "v5p-512"; informational until checked by AOT.

@@ -74,6 +74,14 @@ class MetricsWriter:
             Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tensorboard = SummaryWriter(str(workdir))
 
+    def drop_after(self, step: int) -> None:
+        """Forgets rows past `step` (a resumed run logs those steps again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(row + "\n" for row in rows))
+
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from llama_jax.config import Experiment, MeshConfig, OptimConfig, TrainConfig, model_preset
+from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, OptimConfig, TrainConfig,
+                              model_preset)
 
 
 def pretraining(preset: str, *, seq_len: int, batch_tokens: int, total_tokens: float,
@@ -31,6 +32,7 @@ def pretraining(preset: str, *, seq_len: int, batch_tokens: int, total_tokens: f
         train=TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len,
                           microbatches=microbatches, loss_chunk=1024, log_every=10,
                           eval_every=1000, eval_batches=20, sample_tokens=0),
+        checkpoint=CheckpointConfig(every_steps=1000, keep_last=3, keep_every=10_000),
         target=target,
         description=description)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +25,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from llama_jax.checkpoint import CheckpointError, TrainCheckpointer
 from llama_jax.config import (ConfigError, Experiment, apply_overrides, list_experiments,
                               load_experiment)
 from llama_jax.loss import cross_entropy_sum, next_token_targets
@@ -104,16 +107,23 @@ def state_shardings(exp: Experiment, optimizer, mesh):
     return tree_shardings(nn.meta.unbox(boxed), logical, mesh)
 
 
+def _fresh_state(exp: Experiment, optimizer, rng) -> TrainState:
+    params = init_params(exp.model, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def abstract_train_state(exp: Experiment, optimizer, mesh):
+    """The TrainState as jax.ShapeDtypeStructs carrying their shardings (a restore target)."""
+    shardings = state_shardings(exp, optimizer, mesh)
+    shapes = jax.eval_shape(lambda rng: _fresh_state(exp, optimizer, rng), jax.random.key(0))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def create_train_state(exp: Experiment, optimizer, mesh, rng) -> tuple[TrainState, Any]:
     """A fresh TrainState, initialised directly into its shardings (never whole on one host)."""
     shardings = state_shardings(exp, optimizer, mesh)
-
-    def init(rng):
-        params = init_params(exp.model, rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-
     with activation_sharding(mesh):
-        state = jax.jit(init, out_shardings=shardings)(rng)
+        state = jax.jit(lambda rng: _fresh_state(exp, optimizer, rng), out_shardings=shardings)(rng)
     return state, shardings
 
 
@@ -183,8 +193,37 @@ def evaluate(steps: CompiledSteps, params, batches, n_batches: int) -> float:
     return total / max(count, 1.0)
 
 
+class _StopRequest:
+    """Turns SIGTERM into "finish this step, save, exit" (on pods, JAX's preemption sync point)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        from jax._src import distributed
+
+        # With the distributed runtime up, JAX's own preemption service owns SIGTERM.
+        if distributed.global_state.client is None and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        from jax.experimental import multihost_utils
+
+        return self.requested or multihost_utils.reached_preemption_sync_point(step)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
-    """Runs the experiment; returns the last logged metrics (and `eval_loss` if evaluated)."""
+    """Runs the experiment, resuming from WORKDIR/checkpoints if it can; returns the last logged
+    metrics (with `eval_loss` if evaluated, and the final `state`)."""
     from llama_jax.data.training import training_data
 
     workdir = Path(workdir)
@@ -193,45 +232,63 @@ def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
     data = training_data(exp, quiet=quiet)
     optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
     steps = compile_steps(exp, optimizer, schedule, mesh)
-    state, _ = create_train_state(exp, optimizer, mesh, jax.random.key(exp.train.seed))
+    say = (lambda *a: None) if quiet else tqdm.write
+    checkpoints = TrainCheckpointer(workdir, exp.checkpoint)
+    experiment_json = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
+    restored = None
+    if exp.checkpoint.resume:
+        restored = checkpoints.restore_latest(abstract_train_state(exp, optimizer, mesh), data.train,
+                                              model=exp.model)
+    if restored is None:
+        state, _ = create_train_state(exp, optimizer, mesh, jax.random.key(exp.train.seed))
+    else:
+        state, restored_step = restored
+        say(f"resumed from {checkpoints.directory / str(restored_step)}")
+    start_step = int(state.step)
+    if start_step >= exp.train.steps:
+        say(f"{exp.name}: already trained to step {start_step} (train.steps={exp.train.steps}); "
+            f"nothing to do. Use another --workdir to start afresh.")
+        checkpoints.close()
+        return {"state": state}
 
     tokens_per_step = exp.train.batch_size * exp.train.seq_len
     flops_per_step = flops_per_token(exp.model, exp.train.seq_len) * tokens_per_step
     peak, peak_source = peak_flops_per_second()
-    say = (lambda *a: None) if quiet else tqdm.write
     say(f"{exp.name}: {count_params(exp.model) / 1e6:,.1f}M parameters, mesh {dict(mesh.shape)} on "
         f"{len(jax.devices())} {jax.devices()[0].platform} device(s), {tokens_per_step:,} tokens/step, "
         f"{exp.train.steps} steps; peak {peak / 1e12:.2f} TFLOP/s ({peak_source}); workdir {workdir}")
 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "experiment.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
-    start_step = int(state.step)
+    writer.drop_after(start_step)  # steps after the checkpoint will be logged again
+    (workdir / "experiment.json").write_text(json.dumps(experiment_json, indent=1))
     bar = tqdm(total=exp.train.steps, initial=start_step, desc=exp.name, unit="step",
                disable=quiet or None, dynamic_ncols=True)
     last: dict = {}
     window: list = []
-    window_start = time.perf_counter()
-    with activation_sharding(mesh):
+    timed_steps, window_start = 0, time.perf_counter()
+    every = exp.checkpoint.every_steps
+    with activation_sharding(mesh), _StopRequest() as stop:
         for step in range(start_step, exp.train.steps):
             state, metrics = steps.train_step(state, global_batch(next(data.train), steps.batch_sharding))
             window.append(metrics)
-            if step == start_step:  # the first step carries the compile; time from its end
+            timed_steps += 1
+            if step == start_step:  # the first step carries the compile: not timed
                 jax.block_until_ready(metrics)
-                window, window_start = [], time.perf_counter()
+                timed_steps, window_start = 0, time.perf_counter()
             done = step + 1
-            if window and (done % exp.train.log_every == 0 or done == exp.train.steps):
+            if done % exp.train.log_every == 0 or done == exp.train.steps:
                 fetched = jax.device_get(window)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = len(fetched) * tokens_per_step / elapsed
                 last = {"loss": float(np.mean([m["loss"] for m in fetched])),
-                        "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
-                        "tokens_per_s": tokens_per_s, "step_time_s": elapsed / len(fetched),
-                        "mfu": tokens_per_s * flops_per_step / tokens_per_step / peak}
+                        "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"])}
+                if timed_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = timed_steps * tokens_per_step / elapsed
+                    last.update(tokens_per_s=tokens_per_s, step_time_s=elapsed / timed_steps,
+                                mfu=tokens_per_s * flops_per_step / tokens_per_step / peak)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                    mfu=f"{last['mfu']:.1%}")
                 writer.write(done, last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                                mfu=f"{last['mfu']:.1%}")
-                window, window_start = [], time.perf_counter()
+                window, timed_steps, window_start = [], 0, time.perf_counter()
             if data.eval is not None and (done % exp.train.eval_every == 0 or done == exp.train.steps):
                 eval_loss = evaluate(steps, state.params, data.eval(), exp.train.eval_batches)
                 last["eval_loss"] = eval_loss
@@ -239,9 +296,16 @@ def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
                 say(f"step {done}: eval loss {eval_loss:.4f}")
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             bar.update()
+            if stop.should_stop(done):
+                checkpoints.save(done, state, data.train, experiment_json, wait=True)
+                say(f"stopping at step {done} on request; saved {checkpoints.directory / str(done)}")
+                break
+            if (every and done % every == 0) or done == exp.train.steps:
+                checkpoints.save(done, state, data.train, experiment_json)
     bar.close()
+    checkpoints.close()  # waits for the last write
     writer.close()
-    if exp.train.sample_tokens and data.tokenizer is not None and not quiet:
+    if exp.train.sample_tokens and data.tokenizer is not None and not quiet and int(state.step) == exp.train.steps:
         prompt = data.tokenizer.encode(data.sample_prompt, bos=True)
         sample = sample_text(state.params, exp.model, prompt, exp.train.sample_tokens, exp.train.seed)
         say(f"sample: {data.sample_prompt}{data.tokenizer.decode(sample)!s}")
@@ -270,7 +334,7 @@ def main(argv=None) -> int:
     try:
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
         train(exp, args.workdir or Path("runs") / exp.name)
-    except (ConfigError, MeshError, DataError) as err:
+    except (ConfigError, MeshError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,154 @@
+"""Checkpoints: exact resume after SIGKILL, clean stop on SIGTERM, fallback past a damaged
+checkpoint, what is kept, a different model refused, and restore onto another mesh."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from llama_jax.checkpoint import CheckpointError, TrainCheckpointer
+from llama_jax.config import CheckpointConfig, Experiment, MeshConfig, apply_overrides
+from llama_jax.optim import make_optimizer
+from llama_jax.sharding import make_mesh
+from llama_jax.train import abstract_train_state, create_train_state, train
+
+STEPS = 12
+
+
+def _env(tmp_path):
+    env = dict(os.environ, LLAMA_JAX_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = ""  # one CPU device in the subprocesses
+    return env
+
+
+def _command(workdir):
+    return [sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir), f"train.steps={STEPS}",
+            "train.log_every=1", "train.eval_every=1000", "train.batch_size=4", "train.seq_len=64",
+            "train.sample_tokens=0", "checkpoint.every_steps=3", "optim.warmup_steps=3"]
+
+
+def _logged_steps(workdir):
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _start_and_signal(workdir, env, after_step, sig):
+    """Starts a run, sends `sig` once a step past `after_step` is logged, returns (process, output)."""
+    process = subprocess.Popen(_command(workdir), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if any(step > after_step for step in _logged_steps(workdir)):
+            process.send_signal(sig)
+            break
+        time.sleep(0.02)
+    output, _ = process.communicate(timeout=300)
+    return process, output
+
+
+def _final_params(workdir):
+    with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        restored = manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored["state"]["params"]
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def test_sigterm_then_sigkill_then_resume_is_exact(tmp_path):
+    env = _env(tmp_path)
+    reference = tmp_path / "reference"
+    done = subprocess.run(_command(reference), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    run = tmp_path / "interrupted"
+    # SIGTERM: the run finishes its step, saves, and exits cleanly.
+    process, output = _start_and_signal(run, env, after_step=2, sig=signal.SIGTERM)
+    assert process.returncode == 0, output
+    stopped = int(output.split("stopping at step ")[1].split()[0])
+    assert 2 < stopped < STEPS and (run / "checkpoints" / str(stopped)).is_dir()
+    # SIGKILL: no chance to save; the restart resumes from the last complete checkpoint.
+    process, output = _start_and_signal(run, env, after_step=stopped + 4, sig=signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL, output
+    assert max(_logged_steps(run)) < STEPS
+    done = subprocess.run(_command(run), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in done.stdout + done.stderr
+
+    # Same losses at every step and the same final parameters, bit for bit.
+    assert _losses(run) == _losses(reference) and len(_losses(run)) == STEPS
+    for a, b in zip(jax.tree.leaves(_final_params(run)), jax.tree.leaves(_final_params(reference))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An 8-step run on the 8 simulated devices, checkpointing every 2 steps."""
+    os.environ.setdefault("LLAMA_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    exp = apply_overrides(Experiment(), [
+        "train.steps=8", "train.batch_size=8", "train.seq_len=64", "train.log_every=4",
+        "train.sample_tokens=0", "eval_data=null", "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2", "checkpoint.keep_every=4", "model.n_layers=2"])
+    workdir = tmp_path_factory.mktemp("run")
+    params = train(exp, workdir, quiet=True)["state"].params
+    return exp, workdir, params
+
+
+def test_keeps_the_last_k_and_every_mth(trained):
+    _, workdir, _ = trained
+    assert TrainCheckpointer(workdir, CheckpointConfig()).steps() == [4, 6, 8]
+
+
+def test_damaged_latest_checkpoint_is_skipped(trained, tmp_path, capsys):
+    exp, original, params = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(original, workdir)
+    for file in (workdir / "checkpoints" / "8" / "state").rglob("*"):
+        if file.is_file() and file.stat().st_size > 0:
+            file.write_bytes(b"\0garbage" * 4)
+    resumed = train(exp, workdir, quiet=True)["state"].params
+    assert "checkpoint" in capsys.readouterr().out and list((workdir / "checkpoints").glob("damaged-8-*"))
+    # It went back to step 6, trained steps 7 and 8 again, and got the same parameters.
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert 8 in TrainCheckpointer(workdir, CheckpointConfig()).steps()
+
+
+def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
+    exp, original, _ = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(original, workdir)
+    with pytest.raises(CheckpointError, match=r"different model \(dim 256 -> 128\)"):
+        train(apply_overrides(exp, ["model.dim=128", "train.steps=10"]), workdir, quiet=True)
+    assert (workdir / "checkpoints" / "8").is_dir()  # nothing moved or deleted
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    exp = apply_overrides(Experiment(), ["model.n_layers=2"])
+    optimizer, _ = make_optimizer(exp.optim, exp.train.steps)
+    one = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    state, _ = create_train_state(exp, optimizer, one, jax.random.key(3))
+    checkpoints = TrainCheckpointer(tmp_path, CheckpointConfig(async_save=False))
+    checkpoints.save(5, state, None, {"model": {}})
+    checkpoints.close()
+
+    eight = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices())
+    target = abstract_train_state(exp.replace(mesh=MeshConfig(1, 4, 2)), optimizer, eight)
+    restored, step = TrainCheckpointer(tmp_path, CheckpointConfig()).restore_latest(target)
+    assert step == 5
+    wq = restored.params["layers"]["attention"]["wq"]
+    assert tuple(wq.sharding.spec) == (None, "fsdp", "tensor", None) and len(wq.sharding.device_set) == 8
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
