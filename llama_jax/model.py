@@ -99,7 +99,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache=None, layer_cache=None):
+        """With a KV cache (`cache`: the shared index and segment ids; `layer_cache`: this layer's
+        (k, v) [B, S_max, K, D]) the new keys and values are written at the cache index and the
+        queries attend to the whole cache. Returns (out, updated layer_cache)."""
         cfg, dtype = self.cfg, self.cfg.dtype
         init = nn.initializers.normal(cfg.init_std)
         wq = _weight(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
@@ -113,9 +116,18 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(_project(x, wk, dtype), KV_HEADS)
         v = nn.with_logical_constraint(_project(x, wv, dtype), KV_HEADS)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = nn.with_logical_constraint(attention(q, k, v, segment_ids), HEADS)
+        if layer_cache is None:
+            out = attention(q, k, v, segment_ids)
+        else:
+            index = cache["index"]
+            k_cache, v_cache = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
+                                for c, new in zip(layer_cache, (k, v)))
+            layer_cache = (k_cache, v_cache)
+            out = attention(q, k_cache.astype(dtype), v_cache.astype(dtype), segment_ids,
+                            cache["segment_ids"], q_offset=index)
+        out = nn.with_logical_constraint(out, HEADS)
         batch, length = out.shape[:2]
-        return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype)
+        return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype), layer_cache
 
 
 class FeedForward(nn.Module):
@@ -136,17 +148,17 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer. Returns (x, None) so that nn.scan can stack it."""
+    """One pre-norm transformer layer. Returns (x, layer_cache) so that nn.scan can stack it."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
-        h = x + Attention(self.cfg, name="attention")(
-            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids)
-        h = nn.with_logical_constraint(h, ACTIVATION)
+    def __call__(self, x, cos, sin, segment_ids, cache=None, layer_cache=None):
+        attended, layer_cache = Attention(self.cfg, name="attention")(
+            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, layer_cache)
+        h = nn.with_logical_constraint(x + attended, ACTIVATION)
         out = h + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h))
-        return nn.with_logical_constraint(out, ACTIVATION), None
+        return nn.with_logical_constraint(out, ACTIVATION), layer_cache
 
 
 class Llama(nn.Module):
@@ -161,11 +173,13 @@ class Llama(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, return_hidden: bool = False):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None,
+                 return_hidden: bool = False):
         cfg = self.cfg
         batch, length = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
         embeddings = _weight(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
                              nn.initializers.normal(cfg.init_std))
         # Gather the table's FSDP shards first (as for any weight) so the lookup stays local.
@@ -173,27 +187,54 @@ class Llama(nn.Module):
         x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(cfg.dtype), ACTIVATION)
         cos, sin = rotary_tables(positions, cfg)
 
+        shared, layer_caches = None, None
+        if cache is not None:  # see init_cache: write this chunk at cache["index"]
+            if segment_ids is None:
+                segment_ids = jnp.ones((batch, length), jnp.int32)
+            shared = {"index": cache["index"], "segment_ids": jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache["index"]))}
+            layer_caches = (cache["k"], cache["v"])
+
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                            in_axes=(nn.broadcast,) * 4 + (0,), length=cfg.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, name="layers")(x, cos, sin, segment_ids)
+            x, layer_caches = stack(cfg, name="layers")(x, cos, sin, segment_ids, shared, layer_caches)
         else:
+            new_caches = []
             for i in range(cfg.n_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids)
+                layer = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+                x, layer = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids, shared, layer)
+                new_caches.append(layer)
+            if cache is not None:
+                layer_caches = tuple(jnp.stack([c[j] for c in new_caches]) for j in range(2))
 
         x = RMSNorm(cfg, name="norm")(x)
+        if cache is not None:
+            cache = {"k": layer_caches[0], "v": layer_caches[1], "segment_ids": shared["segment_ids"],
+                     "index": cache["index"] + length}
         if return_hidden:
-            return x
+            return x if cache is None else (x, cache)
         if cfg.tie_embeddings:
             head = embeddings.T
         else:
             head = _weight(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
                            nn.initializers.normal(cfg.init_std))
-        return nn.with_logical_constraint(lm_logits(x, head), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(lm_logits(x, head), ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `max_len` positions: k, v [n_layers, batch, max_len, n_kv_heads,
+    head_dim], the segment id of every slot (0 = empty or padding) and the next write index.
+    `Llama(cfg).apply(..., cache=cache)` returns (logits, cache) with the chunk written in."""
+    dtype = cfg.dtype if dtype is None else dtype
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
 def lm_logits(hidden, head):

@@ -1,0 +1,137 @@
+"""Text generation with a KV cache: one jitted prefill, then a decode loop on the device.
+
+    generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+             stop_tokens=(), seed=0, on_token=None) -> list[list[int]]
+
+Prompts of different lengths are left-padded to a common length; the padding has segment id 0,
+so no token attends to it, and positions count from each prompt's own start. The decode loop is a
+`lax.while_loop` (no Python dispatch per token) that stops when every row has emitted a stop
+token. `on_token(step, tokens)` streams each new column of tokens to the host as it is made.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from llama_jax.config import ModelConfig
+from llama_jax.model import Llama, init_cache
+
+
+class GenerationError(ValueError):
+    """A request that cannot be served; the message is one sentence for the user."""
+
+
+def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
+    """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "stream"))
+def _generate(params, tokens, positions, segment_ids, prompt_lengths, stop_tokens, rng, *, cfg,
+              max_new_tokens, temperature, top_k, top_p, stream):
+    batch, prompt_len = tokens.shape
+    model = Llama(cfg)
+    cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
+    logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache)
+
+    def is_stop(token):
+        return jnp.any(token[:, None] == stop_tokens[None, :], axis=-1)
+
+    rng, key = jax.random.split(rng)
+    first = sample_logits(logits[:, -1], key, temperature, top_k, top_p)
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    if stream:
+        io_callback(_STREAM, None, 0, first, ordered=True)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, out, done, rng, last = state
+        position = (prompt_lengths + step - 1)[:, None]
+        logits, cache = model.apply({"params": params}, last[:, None], position,
+                                    jnp.ones_like(last)[:, None], cache=cache)
+        rng, key = jax.random.split(rng)
+        token = sample_logits(logits[:, -1], key, temperature, top_k, top_p)
+        token = jnp.where(done, 0, token)  # finished rows only pad
+        if stream:
+            io_callback(_STREAM, None, step, token, ordered=True)
+        return step + 1, cache, out.at[:, step].set(token), done | is_stop(token), rng, token
+
+    state = (jnp.int32(1), cache, out, is_stop(first), rng, first)
+    _, _, out, _, _, _ = jax.lax.while_loop(cond, body, state)
+    return out
+
+
+# The host-side sink of streamed tokens; set for the duration of one generate() call.
+_stream_sink: list[Callable | None] = [None]
+
+
+def _STREAM(step, tokens):  # noqa: N802 - called from the device through io_callback
+    if _stream_sink[0] is not None:
+        _stream_sink[0](int(step), np.asarray(tokens))
+
+
+def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             stop_tokens: Sequence[int] = (), seed: int = 0,
+             on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
+    """New tokens for each prompt (up to and including a stop token, if one comes)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("Every prompt needs at least one token.")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    prompt_len = int(lengths.max())
+    if prompt_len + max_new_tokens > cfg.max_seq_len:
+        raise GenerationError(f"The prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens "
+                              f"exceed the model's context of {cfg.max_seq_len} tokens.")
+    if not 0.0 < top_p <= 1.0 or temperature < 0 or top_k < 0:
+        raise GenerationError("Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1.")
+    batch = len(prompts)
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    segment_ids = np.zeros((batch, prompt_len), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, prompt_len - len(prompt):] = prompt
+        segment_ids[row, prompt_len - len(prompt):] = 1
+    positions = np.maximum(np.arange(prompt_len)[None] - (prompt_len - lengths)[:, None], 0)
+    stops = np.asarray(list(stop_tokens) or [-1], np.int32)
+    _stream_sink[0] = on_token
+    try:
+        out = _generate(params, tokens, positions.astype(np.int32), segment_ids, lengths, stops,
+                        jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
+                        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                        stream=on_token is not None)
+        out = np.asarray(out)
+    finally:
+        _stream_sink[0] = None
+    results = []
+    stop_set = set(int(t) for t in stop_tokens)
+    for row in out.tolist():
+        for i, token in enumerate(row):
+            if token in stop_set:
+                row = row[:i + 1]
+                break
+        results.append(row)
+    return results
