@@ -174,3 +174,26 @@ def load_params(path: str | Path, shardings=None) -> tuple[ModelConfig, dict]:
                                   tree, shardings)
             params = checkpointer.restore(path / "params", target)
     return cfg, params
+
+
+def load_for_inference(path: str | Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) from a parameters checkpoint (`save_params`), a training workdir
+    (its newest checkpoint) or one of its `checkpoints/STEP` directories."""
+    path = Path(path).absolute()
+    if (path / MODEL_CONFIG_FILE).is_file():
+        return load_params(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name.isdigit() and (path / "state").is_dir():
+        directory, steps = path.parent, [int(path.name)]
+    else:
+        directory = path
+        steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()), reverse=True)
+    if not steps:
+        raise CheckpointError(f"{path} holds no llama_jax checkpoint (neither {MODEL_CONFIG_FILE} "
+                              "nor checkpoints/STEP directories).")
+    with ocp.CheckpointManager(directory) as manager:
+        restored = manager.restore(steps[0], args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), experiment=ocp.args.JsonRestore()))
+    cfg = model_config_from_dict(restored["experiment"]["model"])
+    return cfg, restored["state"]["params"]

@@ -1,5 +1,7 @@
 """Text generation with a KV cache: one jitted prefill, then a decode loop on the device.
 
+    python -m llama_jax.generate (--ckpt DIR | --hf DIR) [--tokenizer FILE] --prompt "..." | --chat
+
     generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
              stop_tokens=(), seed=0, on_token=None) -> list[list[int]]
 
@@ -11,7 +13,10 @@ token. `on_token(step, tokens)` streams each new column of tokens to the host as
 
 from __future__ import annotations
 
+import argparse
 import functools
+import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -135,3 +140,104 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
                 break
         results.append(row)
     return results
+
+
+class _Printer:
+    """Prints a streamed row as text: decodes everything so far and prints only what is new
+    (token-by-token decoding would lose SentencePiece's spaces and split UTF-8 characters)."""
+
+    def __init__(self, tokenizer, stop_tokens):
+        self.tokenizer, self.stop = tokenizer, set(stop_tokens)
+        self.tokens: list[int] = []
+        self.printed = ""
+        self.finished = False
+
+    def __call__(self, step, tokens):
+        token = int(tokens[0])
+        if self.finished or token in self.stop:
+            self.finished = True
+            return
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+def load_model(ckpt: str | None, hf: str | None) -> tuple[ModelConfig, dict]:
+    from llama_jax.checkpoint import load_for_inference
+    from llama_jax.convert import load_hf
+
+    return load_hf(hf) if hf else load_for_inference(ckpt)
+
+
+def _chat(params, cfg, tokenizer, args) -> None:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat; end with Ctrl-D.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        messages.append({"role": "user", "content": user})
+        prompt = tokenizer.encode_chat(messages, template=args.template, add_generation_prompt=True).ids
+        printer = _Printer(tokenizer, tokenizer.stop_ids)
+        reply = generate(params, cfg, [prompt], args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, stop_tokens=tokenizer.stop_ids,
+                         seed=args.seed, on_token=printer)[0]
+        print()
+        text = tokenizer.decode([t for t in reply if t not in set(tokenizer.stop_ids)])
+        messages.append({"role": "assistant", "content": text})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.generate",
+                                     description="Generate text from a llama_jax or Hugging Face model.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a llama_jax parameters checkpoint or training workdir")
+    source.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one in --hf's directory)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="text to continue")
+    mode.add_argument("--chat", action="store_true", help="interactive chat in the model's format")
+    parser.add_argument("--system", default="", help="a system message for --chat")
+    parser.add_argument("--template", choices=("llama2", "llama3"), default=None,
+                        help="chat format (default: the tokenizer family's)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from llama_jax.checkpoint import CheckpointError
+    from llama_jax.convert import ConversionError
+    from llama_jax.tokenizer import load_tokenizer
+
+    tokenizer_path = args.tokenizer or (str(Path(args.hf) / "tokenizer.model") if args.hf else None)
+    try:
+        if tokenizer_path is None or not Path(tokenizer_path).exists():
+            raise GenerationError("No tokenizer: pass --tokenizer path/to/tokenizer.model.")
+        tokenizer = load_tokenizer(tokenizer_path)
+        cfg, params = load_model(args.ckpt, args.hf)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise GenerationError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                                  f"vocabulary is {cfg.vocab_size}: they do not belong together.")
+        if args.chat:
+            _chat(params, cfg, tokenizer, args)
+            return 0
+        prompt = tokenizer.encode(args.prompt, bos=True)
+        print(args.prompt, end="", flush=True)
+        generate(params, cfg, [prompt], args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, stop_tokens=tokenizer.stop_ids, seed=args.seed,
+                 on_token=_Printer(tokenizer, tokenizer.stop_ids))
+        print()
+    except (GenerationError, CheckpointError, ConversionError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
