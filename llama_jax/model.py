@@ -99,10 +99,11 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, layer_cache=None):
-        """With a KV cache (`cache`: the shared index and segment ids; `layer_cache`: this layer's
-        (k, v) [B, S_max, K, D]) the new keys and values are written at the cache index and the
-        queries attend to the whole cache. Returns (out, updated layer_cache)."""
+    def __call__(self, x, cos, sin, segment_ids, cache=None, kv=None, layer=None):
+        """With a KV cache (`cache`: the shared write index and slot segment ids; `kv`: every
+        layer's (k, v) [L, B, S_max, K, D]; `layer`: this layer's index) the new keys and values
+        are written in place at (layer, index) and the queries attend to the layer's whole cache.
+        Returns (out, kv)."""
         cfg, dtype = self.cfg, self.cfg.dtype
         init = nn.initializers.normal(cfg.init_std)
         wq = _weight(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
@@ -116,18 +117,17 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(_project(x, wk, dtype), KV_HEADS)
         v = nn.with_logical_constraint(_project(x, wv, dtype), KV_HEADS)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if layer_cache is None:
+        if kv is None:
             out = attention(q, k, v, segment_ids)
         else:
-            index = cache["index"]
-            k_cache, v_cache = (jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0, 0))
-                                for c, new in zip(layer_cache, (k, v)))
-            layer_cache = (k_cache, v_cache)
-            out = attention(q, k_cache.astype(dtype), v_cache.astype(dtype), segment_ids,
-                            cache["segment_ids"], q_offset=index)
+            # Only the new slice is written (in place inside the decode loop), not the whole cache.
+            kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache["index"], 0, 0))
+                       for c, new in zip(kv, (k, v)))
+            k_layer, v_layer = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype) for c in kv)
+            out = attention(q, k_layer, v_layer, segment_ids, cache["segment_ids"], q_offset=cache["index"])
         out = nn.with_logical_constraint(out, HEADS)
         batch, length = out.shape[:2]
-        return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype), layer_cache
+        return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype), kv
 
 
 class FeedForward(nn.Module):
@@ -148,17 +148,19 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer. Returns (x, layer_cache) so that nn.scan can stack it."""
+    """One pre-norm transformer layer on the carry (x, kv cache or None), as nn.scan wants it:
+    returns (carry, None). `layer` is this layer's index into the cache."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, layer_cache=None):
-        attended, layer_cache = Attention(self.cfg, name="attention")(
-            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, layer_cache)
+    def __call__(self, carry, cos, sin, segment_ids, cache=None, layer=None):
+        x, kv = carry
+        attended, kv = Attention(self.cfg, name="attention")(
+            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, kv, layer)
         h = nn.with_logical_constraint(x + attended, ACTIVATION)
         out = h + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h))
-        return nn.with_logical_constraint(out, ACTIVATION), layer_cache
+        return (nn.with_logical_constraint(out, ACTIVATION), kv), None
 
 
 class Llama(nn.Module):
@@ -187,34 +189,31 @@ class Llama(nn.Module):
         x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(cfg.dtype), ACTIVATION)
         cos, sin = rotary_tables(positions, cfg)
 
-        shared, layer_caches = None, None
+        shared, kv = None, None
         if cache is not None:  # see init_cache: write this chunk at cache["index"]
             if segment_ids is None:
                 segment_ids = jnp.ones((batch, length), jnp.int32)
             shared = {"index": cache["index"], "segment_ids": jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache["index"]))}
-            layer_caches = (cache["k"], cache["v"])
+            kv = (cache["k"], cache["v"])
 
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         if cfg.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast,) * 4 + (0,), length=cfg.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, layer_caches = stack(cfg, name="layers")(x, cos, sin, segment_ids, shared, layer_caches)
+            (x, kv), _ = stack(cfg, name="layers")((x, kv), cos, sin, segment_ids, shared, layers)
         else:
-            new_caches = []
             for i in range(cfg.n_layers):
-                layer = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-                x, layer = block(cfg, name=f"layers_{i}")(x, cos, sin, segment_ids, shared, layer)
-                new_caches.append(layer)
-            if cache is not None:
-                layer_caches = tuple(jnp.stack([c[j] for c in new_caches]) for j in range(2))
+                (x, kv), _ = block(cfg, name=f"layers_{i}")((x, kv), cos, sin, segment_ids, shared,
+                                                            layers[i])
 
         x = RMSNorm(cfg, name="norm")(x)
         if cache is not None:
-            cache = {"k": layer_caches[0], "v": layer_caches[1], "segment_ids": shared["segment_ids"],
+            cache = {"k": kv[0], "v": kv[1], "segment_ids": shared["segment_ids"],
                      "index": cache["index"] + length}
         if return_hidden:
             return x if cache is None else (x, cache)
