@@ -45,20 +45,23 @@ def test_shape_mismatch_names_tensor_and_both_shapes(hf_model_dir):
     _, path = hf_model_dir()
     name = "model.layers.1.self_attn.k_proj.weight"
     _rewrite(path, lambda t: t.__setitem__(name, np.zeros((32, 64), np.float32)))
-    with pytest.raises(ConversionError, match=rf"{name} .* shape \(32, 64\), but config.json implies \(64, 64\)"):
+    expected = rf"{name} .* shape \(32, 64\), but config.json implies \(64, 64\)"
+    with pytest.raises(ConversionError, match=expected):
         load_hf(path)
 
 
 def test_missing_tensor_is_named(hf_model_dir):
     _, path = hf_model_dir()
     _rewrite(path, lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
-    with pytest.raises(ConversionError, match=r"lacks tensor model\.layers\.0\.mlp\.up_proj\.weight"):
+    with pytest.raises(ConversionError,
+                       match=r"lacks tensor model\.layers\.0\.mlp\.up_proj\.weight"):
         load_hf(path)
 
 
 def test_unexpected_tensor_is_named(hf_model_dir):
     _, path = hf_model_dir()
-    _rewrite(path, lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias", np.zeros(64, np.float32)))
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    _rewrite(path, lambda t: t.__setitem__(bias, np.zeros(64, np.float32)))
     with pytest.raises(ConversionError, match=r"q_proj\.bias"):
         load_hf(path)
 
