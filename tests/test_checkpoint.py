@@ -152,3 +152,23 @@ def test_restore_onto_another_mesh(tmp_path):
     assert tuple(wq.sharding.spec) == (None, "fsdp", "tensor", None) and len(wq.sharding.device_set) == 8
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_training_workdir_exports_to_hugging_face(trained, tmp_path):
+    """The params-only export: a training workdir -> HF directory -> same logits in transformers."""
+    import torch
+    import transformers
+
+    from llama_jax.convert.cli import main as convert_main
+    from llama_jax.model import Llama
+
+    exp, workdir, params = trained
+    assert convert_main(["--from", "llama_jax", str(workdir), "--to", "hf", str(tmp_path / "hf"),
+                         "--no-progress"]) == 0
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = np.random.default_rng(0).integers(0, exp.model.vocab_size, (2, 24))
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(tokens)).logits.numpy()
+    ours = np.asarray(Llama(exp.model.replace(compute_dtype="float32")).apply(
+        {"params": jax.device_get(params)}, tokens))
+    assert np.abs(ours - theirs).max() < 1e-4

@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llama_jax.checkpoint import CheckpointError, load_params, save_params
+from llama_jax.checkpoint import CheckpointError, load_for_inference, save_params
 from llama_jax.config import ModelConfig
 from llama_jax.convert import tree
 from llama_jax.convert.common import ConversionError, require_empty_destination
@@ -45,10 +45,10 @@ def read_params(source_kind: str, path: str | os.PathLike, *, dtype: str | None 
         return load_meta(path, param_dtype=dtype or "float32",
                          rope_scaling_factor=rope_scaling_factor, progress=progress)
     if source_kind == "llama_jax":
-        # The seam for training checkpoints: a CheckpointManager directory will be recognised
-        # here and its parameters (not the optimizer state) restored.
+        # A parameters checkpoint, or a training workdir / checkpoints/STEP (its parameters,
+        # not the optimizer state): the params-only export for inference.
         try:
-            cfg, params = load_params(path)
+            cfg, params = load_for_inference(path)
         except CheckpointError as err:
             raise ConversionError(str(err)) from None
         if dtype is not None:
