@@ -172,3 +172,44 @@ def test_training_workdir_exports_to_hugging_face(trained, tmp_path):
     ours = np.asarray(Llama(exp.model.replace(compute_dtype="float32")).apply(
         {"params": jax.device_get(params)}, tokens))
     assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_incomplete_checkpoint_directory_is_ignored(trained, tmp_path):
+    """A save killed midway leaves only Orbax's temporary directory, which is never restored."""
+    exp, original, params = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(original, workdir)
+    partial = workdir / "checkpoints" / "10.orbax-checkpoint-tmp-1234" / "state"
+    partial.mkdir(parents=True)
+    (partial / "half_written").write_bytes(b"\0" * 100)
+    assert TrainCheckpointer(workdir, CheckpointConfig()).steps() == [4, 6, 8]
+    resumed = train(exp, workdir, quiet=True)["state"]
+    assert int(resumed.step) == 8
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# Runs the training CLI with every file write past 256 KiB failing (EFBIG), as on a full disk; the
+# limit is set in the child itself, before JAX starts.
+_FULL_DISK = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024)); "
+              "sys.argv = ['llama_jax.train'] + sys.argv[1:]; "
+              "runpy.run_module('llama_jax.train', run_name='__main__')")
+
+
+def test_a_full_disk_during_a_save_is_reported_and_earlier_checkpoints_survive(tmp_path):
+    env = _env(tmp_path)
+    workdir = tmp_path / "run"
+    first = subprocess.run(_command(workdir)[:-2] + ["checkpoint.every_steps=3", "train.steps=3"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # Now every file write past 256 KiB fails, as on a full disk.
+    second = subprocess.run([sys.executable, "-c", _FULL_DISK] + _command(workdir)[3:], env=env,
+                            capture_output=True, text=True, timeout=300)
+    err = second.stderr.strip().splitlines()
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert err[-1].startswith("error: Saving a checkpoint in") and "already complete are intact" in err[-1]
+    assert TrainCheckpointer(workdir, CheckpointConfig()).steps() == [3]
+    with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        restored = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    assert int(restored["state"]["step"]) == 3
