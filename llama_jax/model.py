@@ -28,6 +28,7 @@ from llama_jax.config import PRESETS, ModelConfig, RopeScaling, model_preset
 ACTIVATION = ("batch", "length", "embed")
 HEADS = ("batch", "length", "heads", "head_dim")
 KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+CACHE = ("layers", "batch", "length", "kv_heads", "head_dim")  # the KV cache, see init_cache
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -195,7 +196,7 @@ class Llama(nn.Module):
                 segment_ids = jnp.ones((batch, length), jnp.int32)
             shared = {"index": cache["index"], "segment_ids": jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache["index"]))}
-            kv = (cache["k"], cache["v"])
+            kv = tuple(nn.with_logical_constraint(c, CACHE) for c in (cache["k"], cache["v"]))
 
         block = Block
         if cfg.remat != "none":

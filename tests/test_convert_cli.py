@@ -89,7 +89,7 @@ BAD_INPUTS = {
                                      str(tmp / "out")], "does not exist"),
     "not_a_params_checkpoint": (lambda make, tmp: ["--from", "llama_jax", str(tmp), "--to", "hf",
                                                    str(tmp / "out")],
-                                "is not a llama_jax parameters checkpoint"),
+                                "holds no llama_jax checkpoint"),
 }
 
 

@@ -85,3 +85,16 @@ def test_prompt_longer_than_context_is_refused():
     params = init_params(SMALL, jax.random.key(0))
     with pytest.raises(GenerationError, match="exceed the model's context of 64 tokens"):
         generate(params, SMALL, [[1] * 60], 10)
+
+
+def test_sharded_generation_matches_one_device():
+    """Under a mesh the cache and activations are sharded by the logical rules; same tokens."""
+    from llama_jax.config import MeshConfig
+    from llama_jax.sharding import activation_sharding, make_mesh
+
+    params = init_params(SMALL, jax.random.key(0))
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    single = generate(params, SMALL, prompts, 10)
+    with activation_sharding(make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices())):
+        sharded = generate(params, SMALL, prompts, 10)
+    assert sharded == single
