@@ -102,7 +102,7 @@ def state_shardings(exp: Experiment, optimizer, mesh):
         params = Llama(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
-    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    boxed = jax.eval_shape(lambda: init_boxed(jax.random.key(0)))  # traced: no device needed
     logical = nn.get_partition_spec(boxed)
     return tree_shardings(nn.meta.unbox(boxed), logical, mesh)
 
@@ -115,7 +115,7 @@ def _fresh_state(exp: Experiment, optimizer, rng) -> TrainState:
 def abstract_train_state(exp: Experiment, optimizer, mesh):
     """The TrainState as jax.ShapeDtypeStructs carrying their shardings (a restore target)."""
     shardings = state_shardings(exp, optimizer, mesh)
-    shapes = jax.eval_shape(lambda rng: _fresh_state(exp, optimizer, rng), jax.random.key(0))
+    shapes = jax.eval_shape(lambda: _fresh_state(exp, optimizer, jax.random.key(0)))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 

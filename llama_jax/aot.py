@@ -1,0 +1,188 @@
+"""Compile an experiment's real train step for a TPU slice on a CPU-only host, before renting one.
+
+    python -m llama_jax.aot --exp=llama2_70b --topology=v5p-512 [--slices 2] [--json out.json] [k=v ...]
+
+Needs `libtpu` (`pip install -e '.[tpu]'`), which lets XLA compile for a TPU topology described by
+`jax.experimental.topologies` without the hardware. The same `compile_steps` as training lowers the
+step with the same shardings and remat policy; the compiler's memory analysis gives per-device
+bytes (arguments, outputs, temporaries) against the chip's HBM (a program that cannot fit is
+refused by the compiler, and reported with its figure), and its cost analysis the rate from which
+the MFU and step time are estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import ConfigError, apply_overrides, load_experiment
+from llama_jax.metrics import PEAK_TFLOPS, flops_per_token
+from llama_jax.optim import make_optimizer
+from llama_jax.sharding import MeshError, activation_sharding, check_batch, make_mesh
+
+GIB = 2**30
+# HBM per chip, GiB, and how slice names count: TensorCores (v4, v5p: 2 per chip) or chips.
+CHIPS = {"v4": (32, 2), "v5p": (95, 2), "v5e": (16, 1), "v5litepod": (16, 1), "v6e": (32, 1)}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str          # as users write it, e.g. "v5p-512"
+    generation: str    # v4, v5p, v5e, v6e
+    chips: int
+    libtpu_name: str   # e.g. "v5p:8x8x8"
+
+    @property
+    def hbm_bytes_per_chip(self) -> int:
+        return CHIPS[self.generation][0] * GIB
+
+
+def parse_topology(name: str) -> Topology:
+    """"v5p-512" (TensorCores for v4/v5p, chips for v5e/v6e), "v5litepod-16", or "v5p:8x8x8"."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    if match:
+        generation, count = match.group(1), int(match.group(2))
+        chips = count // CHIPS[generation][1]
+        shapes = _SHAPES_3D if generation in ("v4", "v5p") else _SHAPES_2D
+        if chips not in shapes:
+            raise ConfigError(f"Unknown slice size {name}; known: "
+                              f"{', '.join(f'{generation}-{c * CHIPS[generation][1]}' for c in shapes)}.")
+        generation = "v5e" if generation == "v5litepod" else generation
+        return Topology(name, generation, chips, f"{generation}:{shapes[chips]}")
+    match = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", name)
+    if match:
+        return Topology(name, match.group(1), math.prod(int(d) for d in match.group(2).split("x")), name)
+    raise ConfigError(f"Unknown TPU topology {name!r}; write it as v5p-512, v5e-16, v6e-256 or v5p:8x8x8.")
+
+
+def _peak_per_chip(device_kind: str) -> float:
+    kind = device_kind.lower()
+    return next(tflops for key, tflops in PEAK_TFLOPS if key in kind) * 1e12
+
+
+def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
+    """Compiles exp's train step for `slices` x `topology`; returns the report as a dict."""
+    from jax.experimental import topologies
+
+    from llama_jax.train import abstract_train_state, compile_steps
+
+    try:
+        description = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name,
+                                                   num_slices=slices)
+    except Exception as err:  # libtpu missing or the name unknown to it
+        raise ConfigError(f"Cannot describe TPU topology {topology.libtpu_name} ({str(err).splitlines()[0]}); "
+                          "is libtpu installed (pip install -e '.[tpu]')?") from None
+    devices = list(description.devices)
+    # "auto" would resolve to fp32 on this CPU host; the TPU computes in bf16.
+    if exp.model.compute_dtype == "auto":
+        exp = exp.replace(model=exp.model.replace(compute_dtype="bfloat16"))
+    mesh = make_mesh(exp.mesh, devices)
+    check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
+    optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
+    start = time.perf_counter()
+    steps = compile_steps(exp, optimizer, schedule, mesh)
+    state = abstract_train_state(exp, optimizer, mesh)
+    shape = (exp.train.batch_size, exp.train.seq_len)
+    batch = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding)
+             for key, dtype in (("tokens", jnp.int32), ("positions", jnp.int32),
+                                ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
+    with activation_sharding(mesh):  # the model's constraints resolve against this mesh
+        lowered = steps.train_step.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as err:
+            # The TPU compiler refuses a program that cannot fit; report its figure.
+            match = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM "
+                              r"\(([\d.]+)G\)", str(err))
+            if not match:
+                raise
+            temp, hbm = (float(g) * GIB for g in match.groups())
+            return {"experiment": exp.name, "topology": topology.name, "slices": slices,
+                    "devices": len(devices), "mesh": dict(mesh.shape), "remat": exp.model.remat,
+                    "temp_bytes": temp, "hbm_bytes": hbm, "hbm_fraction": temp / hbm, "fits": False,
+                    "compile_seconds": time.perf_counter() - start,
+                    "compiler_message": str(err).splitlines()[0][:300]}
+    compile_seconds = time.perf_counter() - start
+
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    chips = len(devices)
+    hbm = topology.hbm_bytes_per_chip * topology.chips * slices // chips  # per device
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    # XLA's cost analysis counts a while-loop body once (layers and microbatches are scanned), so
+    # its FLOPs and optimal_seconds describe one body: their ratio is the rate the compiler
+    # expects, which, applied to the model's FLOPs, gives the step time.
+    compiler_flops = float(cost.get("flops", float("nan")))
+    compiler_seconds = float(cost.get("optimal_seconds", float("nan")))
+    model_flops = flops_per_token(exp.model, exp.train.seq_len) * exp.train.batch_size * exp.train.seq_len
+    peak_per_device = _peak_per_chip(devices[0].device_kind)
+    mfu = compiler_flops / compiler_seconds / peak_per_device if compiler_seconds > 0 else float("nan")
+    step_seconds = model_flops / chips / (mfu * peak_per_device)
+    return {
+        "experiment": exp.name, "topology": topology.name, "slices": slices, "devices": chips,
+        "mesh": dict(mesh.shape), "remat": exp.model.remat,
+        "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
+        "total_bytes": total, "hbm_bytes": hbm, "hbm_fraction": total / hbm, "fits": total <= hbm,
+        "compiler_flops": compiler_flops, "compiler_optimal_seconds": compiler_seconds,
+        "model_flops_per_step": model_flops, "estimated_step_seconds": step_seconds,
+        "estimated_mfu": mfu, "compile_seconds": compile_seconds,
+    }
+
+
+def format_report(r: dict) -> str:
+    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    header = (f"{r['experiment']} on {r['slices']} x {r['topology']} ({r['devices']} devices), "
+              f"mesh {r['mesh']}, remat {r['remat']}")
+    if "compiler_message" in r:
+        return "\n".join([header, f"  temporaries alone need {gib(r['temp_bytes'])} of {gib(r['hbm_bytes'])} "
+                                  f"HBM per device: fits: false (the compiler: {r['compiler_message']})"])
+    return "\n".join([
+        f"{r['experiment']} on {r['slices']} x {r['topology']} ({r['devices']} devices), mesh {r['mesh']}, "
+        f"remat {r['remat']}",
+        f"  per device: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
+        f"temporaries {gib(r['temp_bytes'])}, aliased {gib(r['alias_bytes'])}",
+        f"  total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({r['hbm_fraction']:.0%}): "
+        f"fits: {str(r['fits']).lower()}",
+        f"  estimated: MFU {r['estimated_mfu']:.1%}, step {r['estimated_step_seconds']:.2f} s for "
+        f"{r['model_flops_per_step']:.3e} model FLOPs (compiler: {r['compiler_flops']:.3e} FLOPs in "
+        f"{r['compiler_optimal_seconds'] * 1e3:.2f} ms per loop body); compiled in "
+        f"{r['compile_seconds']:.1f} s"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--exp", default="tiny")
+    parser.add_argument("--topology", required=True, help="e.g. v5p-512, v5e-16, v6e-256, v5p:8x8x8")
+    parser.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices")
+    parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        exp = apply_overrides(load_experiment(args.exp), args.overrides)
+        report = compile_for_topology(exp, parse_topology(args.topology), args.slices)
+    except (ConfigError, MeshError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

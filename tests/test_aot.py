@@ -1,0 +1,48 @@
+"""Ahead-of-time compilation of the real train step for TPU topologies, on this CPU host."""
+
+import sys
+
+import jax
+import pytest
+
+from llama_jax.aot import compile_for_topology, main, parse_topology
+from llama_jax.config import ConfigError, Experiment, apply_overrides
+
+# libtpu (the `tpu` extra, in the README's test command) exists for Linux only.
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="libtpu is published for Linux only")
+
+
+@pytest.mark.parametrize("name,chips,libtpu_name", [
+    ("v5p-128", 64, "v5p:4x4x4"), ("v4-32", 16, "v4:2x2x4"), ("v5e-16", 16, "v5e:4x4"),
+    ("v5litepod-8", 8, "v5e:2x4"), ("v6e-256", 256, "v6e:16x16"), ("v5p:2x2x1", 4, "v5p:2x2x1")])
+def test_topology_names(name, chips, libtpu_name):
+    topology = parse_topology(name)
+    assert (topology.chips, topology.libtpu_name) == (chips, libtpu_name)
+
+
+def test_unknown_topology_is_one_sentence(capsys):
+    assert main(["--exp", "tiny", "--topology", "v9-8"]) == 2
+    assert "Unknown TPU topology 'v9-8'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="Unknown slice size v5p-12"):
+        parse_topology("v5p-12")
+
+
+def test_tiny_on_v5p_8_fits_and_is_sharded():
+    exp = Experiment()
+    report = compile_for_topology(exp, parse_topology("v5p-8"))
+    assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["fits"] and report["hbm_bytes"] == 95 * 2**30
+    # The arguments are the TrainState (fp32 params + two Adam moments) split 4 ways, not
+    # replicated; TPU tiling pads small dims (head_dim 32), so a quarter is a lower bound.
+    state_bytes = 3 * 4 * exp.model.num_params()
+    assert state_bytes / 4 <= report["argument_bytes"] < state_bytes / 2
+    assert report["alias_bytes"] > 0.9 * report["argument_bytes"] - 1e6  # the state is donated
+    assert 0 < report["estimated_mfu"] < 1 and report["compile_seconds"] > 0
+
+
+def test_a_step_that_cannot_fit_is_reported_not_raised():
+    exp = apply_overrides(Experiment(), ["train.batch_size=2048", "train.seq_len=512"])
+    report = compile_for_topology(exp, parse_topology("v5e-4"))
+    assert report["fits"] is False and report["temp_bytes"] > report["hbm_bytes"]
+    assert "RESOURCE_EXHAUSTED" in report["compiler_message"]
+    assert jax.devices()[0].platform == "cpu"  # compiling for TPU left the host backend alone
