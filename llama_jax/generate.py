@@ -1,6 +1,7 @@
 """Text generation with a KV cache: one jitted prefill, then a decode loop on the device.
 
     python -m llama_jax.generate (--ckpt DIR | --hf DIR) [--tokenizer FILE] --prompt "..." | --chat
+                                 [--quant int8|fp8]
 
     generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
              stop_tokens=(), seed=0, on_token=None) -> list[list[int]]
@@ -26,6 +27,7 @@ from jax.experimental import io_callback
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama, init_cache
+from llama_jax.quantize import MODES as QUANT_MODES, quantize_params
 
 
 class GenerationError(ValueError):
@@ -209,6 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quant", choices=QUANT_MODES, default=None,
+                        help="quantize the weights for inference (see llama_jax.quantize)")
     args = parser.parse_args(argv)
 
     from llama_jax.checkpoint import CheckpointError
@@ -221,6 +225,8 @@ def main(argv=None) -> int:
             raise GenerationError("No tokenizer: pass --tokenizer path/to/tokenizer.model.")
         tokenizer = load_tokenizer(tokenizer_path)
         cfg, params = load_model(args.ckpt, args.hf)
+        if args.quant:
+            cfg, params = quantize_params(params, cfg, args.quant)
         if tokenizer.vocab_size > cfg.vocab_size:
             raise GenerationError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
                                   f"vocabulary is {cfg.vocab_size}: they do not belong together.")

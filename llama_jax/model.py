@@ -23,6 +23,7 @@ import numpy as np
 
 from llama_jax.attention import attention
 from llama_jax.config import PRESETS, ModelConfig, RopeScaling, model_preset
+from llama_jax.quantize import QuantizedWeight
 
 # Logical axes of the activations (parameters name theirs where they are declared).
 ACTIVATION = ("batch", "length", "embed")
@@ -40,6 +41,8 @@ _REMAT_POLICIES = {
 def _project(x, w, dtype):
     """x [B, T, d_in] times w [d_in, ...out] as one 2-D matmul ([B*T, d_in] @ [d_in, prod(out)]),
     which XLA's CPU backend differentiates much faster than the 3-D einsum."""
+    if isinstance(w, QuantizedWeight):  # see quantize.py: it dequantizes inside its own matmul
+        return w.project(x, dtype)
     batch, length, d_in = x.shape
     out = x.reshape(batch * length, d_in) @ w.astype(dtype).reshape(d_in, -1)
     return out.reshape(batch, length, *w.shape[1:])

@@ -49,3 +49,22 @@ def hf_model_dir(tmp_path):
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """A 4-layer random llama_jax params checkpoint and a SentencePiece tokenizer that fits it:
+    (checkpoint dir, tokenizer path, cfg, params)."""
+    import jax
+
+    from llama_jax.checkpoint import save_params
+    from llama_jax.config import ModelConfig
+    from llama_jax.data.synthetic import write_sentencepiece_model
+    from llama_jax.model import init_params
+
+    cfg = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                      vocab_size=320, max_seq_len=64, init_std=0.1)
+    root = tmp_path_factory.mktemp("small_checkpoint")
+    params = init_params(cfg, jax.random.key(0))
+    save_params(root / "ckpt", params, cfg)
+    return root / "ckpt", write_sentencepiece_model(str(root / "tok"), vocab_size=320), cfg, params
