@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llama_jax.config import CheckpointConfig, ModelConfig, model_config_from_dict
@@ -150,9 +151,19 @@ def save_params(path: str | Path, params, cfg: ModelConfig) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     if (path / "params").exists():
         raise CheckpointError(f"{path} already holds a parameters checkpoint; choose a new directory.")
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path / "params", params)
-        checkpointer.wait_until_finished()
+    if all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(params)):
+        # Host arrays (e.g. straight from load_hf) are written without Orbax's defensive copy: the
+        # write completes before this returns and nothing modifies them meanwhile, so peak memory
+        # stays near the parameters' own size.
+        handlers = ocp.type_handlers
+        registry = handlers.create_type_handler_registry(
+            (np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
+            checkpointer.save(path / "params", args=ocp.args.PyTreeSave(params))
+    else:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path / "params", params)
+            checkpointer.wait_until_finished()
     (path / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     return path
 
