@@ -14,7 +14,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import Experiment, MeshConfig, OptimConfig, TrainConfig, model_preset
