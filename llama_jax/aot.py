@@ -92,7 +92,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
     start = time.perf_counter()
     steps = compile_steps(exp, optimizer, schedule, mesh)
-    state = abstract_train_state(exp, optimizer, mesh)
+    state = abstract_train_state(exp, optimizer, mesh, steps.state_shardings)
     shape = (exp.train.batch_size, exp.train.seq_len)
     batch = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding)
              for key, dtype in (("tokens", jnp.int32), ("positions", jnp.int32),

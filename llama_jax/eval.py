@@ -276,9 +276,7 @@ def main(argv=None) -> int:
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.convert import ConversionError
     from llama_jax.generate import load_model
-    from llama_jax.tokenizer import load_tokenizer
 
-    tokenizer_path = args.tokenizer or (str(Path(args.hf) / "tokenizer.model") if args.hf else None)
     try:
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be at least 1, got {args.batch_size}.")
@@ -287,13 +285,7 @@ def main(argv=None) -> int:
             texts = read_documents(args.perplexity, args.field)
         else:
             questions = read_questions(args.choices)
-        if tokenizer_path is None or not Path(tokenizer_path).exists():
-            raise EvalError("No tokenizer: pass --tokenizer path/to/tokenizer.model.")
-        tokenizer = load_tokenizer(tokenizer_path)
-        cfg, params = load_model(args.ckpt, args.hf)
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise EvalError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                            f"vocabulary is {cfg.vocab_size}: they do not belong together.")
+        cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
         table = [("model", args.ckpt or args.hf), ("quantization", args.quant or "none")]
         if args.quant:
             table.append(("weight bytes before", f"{weight_bytes(params):,}"))

@@ -166,11 +166,22 @@ class _Printer:
             self.printed = text
 
 
-def load_model(ckpt: str | None, hf: str | None) -> tuple[ModelConfig, dict]:
+def load_model(ckpt: str | None, hf: str | None, tokenizer_path: str | None = None):
+    """(cfg, params, tokenizer) for the CLIs: a llama_jax checkpoint or HF directory, and its
+    tokenizer (default: `tokenizer.model` in the HF directory), checked to belong together."""
     from llama_jax.checkpoint import load_for_inference
     from llama_jax.convert import load_hf
+    from llama_jax.tokenizer import load_tokenizer
 
-    return load_hf(hf) if hf else load_for_inference(ckpt)
+    tokenizer_path = tokenizer_path or (str(Path(hf) / "tokenizer.model") if hf else None)
+    if tokenizer_path is None or not Path(tokenizer_path).exists():
+        raise GenerationError("No tokenizer: pass --tokenizer path/to/tokenizer.model.")
+    tokenizer = load_tokenizer(tokenizer_path)
+    cfg, params = load_hf(hf) if hf else load_for_inference(ckpt)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise GenerationError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                              f"vocabulary is {cfg.vocab_size}: they do not belong together.")
+    return cfg, params, tokenizer
 
 
 def _chat(params, cfg, tokenizer, args) -> None:
@@ -217,19 +228,11 @@ def main(argv=None) -> int:
 
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.convert import ConversionError
-    from llama_jax.tokenizer import load_tokenizer
 
-    tokenizer_path = args.tokenizer or (str(Path(args.hf) / "tokenizer.model") if args.hf else None)
     try:
-        if tokenizer_path is None or not Path(tokenizer_path).exists():
-            raise GenerationError("No tokenizer: pass --tokenizer path/to/tokenizer.model.")
-        tokenizer = load_tokenizer(tokenizer_path)
-        cfg, params = load_model(args.ckpt, args.hf)
+        cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
         if args.quant:
             cfg, params = quantize_params(params, cfg, args.quant)
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise GenerationError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                                  f"vocabulary is {cfg.vocab_size}: they do not belong together.")
         if args.chat:
             _chat(params, cfg, tokenizer, args)
             return 0

@@ -112,16 +112,16 @@ def _fresh_state(exp: Experiment, optimizer, rng) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def abstract_train_state(exp: Experiment, optimizer, mesh):
+def abstract_train_state(exp: Experiment, optimizer, mesh, shardings=None):
     """The TrainState as jax.ShapeDtypeStructs carrying their shardings (a restore target)."""
-    shardings = state_shardings(exp, optimizer, mesh)
+    shardings = shardings or state_shardings(exp, optimizer, mesh)
     shapes = jax.eval_shape(lambda: _fresh_state(exp, optimizer, jax.random.key(0)))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def create_train_state(exp: Experiment, optimizer, mesh, rng) -> tuple[TrainState, Any]:
+def create_train_state(exp: Experiment, optimizer, mesh, rng, shardings=None) -> tuple[TrainState, Any]:
     """A fresh TrainState, initialised directly into its shardings (never whole on one host)."""
-    shardings = state_shardings(exp, optimizer, mesh)
+    shardings = shardings or state_shardings(exp, optimizer, mesh)
     with activation_sharding(mesh):
         state = jax.jit(lambda rng: _fresh_state(exp, optimizer, rng), out_shardings=shardings)(rng)
     return state, shardings
@@ -237,10 +237,11 @@ def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
     experiment_json = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
     restored = None
     if exp.checkpoint.resume:
-        restored = checkpoints.restore_latest(abstract_train_state(exp, optimizer, mesh), data.train,
-                                              model=exp.model)
+        target = abstract_train_state(exp, optimizer, mesh, steps.state_shardings)
+        restored = checkpoints.restore_latest(target, data.train, model=exp.model)
     if restored is None:
-        state, _ = create_train_state(exp, optimizer, mesh, jax.random.key(exp.train.seed))
+        state, _ = create_train_state(exp, optimizer, mesh, jax.random.key(exp.train.seed),
+                                      steps.state_shardings)
     else:
         state, restored_step = restored
         say(f"resumed from {checkpoints.directory / str(restored_step)}")
