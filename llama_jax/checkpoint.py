@@ -123,7 +123,7 @@ class TrainCheckpointer:
         """Moves a damaged checkpoint aside (never deletes it) so that the step can be saved again."""
         source = self.directory / str(step)
         target = self.directory / f"damaged-{step}-{int(time.time())}"
-        log.warning("Checkpoint %s is damaged (%s); moved to %s, trying an earlier one.", source,
+        log.info("Checkpoint %s is damaged (%s); moved to %s, trying an earlier one.", source,
                     reason, target.name)
         print(f"warning: checkpoint {source} is damaged ({reason}); moved to {target.name}, "
               "trying an earlier one.", flush=True)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from llama_jax.checkpoint import CheckpointError, TrainCheckpointer
 from llama_jax.config import (ConfigError, Experiment, apply_overrides, list_experiments,
                               load_experiment)
+from llama_jax.logs import send_logs_to
 from llama_jax.loss import cross_entropy_sum, next_token_targets
 from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_second
 from llama_jax.model import Llama, count_params, init_params, lm_head
@@ -334,7 +335,9 @@ def main(argv=None) -> int:
     from llama_jax.data.training import DataError
     try:
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
-        train(exp, args.workdir or Path("runs") / exp.name)
+        workdir = Path(args.workdir or Path("runs") / exp.name)
+        send_logs_to(workdir / "train.log")
+        train(exp, workdir)
     except (ConfigError, MeshError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
