@@ -23,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from llama_jax.attention import compiling_for
 from llama_jax.config import ConfigError, apply_overrides, load_experiment
 from llama_jax.metrics import PEAK_TFLOPS, flops_per_token
 from llama_jax.optim import make_optimizer
@@ -97,7 +98,8 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     batch = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding)
              for key, dtype in (("tokens", jnp.int32), ("positions", jnp.int32),
                                 ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
-    with activation_sharding(mesh):  # the model's constraints resolve against this mesh
+    # The model's constraints resolve against this mesh; attention "auto" means the TPU's kernel.
+    with activation_sharding(mesh), compiling_for("tpu"):
         lowered = steps.train_step.lower(state, batch)
         try:
             compiled = lowered.compile()
@@ -114,6 +116,8 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
                     "compile_seconds": time.perf_counter() - start,
                     "compiler_message": str(err).splitlines()[0][:300]}
     compile_seconds = time.perf_counter() - start
+    # Pallas kernels lower to Mosaic custom calls: this says whether splash attention is in the step.
+    attention_kernel = "splash" if "tpu_custom_call" in lowered.as_text() else "xla"
 
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
@@ -133,7 +137,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     step_seconds = model_flops / chips / (mfu * peak_per_device)
     return {
         "experiment": exp.name, "topology": topology.name, "slices": slices, "devices": chips,
-        "mesh": dict(mesh.shape), "remat": exp.model.remat,
+        "mesh": dict(mesh.shape), "remat": exp.model.remat, "attention": attention_kernel,
         "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
         "temp_bytes": memory.temp_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
         "total_bytes": total, "hbm_bytes": hbm, "hbm_fraction": total / hbm, "fits": total <= hbm,
@@ -146,7 +150,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     header = (f"{r['experiment']} on {r['slices']} x {r['topology']} ({r['devices']} devices), "
-              f"mesh {r['mesh']}, remat {r['remat']}")
+              f"mesh {r['mesh']}, remat {r['remat']}" + (f", {r['attention']} attention" if "attention" in r else ""))
     if "compiler_message" in r:
         return "\n".join([header, f"  temporaries alone need {gib(r['temp_bytes'])} of {gib(r['hbm_bytes'])} "
                                   f"HBM per device: fits: false (the compiler: {r['compiler_message']})"])

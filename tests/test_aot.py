@@ -38,6 +38,10 @@ def test_tiny_on_v5p_8_fits_and_is_sharded():
     assert state_bytes / 4 <= report["argument_bytes"] < state_bytes / 2
     assert report["alias_bytes"] > 0.9 * report["argument_bytes"] - 1e6  # the state is donated
     assert 0 < report["estimated_mfu"] < 1 and report["compile_seconds"] > 0
+    # "auto" attention compiles the Pallas splash kernel for the TPU, not the XLA fallback.
+    assert report["attention"] == "splash"
+    xla = compile_for_topology(apply_overrides(exp, ["model.attention=xla"]), parse_topology("v5p-8"))
+    assert xla["attention"] == "xla"
 
 
 def test_a_step_that_cannot_fit_is_reported_not_raised():
