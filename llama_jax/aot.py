@@ -155,8 +155,7 @@ def format_report(r: dict) -> str:
         return "\n".join([header, f"  temporaries alone need {gib(r['temp_bytes'])} of {gib(r['hbm_bytes'])} "
                                   f"HBM per device: fits: false (the compiler: {r['compiler_message']})"])
     return "\n".join([
-        f"{r['experiment']} on {r['slices']} x {r['topology']} ({r['devices']} devices), mesh {r['mesh']}, "
-        f"remat {r['remat']}",
+        header,
         f"  per device: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
         f"temporaries {gib(r['temp_bytes'])}, aliased {gib(r['alias_bytes'])}",
         f"  total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({r['hbm_fraction']:.0%}): "
