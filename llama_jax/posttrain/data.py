@@ -210,8 +210,9 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def pad_pair(pair: dict, seq_len: int) -> dict[str, np.ndarray]:
     """A pair as fixed-length rows: tokens, segment_ids (1 on the sequence, 0 on padding) and the
-    masks of each side [seq_len]; scalars (margin, reference log-probs) stay scalars."""
-    row: dict[str, np.ndarray] = {}
+    masks of each side [seq_len]; scalars (margin, reference log-probs) stay scalars, and `weight`
+    is 1 (0 for the filler that completes an evaluation batch, see `fill_to_multiple`)."""
+    row: dict[str, np.ndarray] = {"weight": np.float32(1.0)}
     for side in PAIR_SIDES:
         length = len(pair[f"{side}_tokens"])
         for key, dtype in (("tokens", np.int32), ("loss_mask", np.float32), ("response_mask", np.float32)):
@@ -223,6 +224,13 @@ def pad_pair(pair: dict, seq_len: int) -> dict[str, np.ndarray]:
         if np.ndim(value) == 0:
             row[key] = np.float32(value)
     return row
+
+
+def fill_to_multiple(pairs: list[dict], multiple: int) -> list[dict]:
+    """`pairs` and copies of the first with weight 0 up to a multiple of `multiple`, so that an
+    evaluation covers every pair in whole batches and counts each exactly once."""
+    filler = {**pairs[0], "weight": np.float32(0.0)}
+    return pairs + [filler] * (-len(pairs) % multiple)
 
 
 def pair_batches(pairs: list[dict], *, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
