@@ -165,7 +165,8 @@ def test_prompts(tmp_path):
         {"messages": [{"role": "assistant", "content": "only"}]},
         {"other": 1}])
     prompts = pdata.load_prompts([path])
-    assert prompts[0] == {"id": "7", "messages": [{"role": "user", "content": "1+1"}]}
+    assert prompts[0] == {"id": "7", "messages": [{"role": "user", "content": "1+1"}],
+                          "record": {"prompt": "1+1", "id": 7}}
     assert prompts[1]["messages"] == [{"role": "user", "content": "2+2"}]
     assert prompts[1]["id"].endswith("p.jsonl:2")
     assert len(prompts) == 2 and COUNTERS.get(path, SKIPPED) == 2

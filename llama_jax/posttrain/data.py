@@ -177,7 +177,8 @@ def load_pairs(paths: Sequence[str], tokenizer: Tokenizer, template: str, *, seq
 
 
 def load_prompts(paths: Sequence[str], name: str = "") -> list[dict]:
-    """[{"id", "messages"}] of every usable prompt record; `id` defaults to "FILE:LINE"."""
+    """[{"id", "messages", "record"}] of every usable prompt record (`record`: the line as read);
+    `id` defaults to "FILE:LINE"."""
     name = name or paths[0]
     prompts, seen = [], 0
     for where, record in read_jsonl(paths, name):
@@ -187,7 +188,7 @@ def load_prompts(paths: Sequence[str], name: str = "") -> list[dict]:
         except BadRecord as err:
             COUNTERS.add(name, SKIPPED, f": {where}: {err}")
             continue
-        prompts.append({"id": str(record.get("id", where)), "messages": messages})
+        prompts.append({"id": str(record.get("id", where)), "messages": messages, "record": record})
     if not prompts:
         raise ValueError(f"{name} has no usable prompts ({seen} records)")
     return prompts
