@@ -147,3 +147,15 @@ def test_bad_input_is_one_sentence_and_exit_2(case, message, files, sft_run, oth
     last = err.splitlines()[-1]
     assert last.startswith("error: ") and message.format(other=other_shape_checkpoint) in last, err
     assert "Traceback" not in err and all(line.startswith("WARNING") for line in err.splitlines()[:-1])
+
+
+@pytest.mark.parametrize("name,message", [
+    ("tiny_sft", "error: No such file or directory: data/tiny_sft.jsonl."),
+    ("tiny_rm", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+    ("tiny_dpo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+    ("tiny_ppo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+])
+def test_experiment_files_point_at_their_inputs(name, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where data/ and runs/ do not exist
+    assert train_lib.main(["--exp", name, "--workdir", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err.strip() == message

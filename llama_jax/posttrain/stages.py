@@ -78,6 +78,9 @@ def recorded_tokenizer(path: str) -> str | None:
 
 def resolve_tokenizer(exp: Experiment, quiet: bool = False) -> Experiment:
     """`exp` with data.tokenizer_path set (see the module docstring)."""
+    init_from = exp.posttrain.init_from
+    if init_from and not Path(init_from).exists():
+        raise CheckpointError(f"The init_from checkpoint {init_from} does not exist.")
     if exp.data.tokenizer_path:
         return exp
     path = recorded_tokenizer(exp.posttrain.init_from) if exp.posttrain.init_from else None
@@ -88,7 +91,10 @@ def resolve_tokenizer(exp: Experiment, quiet: bool = False) -> Experiment:
         if exp.posttrain.stage != "sft":
             raise ConfigError(f"The {exp.posttrain.stage} stage needs data.tokenizer_path (or an "
                               "init_from run that records its tokenizer).")
-        path = cached_tokenizer(exp.data, exp.model.vocab_size, quiet)  # as pretraining does
+        try:
+            path = cached_tokenizer(exp.data, exp.model.vocab_size, quiet)  # as pretraining does
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(str(err).rstrip(".") + ".") from None
     return exp.replace(data=dataclasses.replace(exp.data, tokenizer_path=path))
 
 
