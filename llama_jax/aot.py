@@ -19,11 +19,13 @@ import math
 import re
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import ConfigError, apply_overrides, load_experiment
+from llama_jax.attention import compiling_for
+from llama_jax.config import ConfigError, apply_overrides, list_experiments, load_experiment
 from llama_jax.metrics import PEAK_TFLOPS, flops_per_token
 from llama_jax.optim import make_optimizer
 from llama_jax.sharding import MeshError, activation_sharding, check_batch, make_mesh
@@ -97,7 +99,8 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     batch = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding)
              for key, dtype in (("tokens", jnp.int32), ("positions", jnp.int32),
                                 ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
-    with activation_sharding(mesh):  # the model's constraints resolve against this mesh
+    # The model's constraints resolve against this mesh; attention "auto" means the TPU's kernel.
+    with activation_sharding(mesh), compiling_for("tpu"):
         lowered = steps.train_step.lower(state, batch)
         try:
             compiled = lowered.compile()
@@ -114,6 +117,8 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
                     "compile_seconds": time.perf_counter() - start,
                     "compiler_message": str(err).splitlines()[0][:300]}
     compile_seconds = time.perf_counter() - start
+    # Pallas kernels lower to Mosaic custom calls: this says whether splash attention is in the step.
+    attention_kernel = "splash" if "tpu_custom_call" in lowered.as_text() else "xla"
 
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
@@ -133,7 +138,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     step_seconds = model_flops / chips / (mfu * peak_per_device)
     return {
         "experiment": exp.name, "topology": topology.name, "slices": slices, "devices": chips,
-        "mesh": dict(mesh.shape), "remat": exp.model.remat,
+        "mesh": dict(mesh.shape), "remat": exp.model.remat, "attention": attention_kernel,
         "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
         "temp_bytes": memory.temp_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
         "total_bytes": total, "hbm_bytes": hbm, "hbm_fraction": total / hbm, "fits": total <= hbm,
@@ -146,13 +151,12 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     header = (f"{r['experiment']} on {r['slices']} x {r['topology']} ({r['devices']} devices), "
-              f"mesh {r['mesh']}, remat {r['remat']}")
+              f"mesh {r['mesh']}, remat {r['remat']}" + (f", {r['attention']} attention" if "attention" in r else ""))
     if "compiler_message" in r:
         return "\n".join([header, f"  temporaries alone need {gib(r['temp_bytes'])} of {gib(r['hbm_bytes'])} "
                                   f"HBM per device: fits: false (the compiler: {r['compiler_message']})"])
     return "\n".join([
-        f"{r['experiment']} on {r['slices']} x {r['topology']} ({r['devices']} devices), mesh {r['mesh']}, "
-        f"remat {r['remat']}",
+        header,
         f"  per device: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
         f"temporaries {gib(r['temp_bytes'])}, aliased {gib(r['alias_bytes'])}",
         f"  total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({r['hbm_fraction']:.0%}): "
@@ -163,17 +167,92 @@ def format_report(r: dict) -> str:
         f"{r['compile_seconds']:.1f} s"])
 
 
+HEADROOM = 0.10  # a recipe must leave this share of HBM free on its target slice
+TABLE_HEADER = ("| experiment | topology | mesh (data, fsdp, tensor) | microbatches | remat | attention "
+                "| HBM per chip | estimated MFU |")
+
+
+def recipe_names() -> list[str]:
+    """The experiments whose target is a TPU slice (every published recipe; `tiny` targets a CPU)."""
+    return [name for name in list_experiments() if _is_topology(load_experiment(name).target)]
+
+
+def _is_topology(name: str) -> bool:
+    try:
+        parse_topology(name)
+    except ConfigError:
+        return False
+    return True
+
+
+def table_row(exp, r: dict) -> str:
+    mesh = r["mesh"]
+    usage = (f"{r['total_bytes'] / GIB:.1f} of {r['hbm_bytes'] / GIB:.0f} GiB ({r['hbm_fraction']:.0%})"
+             if r["fits"] or "total_bytes" in r else f"does not fit ({r['temp_bytes'] / GIB:.0f} GiB)")
+    mfu = f"{r['estimated_mfu']:.0%}" if "estimated_mfu" in r else "-"
+    return (f"| `{r['experiment']}` | {r['topology']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | "
+            f"{exp.train.microbatches} | {r['remat']} | {r.get('attention', '-')} | {usage} | {mfu} |")
+
+
+def _same_row(readme: str, name: str, row: str) -> bool:
+    """Whether README has `row` for `name`: the same configuration and HBM use within 2 points
+    (compilers change), the same attention kernel."""
+    match = re.search(rf"^\| `{name}` \|.*$", readme, re.M)
+    if not match:
+        return False
+    ours, theirs = ([c.strip() for c in r.strip("|").split("|")] for r in (row, match.group(0)))
+    percent = lambda cells: re.search(r"\((\d+)%\)", cells[6])  # noqa: E731
+    if ours[:6] != theirs[:6] or not (percent(ours) and percent(theirs)):
+        return ours == theirs
+    return abs(int(percent(ours).group(1)) - int(percent(theirs).group(1))) <= 2
+
+
+def recipe_table(names, check_readme: str | None = None) -> int:
+    """Compiles each recipe for its target, prints the README table; with `check_readme`, exits 1
+    unless every recipe fits with HEADROOM to spare and the README's rows say the same."""
+    from tqdm import tqdm
+
+    rows, problems = [], []
+    for name in tqdm(names, desc="recipes", unit="recipe"):
+        exp = load_experiment(name)
+        report = compile_for_topology(exp, parse_topology(exp.target))
+        rows.append(table_row(exp, report))
+        tqdm.write(format_report(report))
+        if not report["fits"] or report["hbm_fraction"] > 1 - HEADROOM:
+            problems.append(f"{name} uses {report['hbm_fraction']:.0%} of HBM on {exp.target} "
+                            f"(at most {1 - HEADROOM:.0%} allowed)")
+    print("\n".join([TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"] + rows))
+    if check_readme:
+        readme = Path(check_readme).read_text()
+        problems += [f"the README's row for {name} should be: {row}"
+                     for name, row in zip(names, rows) if not _same_row(readme, name, row)]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--exp", default="tiny")
-    parser.add_argument("--topology", required=True, help="e.g. v5p-512, v5e-16, v6e-256, v5p:8x8x8")
+    parser.add_argument("--topology", help="e.g. v5p-512, v5e-16, v6e-256, v5p:8x8x8 "
+                                           "(default: the experiment's target)")
     parser.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices")
     parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("--recipes", nargs="*", metavar="NAME",
+                        help="compile every recipe (or those named) for its target and print the "
+                             "README table")
+    parser.add_argument("--check", metavar="README", help="with --recipes: exit 1 unless each fits with "
+                        f"{HEADROOM:.0%} HBM to spare and README holds the same rows")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
+        if args.recipes is not None:
+            return recipe_table(args.recipes or recipe_names(), args.check)
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
-        report = compile_for_topology(exp, parse_topology(args.topology), args.slices)
+        topology = args.topology or exp.target
+        if not topology:
+            raise ConfigError(f"{exp.name} names no target slice; pass --topology.")
+        report = compile_for_topology(exp, parse_topology(topology), args.slices)
     except (ConfigError, MeshError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

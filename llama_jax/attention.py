@@ -1,15 +1,43 @@
 """Causal grouped-query attention with document (segment) masking.
 
-One entry point, `attention`, behind which the backends live. `xla` is the reference that runs
-everywhere; fused TPU/GPU kernels are added beside it and must agree with it.
+One entry point, `attention`, behind which the backends live:
+  - `xla`: the reference, everywhere; it materialises the [T, S] fp32 score matrix.
+  - `splash`: the TPU Pallas splash-attention kernel (blockwise, causal blocks skipped, segment ids
+    and GQA native), under `shard_map` over whatever mesh the caller set.
+  - `cudnn`: cuDNN flash attention on NVIDIA GPUs through `jax.nn.dot_product_attention`.
+`auto` picks splash on TPU, cuDNN on GPU (bf16/fp16) and XLA otherwise, and XLA wherever a kernel
+does not apply (decoding against a KV cache, lengths that are not a multiple of 128 for splash).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla")
+from llama_jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+
+# What "auto" means on each platform.
+BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "cpu": "xla"}
+_TARGET_PLATFORM = contextvars.ContextVar("llama_jax_attention_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Code traced inside targets `platform` rather than this host's backend (`aot` compiles for
+    TPU on a CPU host): "auto" resolves for it, and Pallas kernels compile rather than interpret."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def attention_mask(q_len: int, kv_len: int, segment_ids=None, kv_segment_ids=None, q_offset=None):
@@ -53,12 +81,104 @@ def xla_attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None)
     return out.reshape(batch, q_len, n_heads, head_dim)
 
 
+def _splash_block(length: int) -> int:
+    return next(b for b in (512, 256, 128) if length % b == 0)
+
+
+def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None):
+    """Self-attention (T == S) with the TPU splash kernel; shapes as in `xla_attention`.
+
+    The kernel works on one example of [heads, T, D] and is vmapped over the batch. Pallas calls
+    cannot be partitioned by XLA, so with a mesh in context (jax.set_mesh) the kernel runs under
+    `shard_map` on each device's block: batch and heads sharded as the logical rules say.
+    Off TPU the kernel runs in Pallas' interpreter (slowly; `interpret` defaults to that), which
+    is how the tests check it on CPU.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    batch, length, n_heads, head_dim = q.shape
+    if length % 128 or k.shape[1] != length:
+        raise ValueError(f"Splash attention needs self-attention over a multiple of 128 tokens, "
+                         f"got {length} queries and {k.shape[1]} keys.")
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+    if interpret is None:
+        interpret = target_platform() != "tpu"
+
+    def per_device(q, k, v, segment_ids):
+        heads = q.shape[2]
+        block = _splash_block(length)
+        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                  block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                                  block_q_dq=block, block_kv_dq=block)
+        mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
+        kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)
+        # [B, T, H, D] -> [B, H, T, D]; the kernel does not scale the scores itself.
+        q = (q * head_dim ** -0.5).astype(q.dtype).transpose(0, 2, 1, 3)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+        out = jax.vmap(kernel)(q, k, v, ids)
+        return out.transpose(0, 2, 1, 3)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return per_device(q, k, v, segment_ids)
+    batch_axes, head_axes = _mesh_axes_for(mesh, batch, "batch"), _mesh_axes_for(mesh, n_heads, "heads")
+    if head_axes is not None and k.shape[2] % _size(mesh, head_axes):
+        head_axes = None  # KV heads that do not split like the query heads: keep heads whole
+    heads_spec = jax.P(batch_axes, None, head_axes, None)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(heads_spec, heads_spec, heads_spec,
+                                                          jax.P(batch_axes, None)),
+                         out_specs=heads_spec, check_vma=False)(q, k, v, segment_ids)
+
+
+def _size(mesh, axes) -> int:
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def _mesh_axes_for(mesh, dim: int, logical: str):
+    """The mesh axes the logical rules in context give `logical`, or None where they do not divide."""
+    import flax.linen as nn
+
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    if axes is None or dim % _size(mesh, axes):
+        return None
+    return axes
+
+
+def cudnn_attention(q, k, v, segment_ids=None):
+    """Self-attention with cuDNN's fused kernel (NVIDIA GPUs, bf16/fp16): causal, GQA native,
+    documents kept apart by a [B, 1, T, S] mask."""
+    mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+def choose_implementation(implementation: str, q, k, q_offset=None, platform: str | None = None) -> str:
+    """The backend that runs: `implementation`, with "auto" resolved and kernels that do not apply
+    (a KV cache, odd lengths, fp32 on cuDNN) replaced by the XLA reference."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown attention implementation {implementation!r}; "
+                         f"choose one of {IMPLEMENTATIONS}.")
+    if implementation == "auto":
+        implementation = BY_PLATFORM.get(platform or target_platform(), "xla")
+    self_attention = q_offset is None and q.shape[1] == k.shape[1]
+    if implementation == "splash" and not (self_attention and q.shape[1] % 128 == 0):
+        return "xla"
+    if implementation == "cudnn" and not (self_attention and q.dtype in (jnp.bfloat16, jnp.float16)):
+        return "xla"
+    return implementation
+
+
 def attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None, *,
               implementation: str = "auto"):
     """Causal GQA attention; `segment_ids` [B, T] (0 = padding) keep documents apart.
 
     With a KV cache, k/v/kv_segment_ids are the whole cache and `q_offset` the queries' index."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"Unknown attention implementation {implementation!r}; "
-                         f"choose one of {IMPLEMENTATIONS}.")
+    chosen = choose_implementation(implementation, q, k, q_offset)
+    if chosen == "splash":
+        return splash_attention(q, k, v, segment_ids)
+    if chosen == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids)
     return xla_attention(q, k, v, segment_ids, kv_segment_ids, q_offset)

@@ -96,15 +96,36 @@ class TrainCheckpointer:
             if model is not None:
                 self._check_model(step, model)
             items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iterator is not None:
+            data_state = self._data_state_from_other_process_count(step) if data_iterator is not None else None
+            if data_iterator is not None and data_state is None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
                 restored = self._open().restore(step, args=ocp.args.Composite(**items))
+                if data_state is not None:
+                    data_iterator.set_state(data_state)
                 return restored["state"], step
             except Exception as err:  # Orbax and TensorStore raise many kinds for a bad file
                 reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
                 self._quarantine(step, reason)
         return None
+
+    def _data_state_from_other_process_count(self, step: int) -> dict | None:
+        """The data position of a checkpoint written by another number of processes, or None.
+
+        Grain saves one iterator state per process. With data.split_by=rows every process holds
+        the same state, so any one carries over; by documents, the positions cannot be mapped.
+        """
+        files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        if not files or files[0].name.endswith(f"-of-{jax.process_count()}.json"):
+            return None
+        states = [json.loads(f.read_text()) for f in files]
+        if any(state != states[0] for state in states):
+            raise CheckpointError(
+                f"Checkpoint {self.directory / str(step)} was written by {len(files)} processes reading "
+                f"separate documents, and this run has {jax.process_count()}; their data positions "
+                "cannot carry over. Resume with the same number of processes (data.split_by=rows "
+                "makes positions portable), or start afresh in another --workdir.")
+        return states[0]
 
     def _check_model(self, step: int, model: ModelConfig) -> None:
         try:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from llama_jax.data.config import STDLIB_EVAL, STDLIB_TRAIN, DataConfig
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")  # the same as attention.IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,9 @@ class ModelConfig:
     scan_layers: bool = True
     # Standard deviation of the normal initialiser of every weight matrix.
     init_std: float = 0.02
+    # Attention backend, see attention.IMPLEMENTATIONS: "auto" is splash on TPU, cuDNN on GPU,
+    # XLA on CPU (and XLA wherever a kernel does not apply).
+    attention: str = "auto"
 
     def __post_init__(self):
         positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
@@ -67,6 +71,8 @@ class ModelConfig:
                              f"({self.n_kv_heads}) for grouped-query attention.")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
         for name in ("param_dtype", "compute_dtype"):

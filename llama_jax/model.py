@@ -122,13 +122,14 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(_project(x, wv, dtype), KV_HEADS)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is None:
-            out = attention(q, k, v, segment_ids)
+            out = attention(q, k, v, segment_ids, implementation=cfg.attention)
         else:
             # Only the new slice is written (in place inside the decode loop), not the whole cache.
             kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache["index"], 0, 0))
                        for c, new in zip(kv, (k, v)))
             k_layer, v_layer = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype) for c in kv)
-            out = attention(q, k_layer, v_layer, segment_ids, cache["segment_ids"], q_offset=cache["index"])
+            out = attention(q, k_layer, v_layer, segment_ids, cache["segment_ids"], q_offset=cache["index"],
+                            implementation=cfg.attention)
         out = nn.with_logical_constraint(out, HEADS)
         batch, length = out.shape[:2]
         return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype), kv

@@ -56,11 +56,11 @@ def llama2(preset: str, peak_lr: float, target: str) -> Experiment:
 # final 16M), its 8000 warmup steps and its 1.2M-step cosine; for 8B and 70B it gives only the
 # peak lr, so they take Llama 2's 4M-token batch and 2000 warmup steps and decay over the run.
 def llama3(preset: str, peak_lr: float, target: str, mesh: MeshConfig = MeshConfig(),
-           large: bool = False) -> Experiment:
+           large: bool = False, microbatches: int = 1) -> Experiment:
     return pretraining(preset, seq_len=8192, batch_tokens=(16 if large else 4) * 2**20,
                        total_tokens=15.6e12, peak_lr=peak_lr, warmup_steps=8000 if large else 2000,
                        decay_steps=1_200_000 if large else 0, final_lr_ratio=0.01,
-                       anneal_tokens=40e6, target=target, mesh=mesh,
+                       anneal_tokens=40e6, target=target, mesh=mesh, microbatches=microbatches,
                        description="Llama 3 recipe: 15.6T tokens at 8K context, annealed.")
 
 

@@ -62,8 +62,15 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     sizes = mesh_shape(cfg, len(devices))
     shape = tuple(sizes[name] for name in MESH_AXES)
     # Auto axes: XLA propagates shardings from the parameters, batches and the model's constraints.
-    return jax.make_mesh(shape, MESH_AXES, (jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, (jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                             devices=devices)
+    except NotImplementedError:  # JAX found no layout of these axis sizes on the chips' torus
+        physical = getattr(devices[0], "coords", None) and "x".join(
+            str(max(d.coords[i] for d in devices) + 1) for i in range(len(devices[0].coords)))
+        raise MeshError(f"The mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} does not map onto "
+                        f"the chips' {physical or 'physical'} torus: each size must be a product of "
+                        "whole torus dimensions.") from None
 
 
 def logical_to_spec(logical: PartitionSpec, shape, mesh: Mesh, rules=LOGICAL_RULES) -> PartitionSpec:

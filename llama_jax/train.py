@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from llama_jax import distributed
 from llama_jax.checkpoint import CheckpointError, TrainCheckpointer
 from llama_jax.config import (ConfigError, Experiment, apply_overrides, list_experiments,
                               load_experiment)
@@ -327,7 +328,8 @@ def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
         exp, inputs = prepare(exp, steps, mesh, quiet=quiet)
     data = inputs.data
     frozen = () if inputs.frozen is None else (inputs.frozen,)
-    say = (lambda *a: None) if quiet else tqdm.write
+    speak = not quiet and jax.process_index() == 0  # one process speaks for the job
+    say = tqdm.write if speak else (lambda *a: None)
     checkpoints = TrainCheckpointer(workdir, exp.checkpoint)
     experiment_json = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
     # The tokenizer actually used (also one trained and cached for an empty data.tokenizer_path),
@@ -361,9 +363,10 @@ def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     writer.drop_after(start_step)  # steps after the checkpoint will be logged again
-    (workdir / "experiment.json").write_text(json.dumps(experiment_json, indent=1))
+    if jax.process_index() == 0:
+        (workdir / "experiment.json").write_text(json.dumps(experiment_json, indent=1))
     bar = tqdm(total=exp.train.steps, initial=start_step, desc=exp.name, unit="step",
-               disable=quiet or None, dynamic_ncols=True)
+               disable=not speak or None, dynamic_ncols=True)
     last: dict = {}
     window: list = []
     timed_steps, window_start = 0, time.perf_counter()
@@ -411,6 +414,7 @@ def train(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
     bar.close()
     checkpoints.close()  # waits for the last write
     writer.close()
+    # Every process takes part in sampling (the parameters span them all); one prints.
     if (exp.train.sample_tokens and data.tokenizer is not None and not quiet and stage_of(exp) != "rm"
             and int(state.step) == exp.train.steps):
         if exp.posttrain is None:
@@ -439,6 +443,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--exp", default="tiny", help="an experiment name or a path to a .py file")
     parser.add_argument("--workdir", default=None, help="where metrics and checkpoints go (default runs/EXP)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    distributed.add_arguments(parser)
     return parser
 
 
@@ -447,11 +452,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from llama_jax.data.training import DataError
     try:
+        distributed.initialize(distributed.ProcessSpec.from_args(args))  # before anything else uses JAX
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
         workdir = Path(args.workdir or Path("runs") / exp.name)
-        send_logs_to(workdir / "train.log")
+        index = jax.process_index()
+        send_logs_to(workdir / ("train.log" if index == 0 else f"train.{index}.log"))
         train(exp, workdir)
-    except (ConfigError, MeshError, DataError, CheckpointError) as err:
+    except (ConfigError, MeshError, DataError, CheckpointError, distributed.DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

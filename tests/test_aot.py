@@ -38,6 +38,10 @@ def test_tiny_on_v5p_8_fits_and_is_sharded():
     assert state_bytes / 4 <= report["argument_bytes"] < state_bytes / 2
     assert report["alias_bytes"] > 0.9 * report["argument_bytes"] - 1e6  # the state is donated
     assert 0 < report["estimated_mfu"] < 1 and report["compile_seconds"] > 0
+    # "auto" attention compiles the Pallas splash kernel for the TPU, not the XLA fallback.
+    assert report["attention"] == "splash"
+    xla = compile_for_topology(apply_overrides(exp, ["model.attention=xla"]), parse_topology("v5p-8"))
+    assert xla["attention"] == "xla"
 
 
 def test_a_step_that_cannot_fit_is_reported_not_raised():
@@ -46,3 +50,30 @@ def test_a_step_that_cannot_fit_is_reported_not_raised():
     assert report["fits"] is False and report["temp_bytes"] > report["hbm_bytes"]
     assert "RESOURCE_EXHAUSTED" in report["compiler_message"]
     assert jax.devices()[0].platform == "cpu"  # compiling for TPU left the host backend alone
+
+
+def test_readme_table_covers_every_recipe_with_headroom():
+    """The README's AOT table (written by `python -m llama_jax.aot --recipes`, whose `--check` CI
+    runs against fresh compiles) has a row per recipe that matches the recipe's target, mesh,
+    microbatches and remat, and leaves at least 10% of HBM free."""
+    import re
+    from pathlib import Path
+
+    from llama_jax.aot import HEADROOM, recipe_names
+    from llama_jax.config import load_experiment
+    from llama_jax.sharding import mesh_shape
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \| v\S+ \|.*$", readme, re.M)}
+    names = recipe_names()
+    assert len(names) == 12 and set(names) <= set(rows)
+    for name in names:
+        exp = load_experiment(name)
+        cells = [c.strip() for c in rows[name].strip("|").split("|")]
+        topology = parse_topology(exp.target)
+        mesh = mesh_shape(exp.mesh, topology.chips)
+        assert cells[1] == exp.target, name
+        assert cells[2] == f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}", name
+        assert cells[3:6] == [str(exp.train.microbatches), exp.model.remat, "splash"], name
+        used = int(re.search(r"\((\d+)%\)", cells[6]).group(1))
+        assert used <= 100 * (1 - HEADROOM), name

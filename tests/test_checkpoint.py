@@ -126,6 +126,31 @@ def test_damaged_latest_checkpoint_is_skipped(trained, tmp_path, capsys):
     assert 8 in TrainCheckpointer(workdir, CheckpointConfig()).steps()
 
 
+def test_data_position_from_another_process_count(trained, tmp_path):
+    """Written by 2 processes, restored by 1: identical per-process positions (split_by=rows) carry
+    over; different ones (split by documents) are refused, and nothing is moved aside."""
+    from llama_jax.data.training import training_data
+
+    exp, original, _ = trained
+    workdir = tmp_path / "run"
+    shutil.copytree(original, workdir)
+    data_dir = workdir / "checkpoints" / "8" / "data"
+    state = json.loads((data_dir / "process_0-of-1.json").read_text())
+    (data_dir / "process_0-of-1.json").unlink()
+    for process in range(2):
+        (data_dir / f"process_{process}-of-2.json").write_text(json.dumps(state))
+    checkpoints = TrainCheckpointer(workdir, exp.checkpoint)
+    target = abstract_train_state(exp, make_optimizer(exp.optim, exp.train.steps)[0], make_mesh(exp.mesh))
+    data = training_data(exp, quiet=True).train
+    assert checkpoints.restore_latest(target, data, model=exp.model)[1] == 8
+    assert data.get_state() == state
+
+    (data_dir / "process_1-of-2.json").write_text(json.dumps({**state, "counter": -1}))
+    with pytest.raises(CheckpointError, match="written by 2 processes reading separate documents"):
+        checkpoints.restore_latest(target, data, model=exp.model)
+    assert checkpoints.steps() == [4, 6, 8]
+
+
 def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
     exp, original, _ = trained
     workdir = tmp_path / "run"

@@ -209,6 +209,20 @@ def test_processes_read_disjoint_shards(tokenizer, corpus):
     assert abs(len(seen[0]) - len(seen[1])) <= 1
 
 
+def test_split_by_rows_gives_each_process_its_rows_of_the_one_process_batches(tokenizer, corpus):
+    path, _ = corpus
+    whole = take(make_iterator(make_config(SourceConfig(path), batch_size=4), tokenizer, 0, 1), 3)
+    rows = make_config(SourceConfig(path), batch_size=2, split_by="rows")
+    halves = [take(make_iterator(rows, tokenizer, process, 2), 3) for process in range(2)]
+    for step, batch in enumerate(whole):
+        for key in batch:
+            glued = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            assert np.array_equal(glued, batch[key]), (step, key)
+    # By documents, the same two processes see other batches.
+    by_docs = take(make_iterator(make_config(SourceConfig(path), batch_size=2), tokenizer, 0, 2), 1)
+    assert not np.array_equal(by_docs[0]["tokens"], whole[0]["tokens"][:2])
+
+
 def test_same_seed_same_batches_and_epochs_differ(tokenizer, corpus):
     path, _ = corpus
     config = make_config(SourceConfig(path))

@@ -18,6 +18,13 @@ SOURCE_KINDS = {
     "when `tokenized` (written by `python -m llama_jax.data.prepare`)",
 }
 PACKINGS = ("first_fit", "concat_then_split")
+# How the processes (hosts) of a multi-host job share the data.
+SPLITS = {
+    "documents": "each process reads every process_count-th document and packs its own rows (fast; "
+                 "the batches depend on the number of processes)",
+    "rows": "every process reads and packs all the documents and keeps its own rows of each global "
+            "batch (each host tokenizes everything; the batches are the same on any number of hosts)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +106,7 @@ class DataConfig:
       worker_count: extra processes running the pipeline (0: none).
       worker_buffer_size: batches each worker process prepares ahead.
       drop_remainder: drop a last, incomplete batch (at the end of num_epochs).
+      split_by: how the processes of a multi-host job share the data, one of SPLITS.
     """
 
     sources: tuple[SourceConfig, ...]
@@ -118,6 +126,7 @@ class DataConfig:
     worker_count: int = 0
     worker_buffer_size: int = 2
     drop_remainder: bool = True
+    split_by: str = "documents"
 
     def __post_init__(self):
         sources = tuple(SourceConfig(**s) if isinstance(s, Mapping) else s for s in self.sources)
@@ -133,6 +142,8 @@ class DataConfig:
             raise ValueError("DataConfig.num_epochs must be >= 1, or None for forever.")
         if self.packing not in PACKINGS:
             raise ValueError(f"Unknown packing {self.packing!r}; use one of {PACKINGS}.")
+        if self.split_by not in SPLITS:
+            raise ValueError(f"Unknown split_by {self.split_by!r}; use one of {sorted(SPLITS)}.")
         if self.worker_count < 0:
             raise ValueError("DataConfig.worker_count must be >= 0.")
 

@@ -25,6 +25,8 @@ with Orbax through Grain's checkpoint handler::
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from typing import Any
 
@@ -271,6 +273,10 @@ def make_dataset(
         process_count = jax.process_count() if process_count is None else process_count
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer_path)
+    # With split_by="rows" every process packs the global batch and keeps its own rows of it.
+    rows_of = (process_index, process_count) if config.split_by == "rows" else None
+    if rows_of:
+        process_index, process_count = 0, 1
     docs = documents(config, tokenizer, process_index, process_count)
     read_options = grain.ReadOptions(
         num_threads=config.read_threads,
@@ -279,7 +285,14 @@ def make_dataset(
     # allow_nones: unusable documents reach the splitter, which counts them
     # and stops a run whose data is all unusable instead of spinning forever.
     ds = docs.to_iter_dataset(read_options, allow_nones=True)
-    ds = pack(ds, config).batch(config.batch_size, drop_remainder=config.drop_remainder)
+    if rows_of:  # pack exactly as one process would, then slice
+        index, count = rows_of
+        rows = slice(index * config.batch_size, (index + 1) * config.batch_size)
+        whole = dataclasses.replace(config, batch_size=config.batch_size * count)
+        ds = pack(ds, whole).batch(whole.batch_size, drop_remainder=config.drop_remainder)
+        ds = ds.map(_KeepRows(rows))
+    else:
+        ds = pack(ds, config).batch(config.batch_size, drop_remainder=config.drop_remainder)
     if config.worker_count > 0:
         _use_default_absl_flags()
         ds = ds.mp_prefetch(
@@ -289,6 +302,16 @@ def make_dataset(
             )
         )
     return ds
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeepRows:
+    """This process's rows of a global batch (a picklable callable, for worker processes)."""
+
+    rows: slice
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {key: value[self.rows] for key, value in batch.items()}
 
 
 def _use_default_absl_flags() -> None:

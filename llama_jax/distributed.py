@@ -1,0 +1,84 @@
+"""Joining the processes of a multi-host job (TPU pod slices, GPU clusters) before JAX starts.
+
+Every process runs the same program; `jax.distributed.initialize` connects them so that
+`jax.devices()` lists the devices of all hosts and one jitted step spans them. On Cloud TPU VMs
+and SLURM JAX finds the coordinator itself; elsewhere (a GPU cluster, or several processes on one
+machine) pass the coordinator's address, the number of processes and this process's id, as flags
+or as JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+
+import jax
+
+
+class DistributedError(Exception):
+    """The processes of a multi-host job could not be joined."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ProcessSpec:
+        env = os.environ
+
+        def number(value, name):
+            if value in (None, ""):
+                return None
+            try:
+                return int(value)
+            except ValueError:
+                raise DistributedError(f"{name} must be an integer, got {value!r}.") from None
+
+        return cls(args.coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None,
+                   number(args.num_processes if args.num_processes is not None
+                          else env.get("JAX_NUM_PROCESSES"), "the number of processes"),
+                   number(args.process_id if args.process_id is not None
+                          else env.get("JAX_PROCESS_ID"), "the process id"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-host", "Not needed on Cloud TPU VMs or under SLURM, where JAX finds its peers.")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0 (or $JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, help="processes in the job (or $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, help="this process, 0..N-1 (or $JAX_PROCESS_ID)")
+
+
+def _in_a_cluster_jax_detects() -> bool:
+    # A TPU VM has accelerator device files (/dev/accel* up to v5e, /dev/vfio/* from v5p on); SLURM
+    # and Open MPI say how many tasks there are. A single-host TPU VM joins a job of one, harmlessly.
+    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    return any(int(os.environ.get(var, "1") or 1) > 1 for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def initialize(spec: ProcessSpec) -> None:
+    """Joins the job if there is one; a lone process on a laptop or a GPU box does nothing."""
+    explicit = [spec.coordinator, spec.num_processes, spec.process_id]
+    if any(value is not None for value in explicit):
+        if any(value is None for value in explicit):
+            raise DistributedError("A multi-host job needs all of --coordinator, --num-processes and "
+                                   "--process-id (or their JAX_* variables).")
+        if not 0 <= spec.process_id < spec.num_processes:
+            raise DistributedError(f"--process-id {spec.process_id} is not in 0..{spec.num_processes - 1}.")
+        if spec.num_processes == 1:
+            return
+    elif not _in_a_cluster_jax_detects():
+        return
+    try:
+        jax.distributed.initialize(spec.coordinator, spec.num_processes, spec.process_id)
+    except Exception as err:  # noqa: BLE001 - JAX raises RuntimeError/ValueError/XlaRuntimeError here
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        where = f" at {spec.coordinator}" if spec.coordinator else ""
+        raise DistributedError(f"Could not join the other processes{where} ({first}).") from None

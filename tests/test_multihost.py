@@ -1,0 +1,85 @@
+"""Multi-host training: two processes joined by JAX's distributed runtime over localhost (CPU
+collectives through gloo) train exactly as one process with the same devices and mesh."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+STEPS = 6
+# 4 devices in all, as data=2 x fsdp=2; rows of each batch split between the processes so that
+# both runs see the same global batches.
+COMMON = ["train.steps=%d" % STEPS, "train.log_every=1", "train.eval_every=3", "train.eval_batches=1",
+          "train.batch_size=8", "train.seq_len=64", "train.sample_tokens=4", "optim.warmup_steps=2",
+          "checkpoint.every_steps=3", "mesh.data=2", "mesh.fsdp=2", "data.split_by=rows",
+          "eval_data.split_by=rows"]
+
+
+def _env(tmp_path, devices):
+    env = dict(os.environ, LLAMA_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    return env
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return ([r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("one")
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir)] + COMMON,
+                            env=_env(tmp_path, 4), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path, workdir, result
+
+
+def test_two_processes_train_exactly_as_one(one_process, tmp_path):
+    cache_from, single, single_result = one_process
+    workdir = tmp_path / "run"
+    env = _env(cache_from, 2)  # the tokenizer trained by the one-process run is reused
+    address = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir),
+                               "--coordinator", address, "--num-processes", "2", "--process-id", str(i)]
+                              + COMMON, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+
+    train_1, eval_1 = _losses(single)
+    train_2, eval_2 = _losses(workdir)
+    assert len(train_2) == STEPS and len(eval_2) == 2
+    np.testing.assert_allclose(train_2, train_1, rtol=1e-5)
+    np.testing.assert_allclose(eval_2, eval_1, rtol=1e-5)
+    # Process 0 speaks for the job; both processes keep their own log file.
+    assert "sample:" in outputs[0][1] + outputs[0][0] and "sample:" not in outputs[1][1] + outputs[1][0]
+    assert (workdir / "train.log").exists() and (workdir / "train.1.log").exists()
+    # The checkpoint is written collectively and restores in a one-process run on the same mesh.
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+    resumed = subprocess.run([sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir)] + COMMON
+                             + [f"train.steps={STEPS + 2}"], env=_env(cache_from, 4),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+
+def test_an_incomplete_process_spec_is_one_sentence(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "llama_jax.train", "--coordinator", "localhost:1234"],
+                            env=_env(tmp_path, 1), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: A multi-host job needs all of")
