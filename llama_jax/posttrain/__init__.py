@@ -4,6 +4,7 @@
     heads.py    the Llama backbone with a scalar head (reward model, value model)
     data.py     chat and preference JSONL -> token rows with the right loss masks
     steps.py    per-stage loss functions of (params, batch) for the training step in train.py
+    reward.py   scoring responses with a reward model or a user's function (rejection sampling, PPO)
     stages.py   what a post-training run needs before its first step: tokenizer, data, the
                 initial and reference parameters
     ppo.py      the PPO loop: rollouts with the KV-cache decoder, rewards, GAE, clipped updates
