@@ -173,8 +173,12 @@ TABLE_HEADER = ("| experiment | topology | mesh (data, fsdp, tensor) | microbatc
 
 
 def recipe_names() -> list[str]:
-    """The experiments whose target is a TPU slice (every published recipe; `tiny` targets a CPU)."""
-    return [name for name in list_experiments() if _is_topology(load_experiment(name).target)]
+    """The pretraining experiments whose target is a TPU slice (every published recipe; `tiny`
+    targets a CPU). Post-training stages take other batches (pairs, rollouts) and are not compiled
+    here."""
+    experiments = {name: load_experiment(name) for name in list_experiments()}
+    return [name for name, exp in experiments.items()
+            if exp.posttrain is None and _is_topology(exp.target)]
 
 
 def _is_topology(name: str) -> bool:

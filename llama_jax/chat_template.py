@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 Message = Mapping[str, str]  # {"role": ..., "content": ...}
 
 LLAMA2_INST = ("[INST]", "[/INST]")
+# The roles each format knows (Meta's reference code; Llama 3.1 adds "ipython" for tool output).
+ROLES = {"llama2": ("system", "user", "assistant"),
+         "llama3": ("system", "user", "assistant", "ipython")}
 LLAMA2_SYS = ("<<SYS>>\n", "\n<</SYS>>\n\n")
 
 
@@ -29,7 +32,7 @@ class ChatTokens:
     assistant_mask: list[int]
 
 
-def _check_messages(messages: Sequence[Message]) -> None:
+def _check_messages(messages: Sequence[Message], template: str) -> None:
     if not messages:
         raise ValueError("A dialog needs at least one message.")
     for i, message in enumerate(messages):
@@ -38,6 +41,9 @@ def _check_messages(messages: Sequence[Message]) -> None:
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise ValueError(f"Message {i} lacks a string '{key}'.")
+        if message["role"] not in ROLES[template]:
+            raise ValueError(f"Message {i} has the unknown role {message['role']!r}; the "
+                             f"{template} format knows {', '.join(ROLES[template])}.")
 
 
 def encode_llama3_chat(
@@ -51,7 +57,7 @@ def encode_llama3_chat(
     With `add_generation_prompt`, ends with an empty assistant header for the
     model to complete.
     """
-    _check_messages(messages)
+    _check_messages(messages, "llama3")
     start_header = tokenizer.token_id("<|start_header_id|>")
     end_header = tokenizer.token_id("<|end_header_id|>")
     eot = tokenizer.token_id("<|eot_id|>")
@@ -90,7 +96,7 @@ def encode_llama2_chat(
     `add_generation_prompt` says (Llama 2 has no separate reply header).
     """
     del add_generation_prompt
-    _check_messages(messages)
+    _check_messages(messages, "llama2")
     messages = list(messages)
     if messages[0]["role"] == "system":
         if len(messages) < 2:

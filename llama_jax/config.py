@@ -215,6 +215,68 @@ class CheckpointConfig:
     resume: bool = True
 
 
+POSTTRAIN_STAGES = ("sft", "rm", "dpo", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO as in Llama 2: each of train.steps iterations samples one response for each of
+    train.batch_size prompts with the KV-cache decoder, scores it, and takes one optimizer step per
+    minibatch of the rollouts for `epochs` passes. Prompt plus response fit in train.seq_len."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    minibatch_size: int = 64       # Llama 2: 512 prompts per iteration, minibatches of 64
+    epochs: int = 1                # passes over each iteration's rollouts
+    kl_coef: float = 0.01          # Llama 2: 0.01 (7B, 13B), 0.005 (70B)
+    clip: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_scores: bool = True     # Llama 2 whitens the reward model's logits over the batch
+    value_lr: float = 0.0          # the value model's peak lr (0: optim.peak_lr)
+    eval_prompts: int = 0          # held-out prompts scored greedily at each eval (0: none)
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "minibatch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PPOConfig.{name} must be at least 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PosttrainConfig:
+    """A post-training stage (REFERENCE.md, "Post-training"). Paths name a parameters checkpoint
+    (`checkpoint.save_params`) or a training workdir (its newest checkpoint)."""
+
+    stage: str = "sft"             # one of POSTTRAIN_STAGES
+    init_from: str = ""            # the starting parameters ("": random, for tests)
+    reference: str = ""            # DPO/PPO: the frozen reference ("": the starting parameters)
+    reward_model: str = ""         # PPO: a reward model (an `rm` run's workdir or export)
+    score_fn: str = ""             # PPO: "module:function" scoring (prompt, response) instead
+    chat_template: str = ""        # "llama2" or "llama3" ("": the tokenizer family's)
+    eval_fraction: float = 0.05    # RM/DPO: pairs held out for evaluation when eval_data is None
+    use_margin: bool = False       # RM: Llama 2's margin from each pair's "margin" field
+    beta: float = 0.1              # DPO (Llama 3: 0.1)
+    nll_coef: float = 0.2          # DPO: weight of the chosen response's per-token NLL (Llama 3: 0.2)
+    mask_special_tokens: bool = True   # DPO: special/formatting tokens out of the log-ratios
+    reference_logprobs: str = "precompute"  # DPO: "precompute" once up front, or "online" each step
+    ppo: PPOConfig = PPOConfig()
+
+    def __post_init__(self):
+        if self.stage not in POSTTRAIN_STAGES:
+            raise ValueError(f"posttrain.stage must be one of {', '.join(POSTTRAIN_STAGES)}, "
+                             f"got {self.stage!r}.")
+        if self.reference_logprobs not in ("precompute", "online"):
+            raise ValueError("posttrain.reference_logprobs must be 'precompute' or 'online', "
+                             f"got {self.reference_logprobs!r}.")
+        if self.chat_template not in ("", "llama2", "llama3"):
+            raise ValueError(f"posttrain.chat_template must be llama2 or llama3, got {self.chat_template!r}.")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError("posttrain.eval_fraction must be in [0, 1).")
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything a run needs. The defaults are the `tiny` experiment, runnable on a laptop."""
@@ -228,6 +290,8 @@ class Experiment:
     checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = STDLIB_TRAIN
     eval_data: DataConfig | None = STDLIB_EVAL   # held-out split, evaluated every train.eval_every
+    # A post-training stage (SFT, reward model, DPO, PPO) and its settings; None: pretraining.
+    posttrain: PosttrainConfig | None = None
     # The hardware the recipe was sized for, e.g. "v5p-512"; informational until checked by AOT.
     target: str = "cpu"
     description: str = ""

@@ -4,10 +4,11 @@
                                  [--quant int8|fp8]
 
     generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-             stop_tokens=(), seed=0, on_token=None) -> list[list[int]]
+             stop_tokens=(), seed=0, on_token=None, prompt_bucket=1) -> list[list[int]]
 
-Prompts of different lengths are left-padded to a common length; the padding has segment id 0,
-so no token attends to it, and positions count from each prompt's own start. The decode loop is a
+Prompts of different lengths are left-padded to a common length (rounded up to a multiple of
+`prompt_bucket`, so that callers with many batches compile few shapes); the padding has segment
+id 0, so no token attends to it, and positions count from each prompt's own start. The decode loop is a
 `lax.while_loop` (no Python dispatch per token) that stops when every row has emitted a stop
 token. `on_token(step, tokens)` streams each new column of tokens to the host as it is made.
 """
@@ -103,7 +104,8 @@ def _STREAM(step, tokens):  # noqa: N802 - called from the device through io_cal
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), seed: int = 0,
-             on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, np.ndarray], None] | None = None,
+             prompt_bucket: int = 1) -> list[list[int]]:
     """New tokens for each prompt (up to and including a stop token, if one comes)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("Every prompt needs at least one token.")
@@ -117,6 +119,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
     if not 0.0 < top_p <= 1.0 or temperature < 0 or top_k < 0:
         raise GenerationError("Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1.")
     batch = len(prompts)
+    prompt_len = min(-(-prompt_len // prompt_bucket) * prompt_bucket, cfg.max_seq_len - max_new_tokens)
     tokens = np.zeros((batch, prompt_len), np.int32)
     segment_ids = np.zeros((batch, prompt_len), np.int32)
     for row, prompt in enumerate(prompts):

@@ -1,4 +1,4 @@
-"""The published pretraining recipes (REFERENCE.md) as Experiment builders.
+"""The published pretraining and post-training recipes (REFERENCE.md) as Experiment builders.
 
 `experiments/llama2_70b.py` and its siblings call `pretraining(...)` with the paper's numbers; the
 arithmetic from tokens to steps and sequences lives here once.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, OptimConfig, TrainConfig,
-                              model_preset)
+from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, OptimConfig,
+                              PosttrainConfig, TrainConfig, model_preset)
 
 
 def pretraining(preset: str, *, seq_len: int, batch_tokens: int, total_tokens: float,
@@ -62,3 +62,39 @@ def llama3(preset: str, peak_lr: float, target: str, mesh: MeshConfig = MeshConf
                        decay_steps=1_200_000 if large else 0, final_lr_ratio=0.01,
                        anneal_tokens=40e6, target=target, mesh=mesh, microbatches=microbatches,
                        description="Llama 3 recipe: 15.6T tokens at 8K context, annealed.")
+
+
+# --- post-training (REFERENCE.md, "Post-training") ----------------------------------------------
+
+
+def posttraining(preset: str, stage: str, *, data_path: str, peak_lr: float, steps: int,
+                 batch_size: int, seq_len: int, warmup_steps: int, target: str,
+                 posttrain: PosttrainConfig, tokenizer_path: str = "", eval_path: str | None = None,
+                 final_lr_ratio: float = 0.1, mesh: MeshConfig = MeshConfig(), remat: str = "full",
+                 microbatches: int = 1, name: str = "", description: str = "") -> Experiment:
+    """A post-training Experiment: AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, warmup then
+    cosine to `final_lr_ratio`. `data_path` holds chats (sft), preference pairs (rm, dpo) or
+    prompts (ppo) as JSONL; `batch_size` counts sequences (sft), pairs (rm, dpo) or prompts (ppo).
+    Paths are placeholders to override on the command line."""
+    from llama_jax.data.config import DataConfig, SourceConfig
+    from llama_jax.posttrain.data import sft_source
+
+    def source(path):
+        return sft_source(path) if stage == "sft" else SourceConfig(path, kind="jsonl", field="prompt")
+
+    return Experiment(
+        name=name or f"{preset}_{stage}",
+        model=model_preset(preset, remat=remat),
+        optim=OptimConfig(peak_lr=peak_lr, warmup_steps=warmup_steps, final_lr_ratio=final_lr_ratio,
+                          b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0),
+        mesh=mesh,
+        train=TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len,
+                          microbatches=microbatches, loss_chunk=1024, log_every=10, eval_every=200,
+                          eval_batches=20, sample_tokens=0),
+        checkpoint=CheckpointConfig(every_steps=500, keep_last=2),
+        data=DataConfig(sources=(source(data_path),), tokenizer_path=tokenizer_path),
+        eval_data=None if eval_path is None else DataConfig(sources=(source(eval_path),),
+                                                           tokenizer_path=tokenizer_path, shuffle=False),
+        posttrain=posttrain,
+        target=target,
+        description=description)

@@ -13,10 +13,13 @@ from llama_jax.optim import learning_rate_schedule, make_optimizer
 from llama_jax.sharding import make_mesh
 from llama_jax.train import state_shardings
 
-RECIPES = [name for name in list_experiments() if name != "tiny"]
+POSTTRAINING = [name for name in list_experiments() if load_experiment(name).posttrain is not None]
+RECIPES = [name for name in list_experiments() if name != "tiny" and name not in POSTTRAINING]
 
 
 def test_every_preset_has_a_recipe():
+    assert set(POSTTRAINING) == {f"{size}_{stage}" for size in ("llama3_8b", "tiny")
+                                 for stage in ("sft", "rm", "dpo", "ppo")}
     assert set(RECIPES) == {"llama1_7b", "llama1_13b", "llama1_33b", "llama1_65b", "llama2_7b",
                             "llama2_13b", "llama2_70b", "llama3_8b", "llama3_70b", "llama3_1_8b",
                             "llama3_1_70b", "llama3_1_405b"}
@@ -42,6 +45,28 @@ def test_recipe_builds_abstractly_on_a_mesh(name):
     assert wq.spec[1] == ("fsdp" if mesh.shape["fsdp"] > 1 else None)
     assert wq.spec[2] == ("tensor" if mesh.shape["tensor"] > 1 else None)
     assert len(jax.tree.leaves(shardings.opt_state)) > 2 * len(jax.tree.leaves(shardings.params))
+
+
+@pytest.mark.parametrize("name", POSTTRAINING)
+def test_posttraining_builds_abstractly_on_a_mesh(name):
+    exp = load_experiment(name)
+    mesh = make_mesh(exp.mesh, jax.devices())
+    optimizer, _ = make_optimizer(exp.optim, exp.train.steps)
+    params = state_shardings(exp, optimizer, mesh).params
+    if exp.posttrain.stage == "rm":  # the backbone plus a scalar head, no LM head
+        assert set(params) == {"backbone", "score"} and "output" not in params["backbone"]
+    else:
+        assert "output" in params or exp.model.tie_embeddings
+
+
+def test_posttraining_recipes_follow_the_papers():
+    sft, rm, dpo, ppo = (load_experiment(f"llama3_8b_{s}") for s in ("sft", "rm", "dpo", "ppo"))
+    assert sft.optim.peak_lr == 1e-5 and 8500 <= sft.train.steps <= 9000
+    assert sft.data.sources[0].field == "messages"
+    assert not rm.posttrain.use_margin  # Llama 3: no margin
+    assert (dpo.posttrain.beta, dpo.optim.peak_lr, dpo.posttrain.nll_coef) == (0.1, 1e-5, 0.2)
+    assert dpo.posttrain.mask_special_tokens
+    assert (ppo.optim.peak_lr, ppo.posttrain.ppo.clip, ppo.posttrain.ppo.kl_coef) == (1e-6, 0.2, 0.01)
 
 
 def test_recipe_token_budgets():

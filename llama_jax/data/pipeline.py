@@ -64,6 +64,10 @@ class DocumentEncoder:
             except ValueError as e:
                 sources_lib.COUNTERS.add(self.source.display_name, sources_lib.SKIPPED, f": {e}")
                 return None
+            if not any(chat.assistant_mask):  # nothing to learn from
+                sources_lib.COUNTERS.add(self.source.display_name, sources_lib.SKIPPED,
+                                         ": a dialog without an assistant turn")
+                return None
             tokens = np.asarray(chat.ids, np.int32)
             return {"tokens": tokens, "loss_mask": np.asarray(chat.assistant_mask, np.float32)}
         if isinstance(document, np.ndarray):  # pre-tokenized, without BOS/EOS

@@ -29,6 +29,7 @@ class TrainingData:
     eval: Callable[[], Iterator[dict]] | None  # a fresh iterator, so every evaluation sees the same batches
     tokenizer: Tokenizer
     sample_prompt: str
+    chat_template: str | None = None  # post-training: the format of the chats
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,161 @@
+"""SFT, reward model and DPO through train.train and the CLI: the chain of checkpoints, the
+reported metrics, DPO's reference (precomputed = online, = the starting model), bad input."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from llama_jax import train as train_lib
+from llama_jax.checkpoint import save_params
+from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, ModelConfig, OptimConfig,
+                              PosttrainConfig, TrainConfig)
+from llama_jax.data import synthetic
+from llama_jax.data.config import DataConfig, SourceConfig
+from llama_jax.model import init_params
+from llama_jax.posttrain.data import sft_source
+
+MODEL = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                    vocab_size=556, max_seq_len=64, compute_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("posttrain")
+    rng = np.random.default_rng(0)
+    chats, pairs = [], []
+    for _ in range(160):
+        a, b = (int(x) for x in rng.integers(0, 50, 2))
+        chats.append({"messages": [{"role": "user", "content": f"{a}+{b}"},
+                                   {"role": "assistant", "content": str(a + b)}]})
+        pairs.append({"prompt": f"{a}+{b}", "chosen": str(a + b), "rejected": "no idea at all", "margin": 1})
+    for name, records in (("chats", chats), ("pairs", pairs)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"root": root, "tokenizer": synthetic.write_tiktoken_model(str(root / "tok")),
+            "chats": str(root / "chats.jsonl"), "pairs": str(root / "pairs.jsonl")}
+
+
+def _experiment(files, stage, steps, **settings):
+    source = sft_source(files["chats"]) if stage == "sft" else SourceConfig(files["pairs"])
+    return Experiment(
+        name=f"test_{stage}", model=MODEL, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        optim=OptimConfig(peak_lr=3e-3, warmup_steps=2, final_lr_ratio=1.0),
+        train=TrainConfig(steps=steps, batch_size=8, seq_len=64, log_every=1, eval_every=steps,
+                          sample_tokens=0),
+        checkpoint=CheckpointConfig(every_steps=0),
+        data=DataConfig(sources=(source,), tokenizer_path=files["tokenizer"] if stage == "sft" else ""),
+        eval_data=None, posttrain=PosttrainConfig(stage=stage, **settings))
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft_run(files):
+    workdir = files["root"] / "sft"
+    train_lib.train(_experiment(files, "sft", 30), workdir, quiet=True)
+    return workdir
+
+
+def test_sft_learns_and_records_its_tokenizer(sft_run, files):
+    losses = [row["loss"] for row in _metrics(sft_run) if "loss" in row]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+    recorded = json.loads((sft_run / "experiment.json").read_text())
+    assert recorded["data"]["tokenizer_path"] == files["tokenizer"]
+    assert recorded["posttrain"]["stage"] == "sft"
+
+
+def test_reward_model_from_sft_reports_held_out_accuracy(sft_run, files):
+    exp = _experiment(files, "rm", 30, init_from=str(sft_run), use_margin=True, eval_fraction=0.1)
+    out = train_lib.train(exp, files["root"] / "rm", quiet=True)
+    # The backbone came from the SFT checkpoint (its tokenizer too): the embeddings moved little.
+    from llama_jax.checkpoint import load_for_inference
+    _, sft_params = load_for_inference(sft_run)
+    moved = np.abs(np.asarray(out["state"].params["backbone"]["tok_embeddings"])
+                   - np.asarray(sft_params["tok_embeddings"])).max()
+    assert moved < 0.5
+    assert set(out["state"].params["score"]) == {"kernel", "bias"}
+    assert out["eval_accuracy"] == 1.0  # an easy preference, learnt
+    assert out["eval_chosen_score"] > out["eval_rejected_score"] + 1.0
+    rows = [r for r in _metrics(files["root"] / "rm") if "eval_accuracy" in r]
+    assert len(rows) == 1 and rows[0]["step"] == 30
+
+
+def test_dpo_reference_precomputed_equals_online_and_starts_at_the_policy(sft_run, files):
+    results = {}
+    for mode in ("precompute", "online"):
+        exp = _experiment(files, "dpo", 3, init_from=str(sft_run), reference_logprobs=mode, beta=0.5)
+        if mode == "online":  # also: two microbatches give the one-batch step
+            exp = exp.replace(train=dataclasses.replace(exp.train, microbatches=2), mesh=MeshConfig(1, 4, 2))
+        train_lib.train(exp, files["root"] / f"dpo_{mode}", quiet=True)
+        results[mode] = _metrics(files["root"] / f"dpo_{mode}")
+    for a, b in zip(*results.values()):
+        assert a.keys() == b.keys()
+        for key in a:
+            # At step 1 the margins are 0 up to rounding, so their sign (accuracy) is noise.
+            if key not in ("tokens_per_s", "step_time_s", "mfu") and (key, a["step"]) != ("accuracy", 1):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    first = results["precompute"][0]
+    # Step 1: the policy is the reference, so rewards and margin are 0 and the loss is
+    # log 2 + 0.2 x the chosen NLL.
+    assert first["margin"] == pytest.approx(0.0, abs=1e-5) and first["chosen_reward"] == pytest.approx(0.0, abs=1e-5)
+    assert first["loss"] == pytest.approx(np.log(2) + 0.2 * first["chosen_nll"], rel=1e-5)
+    steps = [r for r in results["precompute"] if "loss" in r]
+    assert len(steps) == 3 and steps[-1]["margin"] > 0  # and the preference is being learnt
+    evaluated = [r for r in results["precompute"] if "eval_loss" in r]
+    assert len(evaluated) == 1 and {"eval_accuracy", "eval_margin", "eval_chosen_reward"} <= set(evaluated[0])
+
+
+@pytest.fixture(scope="module")
+def other_shape_checkpoint(files):
+    other = MODEL.replace(n_layers=3)
+    return save_params(files["root"] / "other", init_params(other, jax.random.key(0)), other)
+
+
+def _run_cli(exp, workdir, overrides, capsys, monkeypatch):
+    monkeypatch.setattr(train_lib, "load_experiment", lambda name: exp)
+    code = train_lib.main(["--exp", "x", "--workdir", str(workdir)] + overrides)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("case,message", [
+    ("reference", "The reference checkpoint {other} is a model of another shape (n_layers 3 where the "
+                  "experiment has 2)."),
+    ("init", "The init_from checkpoint {other} is a model of another shape"),
+    ("no_tokenizer", "The dpo stage needs data.tokenizer_path"),
+    ("missing", "The init_from checkpoint /nonexistent does not exist."),
+    ("bad_pairs", "has no usable preference pairs"),
+    ("stage", "posttrain.stage must be one of sft, rm, dpo, ppo"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(case, message, files, sft_run, other_shape_checkpoint,
+                                              tmp_path, capsys, monkeypatch):
+    exp = _experiment(files, "dpo", 1, init_from=str(sft_run))
+    overrides = {"reference": [f"posttrain.reference={other_shape_checkpoint}"],
+                 "init": [f"posttrain.init_from={other_shape_checkpoint}",
+                          f"data.tokenizer_path={files['tokenizer']}"],
+                 "no_tokenizer": ["posttrain.init_from=''"],
+                 "missing": ["posttrain.init_from=/nonexistent", f"data.tokenizer_path={files['tokenizer']}"],
+                 "bad_pairs": [f"data.sources.0.path={files['chats']}"],
+                 "stage": ["posttrain.stage=ppx"]}[case]
+    code, err = _run_cli(exp, tmp_path / "run", overrides, capsys, monkeypatch)
+    assert code == 2, err
+    # Skipped records are warned about (see test_posttrain_data); the error is one last line.
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and message.format(other=other_shape_checkpoint) in last, err
+    assert "Traceback" not in err and all(line.startswith("WARNING") for line in err.splitlines()[:-1])
+
+
+@pytest.mark.parametrize("name,message", [
+    ("tiny_sft", "error: No such file or directory: data/tiny_sft.jsonl."),
+    ("tiny_rm", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+    ("tiny_dpo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+    ("tiny_ppo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+])
+def test_experiment_files_point_at_their_inputs(name, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where data/ and runs/ do not exist
+    assert train_lib.main(["--exp", name, "--workdir", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err.strip() == message
