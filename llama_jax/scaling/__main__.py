@@ -1,0 +1,5 @@
+import sys
+
+from llama_jax.scaling.cli import main
+
+sys.exit(main())
