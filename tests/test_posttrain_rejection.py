@@ -129,3 +129,13 @@ def test_bucketed_prompt_padding_does_not_change_generation():
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
     plain = generate(params, CFG, prompts, 6)
     assert generate(params, CFG, prompts, 6, prompt_bucket=32) == plain
+
+
+def test_a_scoring_file_may_define_dataclasses(tmp_path):
+    from llama_jax.posttrain.reward import load_function
+
+    (tmp_path / "checker.py").write_text(
+        "import dataclasses\n\n@dataclasses.dataclass(frozen=True)\nclass Settings:\n    bonus: float = 1.0\n\n"
+        "def score(prompt, response):\n    return Settings().bonus * (response == prompt['answer'])\n")
+    fn = load_function(f"{tmp_path / 'checker.py'}:score")
+    assert fn({"answer": "7"}, "7") == 1.0 and fn({"answer": "7"}, "8") == 0.0

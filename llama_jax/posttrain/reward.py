@@ -98,11 +98,19 @@ def load_function(spec: str) -> Callable:
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
-            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            # Registered in sys.modules under a name of its own while it runs, as an import
+            # would be: dataclasses, pickling and typing look the module up there.
+            name = f"_llama_jax_scoring_{path.stem}_{abs(hash(str(path.resolve())))}"
+            loader_spec = importlib.util.spec_from_file_location(name, path)
             if loader_spec is None or not path.is_file():
                 raise ImportError(f"no file {module_name}")
             module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
+            sys.modules[name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
         else:
             if "" not in sys.path:
                 sys.path.insert(0, "")  # the current directory, as `python -m` would have it
