@@ -51,7 +51,7 @@ def score(prompt: dict, response: str) -> float:
 @dataclasses.dataclass(frozen=True)
 class Scale:
     # The problems.
-    gold: int = 3000
+    gold: int = 5000
     rl: int = 2000
     holdout: int = 500
     # The model.
@@ -73,7 +73,7 @@ class Scale:
     ppo_steps: int = 60
     ppo_batch: int = 64
     ppo_minibatch: int = 32
-    ppo_lr: float = 5e-5
+    ppo_lr: float = 1e-4
     max_new_tokens: int = 8
     smoke: bool = False
 
@@ -140,8 +140,16 @@ def make_data(root: Path, scale: Scale) -> dict[str, str]:
 
 
 def stage_experiment(stage: str, seed: int, scale: Scale, data: dict[str, str], seed_dir: Path):
-    from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, ModelConfig, OptimConfig,
-                                  PosttrainConfig, PPOConfig, TrainConfig)
+    from llama_jax.config import (
+        CheckpointConfig,
+        Experiment,
+        MeshConfig,
+        ModelConfig,
+        OptimConfig,
+        PosttrainConfig,
+        PPOConfig,
+        TrainConfig,
+    )
     from llama_jax.data.config import DataConfig, SourceConfig
     from llama_jax.posttrain.data import sft_source
 
@@ -232,20 +240,21 @@ def run_seed(seed: int, scale: Scale, data: dict[str, str], root: Path, log) -> 
             records = sample(seed_dir / "sft", data["rl"], seed_dir / "rs.jsonl", k=scale.rs_k,
                              temperature=1.0, pairs=True, seed=seed, scale=scale, tokenizer=data["tokenizer"])
             usable = [r for r in records if "rejected" in r]
+            sampled_pairs = len(usable)
             if scale.smoke and len(usable) < 2 * scale.dpo_batch:
                 # At smoke scale the model gets nothing right, so no sample makes a pair: the
                 # checker's answer stands in as the chosen reply so that DPO runs at all.
-                answers = {q["id"]: q["answer"] for q in map(json.loads, open(data["rl"]))}
+                answers = {q["id"]: q["answer"] for q in map(json.loads, Path(data["rl"]).read_text().splitlines())}
                 usable += [{**r, "chosen": str(answers[r["id"]]), "chosen_score": 1.0,
                             "rejected": r["chosen"], "rejected_score": r["chosen_score"]}
                            for r in records if "rejected" not in r][:2 * scale.dpo_batch - len(usable)]
             result["rejection_sampling"] = {
-                "prompts": len(records), "pairs": len(usable),
+                "prompts": len(records), "pairs": len(usable), "pairs_from_samples": sampled_pairs,
                 "best_of_k_accuracy": sum(r["chosen_score"] for r in records) / len(records),
                 "sample_accuracy": sum(sum(r["scores"]) / len(r["scores"]) for r in records) / len(records)}
             (seed_dir / "rs_stats.json").write_text(json.dumps(result["rejection_sampling"]))
             write_jsonl(seed_dir / "rs_pairs.jsonl", usable)
-            log(f"seed {seed}: rejection sampling: {len(usable)} pairs from {len(records)} problems "
+            log(f"seed {seed}: rejection sampling: {sampled_pairs} pairs from {len(records)} problems "
                 f"(best of {scale.rs_k} correct on {result['rejection_sampling']['best_of_k_accuracy']:.1%})")
         elif (seed_dir / "rs_stats.json").exists():
             result["rejection_sampling"] = json.loads((seed_dir / "rs_stats.json").read_text())
@@ -313,7 +322,7 @@ def main(argv=None) -> int:
         return 2
     recorded.write_text(json.dumps(wanted, indent=1))
     start = time.time()
-    log = lambda message: print(f"[{time.time() - start:6.0f} s] {message}", flush=True)  # noqa: E731
+    log = lambda message: print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
     data = make_data(root / "data", scale)
     results = {seed: run_seed(seed, scale, data, root, log) for seed in args.seeds}
     rows = summarize(results)
