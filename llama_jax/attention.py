@@ -16,9 +16,9 @@ import contextvars
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llama_jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+from llama_jax.sharding import logical_to_spec
 
 # What "auto" means on each platform.
 BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "cpu": "xla"}
@@ -97,7 +97,7 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    batch, length, n_heads, head_dim = q.shape
+    batch, length, _, head_dim = q.shape
     if length % 128 or k.shape[1] != length:
         raise ValueError(f"Splash attention needs self-attention over a multiple of 128 tokens, "
                          f"got {length} queries and {k.shape[1]} keys.")
@@ -125,27 +125,13 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return per_device(q, k, v, segment_ids)
-    batch_axes, head_axes = _mesh_axes_for(mesh, batch, "batch"), _mesh_axes_for(mesh, n_heads, "heads")
-    if head_axes is not None and k.shape[2] % _size(mesh, head_axes):
-        head_axes = None  # KV heads that do not split like the query heads: keep heads whole
-    heads_spec = jax.P(batch_axes, None, head_axes, None)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(heads_spec, heads_spec, heads_spec,
-                                                          jax.P(batch_axes, None)),
-                         out_specs=heads_spec, check_vma=False)(q, k, v, segment_ids)
-
-
-def _size(mesh, axes) -> int:
-    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-
-
-def _mesh_axes_for(mesh, dim: int, logical: str):
-    """The mesh axes the logical rules in context give `logical`, or None where they do not divide."""
-    import flax.linen as nn
-
-    axes = nn.logical_to_mesh_axes((logical,))[0]
-    if axes is None or dim % _size(mesh, axes):
-        return None
-    return axes
+    # The same logical rules as the model's activations decide the per-device blocks.
+    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), q.shape, mesh)
+    k_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k.shape, mesh)
+    if q_spec[2] != k_spec[2]:  # KV heads that do not split like the query heads: keep heads whole
+        q_spec = k_spec = jax.P(q_spec[0], None, None, None)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, jax.P(q_spec[0], None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
 
 
 def cudnn_attention(q, k, v, segment_ids=None):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +65,8 @@ def rollout_batch(prompts: list[list[int]], responses: list[list[int]], length: 
     return batch
 
 
-def _positions(segment_ids):
-    return jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
-
-
 def _values(params, cfg, batch):
-    return ScalarModel(cfg).apply({"params": params}, batch["tokens"], _positions(batch["segment_ids"]),
-                                  batch["segment_ids"])
+    return ScalarModel(cfg).apply({"params": params}, batch["tokens"], None, batch["segment_ids"])
 
 
 def make_ppo_functions(exp: Experiment, value_cfg: ModelConfig, policy_opt, value_opt, schedule):

@@ -49,10 +49,6 @@ def _both(batch, key):
     return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
 
 
-def _positions(segment_ids):
-    return jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
-
-
 def _next(x):
     """x[:, t + 1] at position t (the target of the prediction made there), 0 at the end."""
     return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
@@ -61,8 +57,7 @@ def _next(x):
 def next_token_log_probs(params, cfg, tokens, segment_ids, chunk: int):
     """log p(tokens[:, t + 1]) at every position t, [B, T] (garbage where the target is padding:
     weigh with `_next(mask)`)."""
-    hidden = Llama(cfg).apply({"params": params}, tokens, _positions(segment_ids), segment_ids,
-                              return_hidden=True)
+    hidden = Llama(cfg).apply({"params": params}, tokens, None, segment_ids, return_hidden=True)
     return token_log_probs(hidden, lm_head(params, cfg), _next(tokens), chunk)
 
 
@@ -80,7 +75,7 @@ def reward_model_loss(params, batch, frozen, exp):
     del frozen
     segment_ids = _both(batch, "segment_ids")
     values = ScalarModel(exp.model).apply({"params": params}, _both(batch, "tokens"),
-                                          _positions(segment_ids), segment_ids)
+                                          None, segment_ids)
     scores = last_token_values(values, segment_ids)
     n = batch["margin"].shape[0]
     chosen, rejected = scores[:n], scores[n:]

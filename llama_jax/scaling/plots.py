@@ -21,6 +21,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, figure, path: str | Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
 def plot_isoflops(fit: ScalingFit, path: str | Path) -> Path:
     """Validation loss against training tokens per budget: runs, parabola, minimum."""
     plt = _pyplot()
@@ -38,10 +45,7 @@ def plot_isoflops(fit: ScalingFit, path: str | Path) -> Path:
     axes.set_ylabel("validation loss")
     axes.set_title("IsoFLOP curves (stars: compute-optimal minima)")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+    return _save(plt, figure, path)
 
 
 def plot_power_law(fit: ScalingFit, path: str | Path, target_flops: float | None = None,
@@ -74,10 +78,7 @@ def plot_power_law(fit: ScalingFit, path: str | Path, target_flops: float | None
     axes.set_ylabel("compute-optimal tokens D*")
     axes.set_title("Compute-optimal training tokens")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+    return _save(plt, figure, path)
 
 
 def plot_downstream(fit: DownstreamFit, path: str | Path, flops: Sequence[float],
@@ -111,7 +112,4 @@ def plot_downstream(fit: DownstreamFit, path: str | Path, flops: Sequence[float]
     right.set_title("Step 2: accuracy against NLL")
     for axes in (left, right):
         axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+    return _save(plt, figure, path)
