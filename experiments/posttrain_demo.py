@@ -3,12 +3,16 @@ sampling + DPO and (separately) PPO, with held-out accuracy after each stage, fo
 
     python experiments/posttrain_demo.py [--seeds 0 1] [--workdir runs/posttrain_demo] [--smoke]
 
-The task: "What is 347 + 85?" -> "432", operands of 2 or 3 digits. Answers are checkable, so
-the reward is exact match (`score` below, 0 or 1) and accuracy is the mean score of greedy
-replies on held-out problems no stage trains on. The problems (the same for every seed) are four
-disjoint sets:
+The task: "What is 47 + 85?" -> "132", two-digit operands. Answers are checkable, so the
+reward is exact match (`score` below, 0 or 1) and accuracy is the mean score of greedy replies on
+held-out problems no stage trains on. The demonstrations are imperfect, as human ones are: a
+sloppy annotator rounds a three-digit sum down to its tens 70% of the time (47 + 85 -> "130"), so
+a model that imitates them well answers most such problems wrongly, while sampling still finds
+the right sum often enough for a checker-driven stage to learn from. That is the gap Llama 2's
+post-training exploits: rejection sampling, DPO and PPO can beat the data SFT imitates. The
+problems (the same for every seed) are three disjoint sets:
 
-    gold      problems with their answers: the data of the base and SFT stages
+    gold      problems with the annotator's replies: the data of the base and SFT stages
     rl        problems without answers, only the checker: rejection sampling and PPO
     holdout   the accuracy measurement (greedy decoding, `rejection_sample --k 1 --temperature 0`)
 
@@ -16,7 +20,8 @@ The stages, per seed (WORKDIR/seedS/STAGE, each a training workdir):
 
     base  a model trained from scratch for a few steps on the gold chats: it knows the format,
           not yet the sums (stands in for a pretrained model)
-    sft   from base: more steps on the gold chats
+    sft   from base: more steps on the gold chats (a constant learning rate: with a decaying one
+          some seeds stall on the plateau before the model learns to add)
     dpo   rejection sampling from sft: K replies per rl problem at temperature 1, scored by
           `score`; the best and the worst of each problem where they differ (a correct and a
           wrong answer) are a DPO pair; DPO from sft on those pairs (with the NLL term on the
@@ -54,26 +59,27 @@ class Scale:
     gold: int = 5000
     rl: int = 2000
     holdout: int = 500
+    sloppy: float = 0.7         # the share of three-digit sums that the gold replies round down
     # The model.
-    dim: int = 128
-    n_layers: int = 4
+    dim: int = 64
+    n_layers: int = 2
     n_heads: int = 4
-    ffn_dim: int = 384
+    ffn_dim: int = 192
     vocab_size: int = 300
     seq_len: int = 64           # packed SFT sequences; a chat is about 20 tokens
     # Stages: steps, batch (sequences / pairs / prompts), peak learning rate.
     base_steps: int = 150
-    sft_steps: int = 600
+    sft_steps: int = 2000
     batch_size: int = 32
     lr: float = 2e-3
     rs_k: int = 8
-    dpo_steps: int = 150
+    dpo_steps: int = 200
     dpo_batch: int = 32
-    dpo_lr: float = 1e-4
-    ppo_steps: int = 60
+    dpo_lr: float = 5e-4
+    ppo_steps: int = 100
     ppo_batch: int = 64
     ppo_minibatch: int = 32
-    ppo_lr: float = 1e-4
+    ppo_lr: float = 3e-4
     max_new_tokens: int = 8
     smoke: bool = False
 
@@ -88,13 +94,13 @@ SMOKE = Scale(smoke=True, gold=400, rl=64, holdout=64, dim=32, n_layers=1, n_hea
 
 
 def problems(total: int, seed: int = 1234) -> list[tuple[int, int]]:
-    """`total` distinct (a, b), each of 2 or 3 digits, in a seeded order."""
+    """`total` distinct (a, b), each of two digits, in a seeded order (8,100 pairs exist)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     seen, out = set(), []
     while len(out) < total:
-        a, b = (int(x) for x in rng.integers(10, 1000, 2))
+        a, b = (int(x) for x in rng.integers(10, 100, 2))
         if (a, b) not in seen:
             seen.add((a, b))
             out.append((a, b))
@@ -103,6 +109,19 @@ def problems(total: int, seed: int = 1234) -> list[tuple[int, int]]:
 
 def question(a: int, b: int) -> str:
     return f"What is {a} + {b}?"
+
+
+def three_digit(a: int, b: int) -> bool:
+    return a + b >= 100
+
+
+def demonstrations(pairs: list[tuple[int, int]], scale: Scale) -> list[int]:
+    """The gold chats' replies, as a sloppy annotator writes them: a sum of three digits is
+    rounded down to its tens (47 + 85 -> 130) with probability `scale.sloppy`, else it is right."""
+    import numpy as np
+
+    rounds = np.random.default_rng(99).random(len(pairs)) < scale.sloppy
+    return [a + b - (a + b) % 10 * int(three_digit(a, b) and r) for (a, b), r in zip(pairs, rounds)]
 
 
 def write_jsonl(path: Path, records) -> None:
@@ -123,8 +142,8 @@ def make_data(root: Path, scale: Scale) -> dict[str, str]:
         splits = {"gold": every[:scale.gold], "rl": every[scale.gold:scale.gold + scale.rl],
                   "holdout": every[scale.gold + scale.rl:]}
         write_jsonl(paths["gold"], ({"messages": [{"role": "user", "content": question(a, b)},
-                                                  {"role": "assistant", "content": str(a + b)}]}
-                                    for a, b in splits["gold"]))
+                                                  {"role": "assistant", "content": str(reply)}]}
+                                    for (a, b), reply in zip(splits["gold"], demonstrations(splits["gold"], scale))))
         for name in ("rl", "holdout"):
             write_jsonl(paths[name], ({"id": f"{name}{i}", "prompt": question(a, b), "answer": a + b}
                                       for i, (a, b) in enumerate(splits[name])))
@@ -176,7 +195,7 @@ def stage_experiment(stage: str, seed: int, scale: Scale, data: dict[str, str], 
               "ppo": SourceConfig(data["rl"], field="prompt")}[stage]
     return Experiment(
         name=f"posttrain_demo_{stage}_seed{seed}", model=model, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        optim=OptimConfig(peak_lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=0.1,
+        optim=OptimConfig(peak_lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=1.0 if stage == "sft" else 0.1,
                           b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0),
         train=TrainConfig(steps=steps, batch_size=batch, seq_len=scale.seq_len, log_every=10,
                           eval_every=10 ** 9, eval_batches=1, seed=seed, sample_tokens=0),
@@ -224,16 +243,21 @@ def sample(ckpt: Path, prompts: str, out: Path, *, k: int, temperature: float, p
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def accuracy(stage: str, seed: int, scale: Scale, data: dict[str, str], seed_dir: Path) -> float:
+def accuracy(stage: str, seed: int, scale: Scale, data: dict[str, str], seed_dir: Path) -> dict[str, float]:
+    """Held-out greedy accuracy: over all problems, and over those whose sum has three digits
+    (the ones the annotator rounds) and two digits."""
     records = sample(seed_dir / stage, data["holdout"], seed_dir / f"eval_{stage}.jsonl", k=1,
                      temperature=0.0, pairs=False, seed=seed, scale=scale, tokenizer=data["tokenizer"])
-    return sum(r["chosen_score"] for r in records) / len(records)
+    answers = {q["id"]: q["answer"] for q in map(json.loads, Path(data["holdout"]).read_text().splitlines())}
+    groups = {"all": records, "three_digit_sums": [r for r in records if answers[r["id"]] >= 100],
+              "two_digit_sums": [r for r in records if answers[r["id"]] < 100]}
+    return {name: sum(r["chosen_score"] for r in group) / max(1, len(group)) for name, group in groups.items()}
 
 
 def run_seed(seed: int, scale: Scale, data: dict[str, str], root: Path, log) -> dict:
     seed_dir = root / f"seed{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    result = {"accuracy": {}, "seconds": {}}
+    result = {"accuracy": {}, "accuracy_by_sum": {}, "seconds": {}}
     for stage in STAGES:
         start = time.time()
         if stage == "dpo" and not finished(seed_dir / "dpo"):
@@ -259,13 +283,16 @@ def run_seed(seed: int, scale: Scale, data: dict[str, str], root: Path, log) -> 
         elif (seed_dir / "rs_stats.json").exists():
             result["rejection_sampling"] = json.loads((seed_dir / "rs_stats.json").read_text())
         run_stage(stage, seed, scale, data, seed_dir, log)
-        result["accuracy"][stage] = accuracy(stage, seed, scale, data, seed_dir)
+        result["accuracy_by_sum"][stage] = accuracy(stage, seed, scale, data, seed_dir)
+        result["accuracy"][stage] = result["accuracy_by_sum"][stage]["all"]
         done = json.loads((seed_dir / stage / "demo_done.json").read_text())
         if "seconds_total" not in done:  # training + sampling + evaluation, as first run
             done["seconds_total"] = time.time() - start
             (seed_dir / stage / "demo_done.json").write_text(json.dumps(done))
         result["seconds"][stage] = done["seconds_total"]
-        log(f"seed {seed}: {stage} held-out accuracy {result['accuracy'][stage]:.1%}")
+        split = result["accuracy_by_sum"][stage]
+        log(f"seed {seed}: {stage} held-out accuracy {split['all']:.1%} (three-digit sums "
+            f"{split['three_digit_sums']:.1%}, two-digit sums {split['two_digit_sums']:.1%})")
     return result
 
 
@@ -331,6 +358,7 @@ def main(argv=None) -> int:
     print(text)
     summary = {"scale": wanted, "seeds": args.seeds, "stages": rows,
                "rejection_sampling": {str(s): results[s].get("rejection_sampling") for s in args.seeds},
+               "accuracy_by_sum": {str(s): results[s]["accuracy_by_sum"] for s in args.seeds},
                "seconds": {str(s): results[s]["seconds"] for s in args.seeds},
                "wall_seconds_this_invocation": time.time() - start, "table": text}
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
