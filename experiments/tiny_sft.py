@@ -4,16 +4,10 @@ demonstrations; data: chats `{"messages": [...]}` as JSONL at data.sources.0.pat
     python -m llama_jax.train --exp=tiny_sft data.sources.0.path=FILE.jsonl data.tokenizer_path=...
 """
 
-import dataclasses
-
 from llama_jax.config import PosttrainConfig
-from llama_jax.recipes import posttraining
+from llama_jax.recipes import tiny_posttraining
 
 
 def experiment():
-    exp = posttraining(
-        "tiny", "sft", data_path="data/tiny_sft.jsonl", peak_lr=1e-3, steps=200, batch_size=16,
-        seq_len=128, warmup_steps=10, target="cpu", remat="none",
-        posttrain=PosttrainConfig(stage="sft"))
-    return exp.replace(train=dataclasses.replace(exp.train, eval_every=50, eval_batches=4),
-                       checkpoint=dataclasses.replace(exp.checkpoint, every_steps=0))
+    return tiny_posttraining("sft", peak_lr=1e-3, steps=200,
+                             posttrain=PosttrainConfig(stage="sft"))

@@ -32,9 +32,10 @@ def _chunk_size(length: int, chunk: int) -> int:
     return chunk
 
 
-def cross_entropy_sum(hidden, head, targets, weights, chunk: int = 512):
-    """(sum of weighted token losses, sum of weights). hidden [B, T, D], head [D, V]."""
-    batch, length, dim = hidden.shape
+def token_log_probs(hidden, head, targets, chunk: int = 512):
+    """log p(targets[b, t]) under the logits at position t, [B, T] fp32, from hidden [B, T, D] and
+    the head [D, V]. The training loss, evaluation and every post-training objective use this."""
+    batch, length, _ = hidden.shape
     size = _chunk_size(length, chunk)
     n_chunks = length // size
 
@@ -42,13 +43,16 @@ def cross_entropy_sum(hidden, head, targets, weights, chunk: int = 512):
         return jnp.moveaxis(x.reshape(batch, n_chunks, size, *x.shape[2:]), 1, 0)
 
     @jax.checkpoint
-    def chunk_loss(h, t, w):
+    def chunk_log_probs(h, t):
         logits = lm_logits(h, head)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * w)
+        return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
-    def body(total, xs):
-        return total + chunk_loss(*xs), None
+    _, out = jax.lax.scan(lambda carry, xs: (carry, chunk_log_probs(*xs)), None,
+                          (split(hidden), split(targets)))
+    return jnp.moveaxis(out, 0, 1).reshape(batch, length)
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(weights)))
-    return total, jnp.sum(weights)
+
+def cross_entropy_sum(hidden, head, targets, weights, chunk: int = 512):
+    """(sum of weighted token losses, sum of weights). hidden [B, T, D], head [D, V]."""
+    return -jnp.sum(token_log_probs(hidden, head, targets, chunk) * weights), jnp.sum(weights)

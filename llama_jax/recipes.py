@@ -6,6 +6,7 @@ arithmetic from tokens to steps and sequences lives here once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, OptimConfig,
@@ -98,3 +99,14 @@ def posttraining(preset: str, stage: str, *, data_path: str, peak_lr: float, ste
         posttrain=posttrain,
         target=target,
         description=description)
+
+
+def tiny_posttraining(stage: str, *, peak_lr: float, steps: int, posttrain: PosttrainConfig) -> Experiment:
+    """A post-training stage on the `tiny` model for a CPU, for tests and demonstrations: 16
+    sequences of 128 tokens, evaluation every 50 steps, a checkpoint at the end only; its data is
+    data/tiny_STAGE.jsonl until overridden."""
+    exp = posttraining("tiny", stage, data_path=f"data/tiny_{stage}.jsonl", peak_lr=peak_lr, steps=steps,
+                       batch_size=16, seq_len=128, warmup_steps=10, target="cpu", remat="none",
+                       posttrain=posttrain)
+    return exp.replace(train=dataclasses.replace(exp.train, eval_every=50, eval_batches=4),
+                       checkpoint=dataclasses.replace(exp.checkpoint, every_steps=0))

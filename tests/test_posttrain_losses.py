@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llama_jax.config import ModelConfig
+from llama_jax.loss import token_log_probs
 from llama_jax.model import Llama, init_params, lm_head
 from llama_jax.posttrain import losses
 from llama_jax.posttrain.heads import ScalarModel, last_token_values, with_backbone
@@ -35,7 +36,7 @@ def test_token_log_probs_match_log_softmax():
     @jax.jit
     def run(params):
         hidden = Llama(CFG).apply({"params": params}, tokens, return_hidden=True)
-        return (losses.token_log_probs(hidden, lm_head(params, CFG), jnp.asarray(targets), chunk=5),
+        return (token_log_probs(hidden, lm_head(params, CFG), jnp.asarray(targets), chunk=5),
                 Llama(CFG).apply({"params": params}, tokens))
 
     got, logits = (np.asarray(x, np.float64) for x in run(params))

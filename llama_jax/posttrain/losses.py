@@ -5,6 +5,7 @@ arrays are [B]. Functions that return one value per example leave the reduction 
 a training step can sum over microbatches and divide once.
 
     SFT            masked next-token NLL: `llama_jax.loss.cross_entropy_sum` with the assistant mask
+    (per-token log-probs, the input of the others, come from `llama_jax.loss.token_log_probs`)
     reward model   bradley_terry_loss   -log sigmoid(r_chosen - r_rejected - margin)
     DPO            dpo_loss             -log sigmoid(beta * (chosen log-ratio - rejected log-ratio))
                                         + nll_coef * (per-token NLL of the chosen response)
@@ -15,30 +16,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from llama_jax.loss import _chunk_size
-from llama_jax.model import lm_logits
-
-
-def token_log_probs(hidden, head, targets, chunk: int = 512):
-    """log p(targets[b, t]) under the logits at position t, [B, T] fp32, from hidden [B, T, D] and
-    the head [D, V]; the head and the softmax run `chunk` positions at a time (as in loss.py)."""
-    batch, length, _ = hidden.shape
-    size = _chunk_size(length, chunk)
-    n_chunks = length // size
-
-    def split(x):  # [B, T, ...] -> [n_chunks, B, size, ...]
-        return jnp.moveaxis(x.reshape(batch, n_chunks, size, *x.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def chunk_log_probs(h, t):
-        logits = lm_logits(h, head)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return target_logit - jax.nn.logsumexp(logits, axis=-1)
-
-    _, out = jax.lax.scan(lambda carry, xs: (carry, chunk_log_probs(*xs)), None,
-                          (split(hidden), split(targets)))
-    return jnp.moveaxis(out, 0, 1).reshape(batch, length)
 
 
 def masked_sum(x, mask):

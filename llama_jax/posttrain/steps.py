@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama_jax.loss import token_log_probs
 from llama_jax.model import Llama, lm_head
 from llama_jax.posttrain.heads import ScalarModel, last_token_values
-from llama_jax.posttrain.losses import (bradley_terry_loss, dpo_loss, masked_sum, mean_nll,
-                                        token_log_probs)
+from llama_jax.posttrain.losses import bradley_terry_loss, dpo_loss, masked_sum, mean_nll
 
 SIDE_KEYS = ("tokens", "segment_ids", "loss_mask", "response_mask")
 REFERENCE_KEYS = ("reference_chosen", "reference_rejected")
