@@ -48,9 +48,7 @@ def main() -> None:
     parser.add_argument("--read-threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--packing", default="first_fit")
-    parser.add_argument(
-        "--pretokenized", action="store_true", help="read prepare's ArrayRecord shards"
-    )
+    parser.add_argument("--pretokenized", action="store_true", help="read prepare's ArrayRecord shards")
     parser.add_argument("--warmup-batches", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()

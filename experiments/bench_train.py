@@ -24,10 +24,12 @@ from llama_jax.train import compile_steps, create_train_state, global_batch
 
 
 def batch_of(rng, batch, seq, vocab):
-    return {"tokens": rng.integers(0, vocab, (batch, seq)).astype(np.int32),
-            "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "loss_mask": np.ones((batch, seq), np.float32)}
+    return {
+        "tokens": rng.integers(0, vocab, (batch, seq)).astype(np.int32),
+        "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "loss_mask": np.ones((batch, seq), np.float32),
+    }
 
 
 def time_steps(step, steps: int, repeats: int = 3) -> float:
@@ -46,8 +48,10 @@ def bench_llama_jax(exp: Experiment, steps: int) -> float:
     optimizer, schedule = make_optimizer(exp.optim, 1000)
     compiled = compile_steps(exp, optimizer, schedule, mesh)
     state, _ = create_train_state(exp, optimizer, mesh, jax.random.key(0))
-    batch = global_batch(batch_of(np.random.default_rng(0), exp.train.batch_size, exp.train.seq_len,
-                                  exp.model.vocab_size), compiled.batch_sharding)
+    batch = global_batch(
+        batch_of(np.random.default_rng(0), exp.train.batch_size, exp.train.seq_len, exp.model.vocab_size),
+        compiled.batch_sharding,
+    )
     holder = {"state": state}
 
     def step():
@@ -65,18 +69,31 @@ def bench_transformers(exp: Experiment, steps: int) -> float:
 
     torch.set_num_threads(os.cpu_count())
     cfg = exp.model
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa"))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=cfg.dim,
+            intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=cfg.max_seq_len,
+            rms_norm_eps=cfg.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            tie_word_embeddings=cfg.tie_embeddings,
+            attn_implementation="sdpa",
+        )
+    )
     model.train()
     o = exp.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.peak_lr, betas=(o.b1, o.b2), eps=o.eps,
-                                  weight_decay=o.weight_decay)
-    tokens = torch.as_tensor(batch_of(np.random.default_rng(0), exp.train.batch_size, exp.train.seq_len,
-                                      cfg.vocab_size)["tokens"], dtype=torch.long)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=o.peak_lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+    )
+    tokens = torch.as_tensor(
+        batch_of(np.random.default_rng(0), exp.train.batch_size, exp.train.seq_len, cfg.vocab_size)["tokens"],
+        dtype=torch.long,
+    )
 
     def step():
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -98,21 +115,30 @@ def main():
     parser.add_argument("--preset", default="tiny")
     args = parser.parse_args()
 
-    exp = Experiment(model=model_preset(args.preset, compute_dtype="float32"),
-                     mesh=MeshConfig(1, 1, 1), optim=OptimConfig(peak_lr=1e-4, warmup_steps=10),
-                     train=TrainConfig(batch_size=args.batch, seq_len=args.seq))
+    exp = Experiment(
+        model=model_preset(args.preset, compute_dtype="float32"),
+        mesh=MeshConfig(1, 1, 1),
+        optim=OptimConfig(peak_lr=1e-4, warmup_steps=10),
+        train=TrainConfig(batch_size=args.batch, seq_len=args.seq),
+    )
     tokens = args.batch * args.seq
     flops = flops_per_token(exp.model, args.seq) * tokens
     peak = measured_cpu_peak()
-    print(f"model {args.preset}: batch {args.batch} x {args.seq} tokens, {flops / 1e9:.1f} GFLOP/step; "
-          f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} cores")
+    print(
+        f"model {args.preset}: batch {args.batch} x {args.seq} tokens, {flops / 1e9:.1f} GFLOP/step; "
+        f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} cores"
+    )
     ours = bench_llama_jax(exp, args.steps)
-    print(f"llama_jax     {tokens / ours:10,.0f} tokens/s  {ours * 1e3:8.1f} ms/step  "
-          f"MFU {flops / ours / peak:6.1%}")
+    print(
+        f"llama_jax     {tokens / ours:10,.0f} tokens/s  {ours * 1e3:8.1f} ms/step  "
+        f"MFU {flops / ours / peak:6.1%}"
+    )
     if args.vs_hf:
         theirs = bench_transformers(exp, args.steps)
-        print(f"transformers  {tokens / theirs:10,.0f} tokens/s  {theirs * 1e3:8.1f} ms/step  "
-              f"MFU {flops / theirs / peak:6.1%}")
+        print(
+            f"transformers  {tokens / theirs:10,.0f} tokens/s  {theirs * 1e3:8.1f} ms/step  "
+            f"MFU {flops / theirs / peak:6.1%}"
+        )
         print(f"ratio llama_jax / transformers: {theirs / ours:.2f}x")
 
 

@@ -8,5 +8,11 @@ from llama_jax.recipes import llama3
 
 
 def experiment():
-    return llama3("llama3_1_405b", peak_lr=8e-5, target="v5p-1024", large=True,
-                  mesh=MeshConfig(data=1, fsdp=-1, tensor=8), microbatches=32)
+    return llama3(
+        "llama3_1_405b",
+        peak_lr=8e-5,
+        target="v5p-1024",
+        large=True,
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=8),
+        microbatches=32,
+    )

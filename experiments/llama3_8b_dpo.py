@@ -13,8 +13,23 @@ from llama_jax.recipes import posttraining
 
 def experiment():
     return posttraining(
-        "llama3_8b", "dpo", data_path="data/pairs.jsonl", peak_lr=1e-5, steps=2000, batch_size=64,
-        seq_len=4096, warmup_steps=50, target="v5p-128", mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        posttrain=PosttrainConfig(stage="dpo", init_from="runs/llama3_8b_sft", beta=0.1, nll_coef=0.2,
-                                  mask_special_tokens=True, reference_logprobs="precompute"),
-        description="Llama 3 DPO: beta 0.1, lr 1e-5, special tokens masked, 0.2 x chosen NLL.")
+        "llama3_8b",
+        "dpo",
+        data_path="data/pairs.jsonl",
+        peak_lr=1e-5,
+        steps=2000,
+        batch_size=64,
+        seq_len=4096,
+        warmup_steps=50,
+        target="v5p-128",
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        posttrain=PosttrainConfig(
+            stage="dpo",
+            init_from="runs/llama3_8b_sft",
+            beta=0.1,
+            nll_coef=0.2,
+            mask_special_tokens=True,
+            reference_logprobs="precompute",
+        ),
+        description="Llama 3 DPO: beta 0.1, lr 1e-5, special tokens masked, 0.2 x chosen NLL.",
+    )

@@ -13,11 +13,22 @@ from llama_jax.recipes import posttraining
 
 def experiment():
     return posttraining(
-        "llama3_8b", "ppo", data_path="data/prompts.jsonl", peak_lr=1e-6, steps=200, batch_size=512,
-        seq_len=2048, warmup_steps=5, final_lr_ratio=1.0, target="v5p-128",
+        "llama3_8b",
+        "ppo",
+        data_path="data/prompts.jsonl",
+        peak_lr=1e-6,
+        steps=200,
+        batch_size=512,
+        seq_len=2048,
+        warmup_steps=5,
+        final_lr_ratio=1.0,
+        target="v5p-128",
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        posttrain=PosttrainConfig(stage="ppo", init_from="runs/llama3_8b_sft",
-                                  reward_model="runs/llama3_8b_rm",
-                                  ppo=PPOConfig(max_new_tokens=1024, minibatch_size=64, kl_coef=0.01,
-                                                clip=0.2)),
-        description="Llama 2 PPO: KL 0.01, clip 0.2, lr 1e-6, 512 prompts/iteration.")
+        posttrain=PosttrainConfig(
+            stage="ppo",
+            init_from="runs/llama3_8b_sft",
+            reward_model="runs/llama3_8b_rm",
+            ppo=PPOConfig(max_new_tokens=1024, minibatch_size=64, kl_coef=0.01, clip=0.2),
+        ),
+        description="Llama 2 PPO: KL 0.01, clip 0.2, lr 1e-6, 512 prompts/iteration.",
+    )

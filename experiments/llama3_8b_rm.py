@@ -14,8 +14,18 @@ from llama_jax.recipes import posttraining
 
 def experiment():
     return posttraining(
-        "llama3_8b", "rm", data_path="data/pairs.jsonl", peak_lr=1e-5, steps=1000, batch_size=512,
-        seq_len=4096, warmup_steps=30, target="v5p-128", mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        posttrain=PosttrainConfig(stage="rm", init_from="runs/llama3_8b_sft", use_margin=False,
-                                  eval_fraction=0.05),
-        description="Reward model: Bradley-Terry, no margin (Llama 3), held-out pairwise accuracy.")
+        "llama3_8b",
+        "rm",
+        data_path="data/pairs.jsonl",
+        peak_lr=1e-5,
+        steps=1000,
+        batch_size=512,
+        seq_len=4096,
+        warmup_steps=30,
+        target="v5p-128",
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        posttrain=PosttrainConfig(
+            stage="rm", init_from="runs/llama3_8b_sft", use_margin=False, eval_fraction=0.05
+        ),
+        description="Reward model: Bradley-Terry, no margin (Llama 3), held-out pairwise accuracy.",
+    )

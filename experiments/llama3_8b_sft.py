@@ -12,8 +12,17 @@ from llama_jax.recipes import posttraining
 
 def experiment():
     return posttraining(
-        "llama3_8b", "sft", data_path="data/sft.jsonl", tokenizer_path="", peak_lr=1e-5,
-        steps=9000, batch_size=64, seq_len=8192, warmup_steps=100, target="v5p-128",
+        "llama3_8b",
+        "sft",
+        data_path="data/sft.jsonl",
+        tokenizer_path="",
+        peak_lr=1e-5,
+        steps=9000,
+        batch_size=64,
+        seq_len=8192,
+        warmup_steps=100,
+        target="v5p-128",
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         posttrain=PosttrainConfig(stage="sft", init_from="checkpoints/llama3_8b"),
-        description="Llama 3 SFT: lr 1e-5, 9K steps, assistant tokens only.")
+        description="Llama 3 SFT: lr 1e-5, 9K steps, assistant tokens only.",
+    )

@@ -59,14 +59,14 @@ class Scale:
     gold: int = 5000
     rl: int = 2000
     holdout: int = 500
-    sloppy: float = 0.7         # the share of three-digit sums that the gold replies round down
+    sloppy: float = 0.7  # the share of three-digit sums that the gold replies round down
     # The model.
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
     ffn_dim: int = 192
     vocab_size: int = 300
-    seq_len: int = 64           # packed SFT sequences; a chat is about 20 tokens
+    seq_len: int = 64  # packed SFT sequences; a chat is about 20 tokens
     # Stages: steps, batch (sequences / pairs / prompts), peak learning rate.
     base_steps: int = 150
     sft_steps: int = 2000
@@ -85,9 +85,25 @@ class Scale:
 
 
 FULL = Scale()
-SMOKE = Scale(smoke=True, gold=400, rl=64, holdout=64, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
-              base_steps=10, sft_steps=20, batch_size=16, rs_k=4, dpo_steps=4, dpo_batch=8,
-              ppo_steps=2, ppo_batch=16, ppo_minibatch=8)
+SMOKE = Scale(
+    smoke=True,
+    gold=400,
+    rl=64,
+    holdout=64,
+    dim=32,
+    n_layers=1,
+    n_heads=2,
+    ffn_dim=64,
+    base_steps=10,
+    sft_steps=20,
+    batch_size=16,
+    rs_k=4,
+    dpo_steps=4,
+    dpo_batch=8,
+    ppo_steps=2,
+    ppo_batch=16,
+    ppo_minibatch=8,
+)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -139,14 +155,31 @@ def make_data(root: Path, scale: Scale) -> dict[str, str]:
     paths["tokenizer"] = root / "tokenizer.model"
     if not all(p.exists() for p in paths.values()):
         every = problems(scale.gold + scale.rl + scale.holdout)
-        splits = {"gold": every[:scale.gold], "rl": every[scale.gold:scale.gold + scale.rl],
-                  "holdout": every[scale.gold + scale.rl:]}
-        write_jsonl(paths["gold"], ({"messages": [{"role": "user", "content": question(a, b)},
-                                                  {"role": "assistant", "content": str(reply)}]}
-                                    for (a, b), reply in zip(splits["gold"], demonstrations(splits["gold"], scale))))
+        splits = {
+            "gold": every[: scale.gold],
+            "rl": every[scale.gold : scale.gold + scale.rl],
+            "holdout": every[scale.gold + scale.rl :],
+        }
+        write_jsonl(
+            paths["gold"],
+            (
+                {
+                    "messages": [
+                        {"role": "user", "content": question(a, b)},
+                        {"role": "assistant", "content": str(reply)},
+                    ]
+                }
+                for (a, b), reply in zip(splits["gold"], demonstrations(splits["gold"], scale))
+            ),
+        )
         for name in ("rl", "holdout"):
-            write_jsonl(paths[name], ({"id": f"{name}{i}", "prompt": question(a, b), "answer": a + b}
-                                      for i, (a, b) in enumerate(splits[name])))
+            write_jsonl(
+                paths[name],
+                (
+                    {"id": f"{name}{i}", "prompt": question(a, b), "answer": a + b}
+                    for i, (a, b) in enumerate(splits[name])
+                ),
+            )
         # The tokenizer: Llama's SentencePiece settings (digits split), on the chats as text.
         corpus = root / "corpus.txt"
         corpus.write_text("".join(f"[INST] {question(a, b)} [/INST] {a + b}\n" for a, b in every))
@@ -172,37 +205,88 @@ def stage_experiment(stage: str, seed: int, scale: Scale, data: dict[str, str], 
     from llama_jax.data.config import DataConfig, SourceConfig
     from llama_jax.posttrain.data import sft_source
 
-    model = ModelConfig(dim=scale.dim, n_layers=scale.n_layers, n_heads=scale.n_heads,
-                        n_kv_heads=scale.n_heads, head_dim=scale.dim // scale.n_heads,
-                        ffn_dim=scale.ffn_dim, vocab_size=scale.vocab_size, max_seq_len=scale.seq_len,
-                        compute_dtype="float32")
+    model = ModelConfig(
+        dim=scale.dim,
+        n_layers=scale.n_layers,
+        n_heads=scale.n_heads,
+        n_kv_heads=scale.n_heads,
+        head_dim=scale.dim // scale.n_heads,
+        ffn_dim=scale.ffn_dim,
+        vocab_size=scale.vocab_size,
+        max_seq_len=scale.seq_len,
+        compute_dtype="float32",
+    )
     steps, batch, lr, posttrain = {
         "base": (scale.base_steps, scale.batch_size, scale.lr, PosttrainConfig(stage="sft")),
-        "sft": (scale.sft_steps, scale.batch_size, scale.lr,
-                PosttrainConfig(stage="sft", init_from=str(seed_dir / "base"))),
-        "dpo": (scale.dpo_steps, scale.dpo_batch, scale.dpo_lr,
-                PosttrainConfig(stage="dpo", init_from=str(seed_dir / "sft"), beta=0.1, nll_coef=0.2,
-                                eval_fraction=0.05)),
-        "ppo": (scale.ppo_steps, scale.ppo_batch, scale.ppo_lr,
-                PosttrainConfig(stage="ppo", init_from=str(seed_dir / "sft"),
-                                score_fn=f"{Path(__file__).resolve()}:score",
-                                ppo=PPOConfig(max_new_tokens=scale.max_new_tokens, temperature=1.0,
-                                              minibatch_size=scale.ppo_minibatch, epochs=1,
-                                              kl_coef=0.01, eval_prompts=0))),
+        "sft": (
+            scale.sft_steps,
+            scale.batch_size,
+            scale.lr,
+            PosttrainConfig(stage="sft", init_from=str(seed_dir / "base")),
+        ),
+        "dpo": (
+            scale.dpo_steps,
+            scale.dpo_batch,
+            scale.dpo_lr,
+            PosttrainConfig(
+                stage="dpo", init_from=str(seed_dir / "sft"), beta=0.1, nll_coef=0.2, eval_fraction=0.05
+            ),
+        ),
+        "ppo": (
+            scale.ppo_steps,
+            scale.ppo_batch,
+            scale.ppo_lr,
+            PosttrainConfig(
+                stage="ppo",
+                init_from=str(seed_dir / "sft"),
+                score_fn=f"{Path(__file__).resolve()}:score",
+                ppo=PPOConfig(
+                    max_new_tokens=scale.max_new_tokens,
+                    temperature=1.0,
+                    minibatch_size=scale.ppo_minibatch,
+                    epochs=1,
+                    kl_coef=0.01,
+                    eval_prompts=0,
+                ),
+            ),
+        ),
     }[stage]
-    source = {"base": sft_source(data["gold"]), "sft": sft_source(data["gold"]),
-              "dpo": SourceConfig(str(seed_dir / "rs_pairs.jsonl")),
-              "ppo": SourceConfig(data["rl"], field="prompt")}[stage]
+    source = {
+        "base": sft_source(data["gold"]),
+        "sft": sft_source(data["gold"]),
+        "dpo": SourceConfig(str(seed_dir / "rs_pairs.jsonl")),
+        "ppo": SourceConfig(data["rl"], field="prompt"),
+    }[stage]
     return Experiment(
-        name=f"posttrain_demo_{stage}_seed{seed}", model=model, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        optim=OptimConfig(peak_lr=lr, warmup_steps=max(1, steps // 10), final_lr_ratio=1.0 if stage == "sft" else 0.1,
-                          b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0),
-        train=TrainConfig(steps=steps, batch_size=batch, seq_len=scale.seq_len, log_every=10,
-                          eval_every=10 ** 9, eval_batches=1, seed=seed, sample_tokens=0),
+        name=f"posttrain_demo_{stage}_seed{seed}",
+        model=model,
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        optim=OptimConfig(
+            peak_lr=lr,
+            warmup_steps=max(1, steps // 10),
+            final_lr_ratio=1.0 if stage == "sft" else 0.1,
+            b1=0.9,
+            b2=0.95,
+            weight_decay=0.1,
+            clip_norm=1.0,
+        ),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=batch,
+            seq_len=scale.seq_len,
+            log_every=10,
+            eval_every=10**9,
+            eval_batches=1,
+            seed=seed,
+            sample_tokens=0,
+        ),
         checkpoint=CheckpointConfig(every_steps=0, keep_last=1),
         data=DataConfig(sources=(source,), tokenizer_path=data["tokenizer"], seed=seed),
-        eval_data=None, posttrain=posttrain, target="cpu",
-        description=f"posttrain_demo: the {stage} stage, seed {seed}")
+        eval_data=None,
+        posttrain=posttrain,
+        target="cpu",
+        description=f"posttrain_demo: the {stage} stage, seed {seed}",
+    )
 
 
 def finished(path: Path) -> bool:
@@ -224,17 +308,46 @@ def run_stage(stage: str, seed: int, scale: Scale, data: dict[str, str], seed_di
     return seconds
 
 
-def sample(ckpt: Path, prompts: str, out: Path, *, k: int, temperature: float, pairs: bool,
-           seed: int, scale: Scale, tokenizer: str) -> list[dict]:
+def sample(
+    ckpt: Path,
+    prompts: str,
+    out: Path,
+    *,
+    k: int,
+    temperature: float,
+    pairs: bool,
+    seed: int,
+    scale: Scale,
+    tokenizer: str,
+) -> list[dict]:
     """rejection_sample's records for every prompt (resuming a partial `out`)."""
     from llama_jax import rejection_sample
 
     marker = out.with_suffix(".done")
     if not marker.exists():
-        args = ["--ckpt", str(ckpt), "--tokenizer", tokenizer, "--prompts", prompts, "--out", str(out),
-                "--score", f"{Path(__file__).resolve()}:score", "--k", str(k),
-                "--temperature", str(temperature), "--max-new-tokens", str(scale.max_new_tokens),
-                "--batch-prompts", str(max(1, 256 // k)), "--seed", str(seed), "--quiet"]
+        args = [
+            "--ckpt",
+            str(ckpt),
+            "--tokenizer",
+            tokenizer,
+            "--prompts",
+            prompts,
+            "--out",
+            str(out),
+            "--score",
+            f"{Path(__file__).resolve()}:score",
+            "--k",
+            str(k),
+            "--temperature",
+            str(temperature),
+            "--max-new-tokens",
+            str(scale.max_new_tokens),
+            "--batch-prompts",
+            str(max(1, 256 // k)),
+            "--seed",
+            str(seed),
+            "--quiet",
+        ]
         if pairs:
             args.append("--pairs")
         if rejection_sample.main(args) != 0:
@@ -246,12 +359,26 @@ def sample(ckpt: Path, prompts: str, out: Path, *, k: int, temperature: float, p
 def accuracy(stage: str, seed: int, scale: Scale, data: dict[str, str], seed_dir: Path) -> dict[str, float]:
     """Held-out greedy accuracy: over all problems, and over those whose sum has three digits
     (the ones the annotator rounds) and two digits."""
-    records = sample(seed_dir / stage, data["holdout"], seed_dir / f"eval_{stage}.jsonl", k=1,
-                     temperature=0.0, pairs=False, seed=seed, scale=scale, tokenizer=data["tokenizer"])
+    records = sample(
+        seed_dir / stage,
+        data["holdout"],
+        seed_dir / f"eval_{stage}.jsonl",
+        k=1,
+        temperature=0.0,
+        pairs=False,
+        seed=seed,
+        scale=scale,
+        tokenizer=data["tokenizer"],
+    )
     answers = {q["id"]: q["answer"] for q in map(json.loads, Path(data["holdout"]).read_text().splitlines())}
-    groups = {"all": records, "three_digit_sums": [r for r in records if answers[r["id"]] >= 100],
-              "two_digit_sums": [r for r in records if answers[r["id"]] < 100]}
-    return {name: sum(r["chosen_score"] for r in group) / max(1, len(group)) for name, group in groups.items()}
+    groups = {
+        "all": records,
+        "three_digit_sums": [r for r in records if answers[r["id"]] >= 100],
+        "two_digit_sums": [r for r in records if answers[r["id"]] < 100],
+    }
+    return {
+        name: sum(r["chosen_score"] for r in group) / max(1, len(group)) for name, group in groups.items()
+    }
 
 
 def run_seed(seed: int, scale: Scale, data: dict[str, str], root: Path, log) -> dict:
@@ -261,25 +388,49 @@ def run_seed(seed: int, scale: Scale, data: dict[str, str], root: Path, log) -> 
     for stage in STAGES:
         start = time.time()
         if stage == "dpo" and not finished(seed_dir / "dpo"):
-            records = sample(seed_dir / "sft", data["rl"], seed_dir / "rs.jsonl", k=scale.rs_k,
-                             temperature=1.0, pairs=True, seed=seed, scale=scale, tokenizer=data["tokenizer"])
+            records = sample(
+                seed_dir / "sft",
+                data["rl"],
+                seed_dir / "rs.jsonl",
+                k=scale.rs_k,
+                temperature=1.0,
+                pairs=True,
+                seed=seed,
+                scale=scale,
+                tokenizer=data["tokenizer"],
+            )
             usable = [r for r in records if "rejected" in r]
             sampled_pairs = len(usable)
             if scale.smoke and len(usable) < 2 * scale.dpo_batch:
                 # At smoke scale the model gets nothing right, so no sample makes a pair: the
                 # checker's answer stands in as the chosen reply so that DPO runs at all.
-                answers = {q["id"]: q["answer"] for q in map(json.loads, Path(data["rl"]).read_text().splitlines())}
-                usable += [{**r, "chosen": str(answers[r["id"]]), "chosen_score": 1.0,
-                            "rejected": r["chosen"], "rejected_score": r["chosen_score"]}
-                           for r in records if "rejected" not in r][:2 * scale.dpo_batch - len(usable)]
+                answers = {
+                    q["id"]: q["answer"] for q in map(json.loads, Path(data["rl"]).read_text().splitlines())
+                }
+                usable += [
+                    {
+                        **r,
+                        "chosen": str(answers[r["id"]]),
+                        "chosen_score": 1.0,
+                        "rejected": r["chosen"],
+                        "rejected_score": r["chosen_score"],
+                    }
+                    for r in records
+                    if "rejected" not in r
+                ][: 2 * scale.dpo_batch - len(usable)]
             result["rejection_sampling"] = {
-                "prompts": len(records), "pairs": len(usable), "pairs_from_samples": sampled_pairs,
+                "prompts": len(records),
+                "pairs": len(usable),
+                "pairs_from_samples": sampled_pairs,
                 "best_of_k_accuracy": sum(r["chosen_score"] for r in records) / len(records),
-                "sample_accuracy": sum(sum(r["scores"]) / len(r["scores"]) for r in records) / len(records)}
+                "sample_accuracy": sum(sum(r["scores"]) / len(r["scores"]) for r in records) / len(records),
+            }
             (seed_dir / "rs_stats.json").write_text(json.dumps(result["rejection_sampling"]))
             write_jsonl(seed_dir / "rs_pairs.jsonl", usable)
-            log(f"seed {seed}: rejection sampling: {sampled_pairs} pairs from {len(records)} problems "
-                f"(best of {scale.rs_k} correct on {result['rejection_sampling']['best_of_k_accuracy']:.1%})")
+            log(
+                f"seed {seed}: rejection sampling: {sampled_pairs} pairs from {len(records)} problems "
+                f"(best of {scale.rs_k} correct on {result['rejection_sampling']['best_of_k_accuracy']:.1%})"
+            )
         elif (seed_dir / "rs_stats.json").exists():
             result["rejection_sampling"] = json.loads((seed_dir / "rs_stats.json").read_text())
         run_stage(stage, seed, scale, data, seed_dir, log)
@@ -291,8 +442,10 @@ def run_seed(seed: int, scale: Scale, data: dict[str, str], root: Path, log) -> 
             (seed_dir / stage / "demo_done.json").write_text(json.dumps(done))
         result["seconds"][stage] = done["seconds_total"]
         split = result["accuracy_by_sum"][stage]
-        log(f"seed {seed}: {stage} held-out accuracy {split['all']:.1%} (three-digit sums "
-            f"{split['three_digit_sums']:.1%}, two-digit sums {split['two_digit_sums']:.1%})")
+        log(
+            f"seed {seed}: {stage} held-out accuracy {split['all']:.1%} (three-digit sums "
+            f"{split['three_digit_sums']:.1%}, two-digit sums {split['two_digit_sums']:.1%})"
+        )
     return result
 
 
@@ -304,14 +457,22 @@ def summarize(results: dict[int, dict]) -> dict:
     rows = {}
     for stage in STAGES:
         values = [results[s]["accuracy"][stage] for s in seeds]
-        rows[stage] = {"per_seed": dict(zip(map(str, seeds), values)), "mean": sum(values) / len(values),
-                       "spread": max(values) - min(values)}
+        rows[stage] = {
+            "per_seed": dict(zip(map(str, seeds), values)),
+            "mean": sum(values) / len(values),
+            "spread": max(values) - min(values),
+        }
     for stage, base in STARTS_FROM.items():
         gain = rows[stage]["mean"] - rows[base]["mean"]
         noise = max(rows[stage]["spread"], rows[base]["spread"])
         paired = [results[s]["accuracy"][stage] - results[s]["accuracy"][base] for s in seeds]
-        rows[stage].update(starts_from=base, gain=gain, noise=noise, gain_per_seed=paired,
-                           gain_exceeds_noise=bool(gain > noise and min(paired) > 0))
+        rows[stage].update(
+            starts_from=base,
+            gain=gain,
+            noise=noise,
+            gain_per_seed=paired,
+            gain_exceeds_noise=bool(gain > noise and min(paired) > 0),
+        )
     return rows
 
 
@@ -322,8 +483,11 @@ def table(rows: dict, seeds: list[int]) -> str:
         row = rows[stage]
         cells = [stage] + [f"{row['per_seed'][str(s)]:.1%}" for s in seeds] + [f"{row['mean']:.1%}"]
         if "gain" in row:
-            cells += [f"{row['gain']:+.1%} vs {row['starts_from']}", f"{row['noise']:.1%}",
-                      "yes" if row["gain_exceeds_noise"] else "NO"]
+            cells += [
+                f"{row['gain']:+.1%} vs {row['starts_from']}",
+                f"{row['noise']:.1%}",
+                "yes" if row["gain_exceeds_noise"] else "NO",
+            ]
         else:
             cells += ["", "", ""]
         lines.append(cells)
@@ -349,18 +513,28 @@ def main(argv=None) -> int:
         return 2
     recorded.write_text(json.dumps(wanted, indent=1))
     start = time.time()
-    log = lambda message: print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+
+    def log(message):
+        return print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+
     data = make_data(root / "data", scale)
     results = {seed: run_seed(seed, scale, data, root, log) for seed in args.seeds}
     rows = summarize(results)
     text = table(rows, args.seeds)
-    print(f"\nHeld-out accuracy ({scale.holdout} problems, greedy), {'smoke scale' if args.smoke else 'full scale'}:")
+    print(
+        f"\nHeld-out accuracy ({scale.holdout} problems, greedy), {'smoke scale' if args.smoke else 'full scale'}:"
+    )
     print(text)
-    summary = {"scale": wanted, "seeds": args.seeds, "stages": rows,
-               "rejection_sampling": {str(s): results[s].get("rejection_sampling") for s in args.seeds},
-               "accuracy_by_sum": {str(s): results[s]["accuracy_by_sum"] for s in args.seeds},
-               "seconds": {str(s): results[s]["seconds"] for s in args.seeds},
-               "wall_seconds_this_invocation": time.time() - start, "table": text}
+    summary = {
+        "scale": wanted,
+        "seeds": args.seeds,
+        "stages": rows,
+        "rejection_sampling": {str(s): results[s].get("rejection_sampling") for s in args.seeds},
+        "accuracy_by_sum": {str(s): results[s]["accuracy_by_sum"] for s in args.seeds},
+        "seconds": {str(s): results[s]["seconds"] for s in args.seeds},
+        "wall_seconds_this_invocation": time.time() - start,
+        "table": text,
+    }
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nwrote {root / 'summary.json'}")
     return 0

@@ -29,8 +29,9 @@ from llama_jax.model import Llama, abstract_params, init_params, lm_head
 from llama_jax.quantize import MODES, quantize_params, weight_bytes
 from llama_jax.tokenizer import load_tokenizer
 
-CFG = ModelConfig(dim=192, n_layers=6, n_heads=6, n_kv_heads=2, head_dim=32, ffn_dim=512,
-                  vocab_size=400, max_seq_len=128)
+CFG = ModelConfig(
+    dim=192, n_layers=6, n_heads=6, n_kv_heads=2, head_dim=32, ffn_dim=512, vocab_size=400, max_seq_len=128
+)
 BATCH = 16
 
 
@@ -39,9 +40,8 @@ def _batches(token_docs, seq_len, rng):
     stream = np.concatenate([np.asarray(d, np.int32) for d in token_docs])
     while True:
         starts = rng.integers(0, len(stream) - seq_len, BATCH)
-        tokens = np.stack([stream[s:s + seq_len] for s in starts])
-        yield {"tokens": tokens, "segment_ids": np.ones_like(tokens),
-               "loss_mask": np.ones_like(tokens)}
+        tokens = np.stack([stream[s : s + seq_len] for s in starts])
+        yield {"tokens": tokens, "segment_ids": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
 
 
 def train(token_docs, steps: int):
@@ -87,8 +87,7 @@ def main(argv=None):
     parser.add_argument("--preset", default="llama3_8b")
     args = parser.parse_args(argv)
 
-    tokenizer = load_tokenizer(write_sentencepiece_model(str(Path(args.workdir) / "tok"),
-                                                         vocab_size=400))
+    tokenizer = load_tokenizer(write_sentencepiece_model(str(Path(args.workdir) / "tok"), vocab_size=400))
     train_docs = [tokenizer.encode(t, bos=True) for t in random_documents(3000, seed=10)]
     heldout = [tokenizer.encode(t, bos=True) for t in random_documents(200, seed=11)]
     start = time.time()
@@ -102,11 +101,12 @@ def main(argv=None):
         result = perplexity(qparams, cfg, heldout, batch_size=16)
         baseline = baseline or result
         name = mode or "none"
-        table += [(f"{name} weight bytes", f"{weight_bytes(qparams):,}"),
-                  (f"{name} mean NLL", f"{result.nll:.6f}"),
-                  (f"{name} perplexity", f"{result.perplexity:.5f}"),
-                  (f"{name} perplexity change",
-                   f"{result.perplexity / baseline.perplexity - 1:+.4%}")]
+        table += [
+            (f"{name} weight bytes", f"{weight_bytes(qparams):,}"),
+            (f"{name} mean NLL", f"{result.nll:.6f}"),
+            (f"{name} perplexity", f"{result.perplexity:.5f}"),
+            (f"{name} perplexity change", f"{result.perplexity / baseline.perplexity - 1:+.4%}"),
+        ]
     table.append(("held-out tokens", f"{baseline.tokens:,}"))
     print(format_table(table + preset_bytes(args.preset)))
 

@@ -46,8 +46,17 @@ from llama_jax.eval import Question, score_choices
 from llama_jax.scaling import ScalingError
 from llama_jax.scaling.downstream import fit_downstream
 from llama_jax.scaling.fit import bootstrap, fit_scaling_where_possible, optimal_params
-from llama_jax.scaling.plan import (DEFAULT_VOCAB, Plan, model_for_size, nearest_size,
-                                    plan_isoflop, plan_run, read_plan, run_name, write_plan)
+from llama_jax.scaling.plan import (
+    DEFAULT_VOCAB,
+    Plan,
+    model_for_size,
+    nearest_size,
+    plan_isoflop,
+    plan_run,
+    read_plan,
+    run_name,
+    write_plan,
+)
 from llama_jax.scaling.plots import plot_downstream, plot_isoflops, plot_power_law
 from llama_jax.scaling.report import isoflop_table, law_summary, pairs, plan_table, table
 from llama_jax.scaling.sweep import final_eval_loss, train_run
@@ -57,18 +66,30 @@ from llama_jax.tokenizer import load_tokenizer
 # optimum (found in a pilot sweep: between 16x1 and 32x1 at 2.5e11, between 32x1 and 64x1 at
 # 1e12), a 512-token vocabulary (see llama_jax/scaling/plan.py for why so small), 16 x 128 tokens a
 # step; the check run then spends 1e13 FLOPs.
-FULL = dict(sizes={1.25e11: ("8x1", "16x1", "24x1", "32x1"),
-                   2.5e11: ("8x1", "16x1", "32x1", "64x1"),
-                   5e11: ("16x1", "32x1", "64x1", "96x1"),
-                   1e12: ("16x1", "32x1", "64x1", "96x1")},
-            batch_size=16, seq_len=128, min_steps=10, questions=400)
+FULL = dict(
+    sizes={
+        1.25e11: ("8x1", "16x1", "24x1", "32x1"),
+        2.5e11: ("8x1", "16x1", "32x1", "64x1"),
+        5e11: ("16x1", "32x1", "64x1", "96x1"),
+        1e12: ("16x1", "32x1", "64x1", "96x1"),
+    },
+    batch_size=16,
+    seq_len=128,
+    min_steps=10,
+    questions=400,
+)
 # The smoke test: every step at a toy scale. At budgets this small the narrowest models win, so
 # its minima may lie outside its runs (the table says so); it shows that the code runs, not a law.
-SMOKE = dict(sizes={4e10: ("8x1", "16x1", "32x1"), 8e10: ("8x1", "16x1", "32x1")},
-             batch_size=8, seq_len=128, min_steps=3, questions=48)
-CHECK_FACTOR = 10          # the check run's budget, times the largest of the sweep
+SMOKE = dict(
+    sizes={4e10: ("8x1", "16x1", "32x1"), 8e10: ("8x1", "16x1", "32x1")},
+    batch_size=8,
+    seq_len=128,
+    min_steps=3,
+    questions=48,
+)
+CHECK_FACTOR = 10  # the check run's budget, times the largest of the sweep
 N_CHOICES = 4
-SCORE_SEQ_LEN = 64         # every row is cut to its last 65 tokens: one compiled shape per model
+SCORE_SEQ_LEN = 64  # every row is cut to its last 65 tokens: one compiled shape per model
 TASK_FILE, SCORE_FILE = "task.jsonl", "task_score.json"
 
 
@@ -82,7 +103,7 @@ def make_questions(n: int, seed: int = 0, context_lines: int = 6) -> list[Questi
     N_CHOICES - 1 other lines of similar length."""
     source = Experiment().eval_data.sources[0]
     rng = random.Random(seed)
-    candidates = []   # (preceding lines, head, tail)
+    candidates = []  # (preceding lines, head, tail)
     for path in expand_paths(source.paths, source.kind):
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
         for i in range(context_lines, len(lines)):
@@ -91,12 +112,13 @@ def make_questions(n: int, seed: int = 0, context_lines: int = 6) -> list[Questi
             if not 30 <= len(line.strip()) <= 90 or not spaces:
                 continue
             cut = min(spaces, key=lambda j: abs(j - len(line) / 2))
-            head, tail = line[:cut], line[cut + 1:]
+            head, tail = line[:cut], line[cut + 1 :]
             if len(tail) >= 8 and head.strip():
-                candidates.append(("\n".join(lines[i - context_lines:i]), head, tail))
+                candidates.append(("\n".join(lines[i - context_lines : i]), head, tail))
     if len(candidates) < n * N_CHOICES:
-        raise ScalingError(f"The held-out split has {len(candidates)} usable lines; {n} questions "
-                           f"need {n * N_CHOICES}.")
+        raise ScalingError(
+            f"The held-out split has {len(candidates)} usable lines; {n} questions need {n * N_CHOICES}."
+        )
     rng.shuffle(candidates)
     by_length = sorted(range(len(candidates)), key=lambda k: len(candidates[k][2]))
     rank = {k: r for r, k in enumerate(by_length)}
@@ -105,7 +127,7 @@ def make_questions(n: int, seed: int = 0, context_lines: int = 6) -> list[Questi
         before, head, tail = candidates[k]
         # Distractors: rests of lines of about the same length, so length alone gives nothing away.
         r = rank[k]
-        pool = [candidates[j][2] for j in by_length[max(0, r - 40):r + 40] if j != k]
+        pool = [candidates[j][2] for j in by_length[max(0, r - 40) : r + 40] if j != k]
         distractors = rng.sample(sorted(set(pool) - {tail}), N_CHOICES - 1)
         choices = distractors + [tail]
         rng.shuffle(choices)
@@ -116,8 +138,7 @@ def make_questions(n: int, seed: int = 0, context_lines: int = 6) -> list[Questi
 def score_task(params, cfg, tokenizer, questions: list[Question]) -> dict:
     """The correct answer's NLL per character (mean over questions), acc and acc_norm."""
     scores = score_choices(params, cfg, tokenizer, questions, seq_len=SCORE_SEQ_LEN, batch_size=64)
-    nll = [-lls[q.answer] / len(q.choices[q.answer])
-           for q, lls in zip(questions, scores.loglikelihoods)]
+    nll = [-lls[q.answer] / len(q.choices[q.answer]) for q, lls in zip(questions, scores.loglikelihoods)]
     return {"task_nll": float(np.mean(nll)), "acc": scores.acc, "acc_norm": scores.acc_norm}
 
 
@@ -128,8 +149,12 @@ def load_or_make_task(workdir: Path, n: int) -> list[Question]:
 
         return read_questions(path)
     questions = make_questions(n)
-    path.write_text("".join(json.dumps({"context": q.context, "choices": list(q.choices),
-                                        "answer": q.answer}) + "\n" for q in questions))
+    path.write_text(
+        "".join(
+            json.dumps({"context": q.context, "choices": list(q.choices), "answer": q.answer}) + "\n"
+            for q in questions
+        )
+    )
     return questions
 
 
@@ -145,12 +170,14 @@ def run_and_score(run, plan: Plan, workdir: Path, tokenizer, questions) -> dict:
     if loss is not None and score_path.is_file():
         return {"eval_loss": loss, **json.loads(score_path.read_text())}
     start = time.perf_counter()
-    loss, params = train_run(run, run_dir, plan.batch_size, plan.seq_len)   # restores if trained
+    loss, params = train_run(run, run_dir, plan.batch_size, plan.seq_len)  # restores if trained
     scores = score_task(params, model_for_size(run.size, run.vocab_size), tokenizer, questions)
     scores["seconds"] = time.perf_counter() - start
     score_path.write_text(json.dumps(scores) + "\n")
-    tqdm.write(f"{run.name}: validation loss {loss:.4f}, task NLL/char {scores['task_nll']:.4f}, "
-               f"acc_norm {scores['acc_norm']:.3f} ({scores['seconds']:.0f} s)")
+    tqdm.write(
+        f"{run.name}: validation loss {loss:.4f}, task NLL/char {scores['task_nll']:.4f}, "
+        f"acc_norm {scores['acc_norm']:.3f} ({scores['seconds']:.0f} s)"
+    )
     return {"eval_loss": loss, **scores}
 
 
@@ -158,8 +185,9 @@ def settle_plan(workdir: Path, plan: Plan) -> Plan:
     """The sweep's plan, written once; a workdir planned differently is refused."""
     if (workdir / "plan.json").is_file():
         if read_plan(workdir) != plan:
-            raise ScalingError(f"{workdir} holds a different sweep (plan.json); use another "
-                               "--workdir or delete it.")
+            raise ScalingError(
+                f"{workdir} holds a different sweep (plan.json); use another --workdir or delete it."
+            )
     else:
         write_plan(plan, workdir)
     return plan
@@ -169,10 +197,12 @@ def settle_plan(workdir: Path, plan: Plan) -> Plan:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="See the module docstring for what each step does.")
-    parser.add_argument("--workdir", default=None,
-                        help="default runs/scaling_demo (runs/scaling_demo_smoke with --smoke)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="See the module docstring for what each step does."
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="default runs/scaling_demo (runs/scaling_demo_smoke with --smoke)"
+    )
     parser.add_argument("--smoke", action="store_true", help="a toy-scale run of every step")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples (1000)")
     args = parser.parse_args(argv)
@@ -191,11 +221,17 @@ def main(argv=None) -> int:
 def demo(workdir: Path, setup: dict, n_bootstrap: int) -> dict:
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    plan = settle_plan(workdir, plan_isoflop(list(setup["sizes"]), setup["sizes"],
-                                             batch_size=setup["batch_size"],
-                                             seq_len=setup["seq_len"],
-                                             vocab_size=DEFAULT_VOCAB,
-                                             min_steps=setup["min_steps"]))
+    plan = settle_plan(
+        workdir,
+        plan_isoflop(
+            list(setup["sizes"]),
+            setup["sizes"],
+            batch_size=setup["batch_size"],
+            seq_len=setup["seq_len"],
+            vocab_size=DEFAULT_VOCAB,
+            min_steps=setup["min_steps"],
+        ),
+    )
     print(plan_table(plan), flush=True)
     base = Experiment()
     tokenizer = load_tokenizer(cached_tokenizer(base.data, DEFAULT_VOCAB))
@@ -219,36 +255,59 @@ def demo(workdir: Path, setup: dict, n_bootstrap: int) -> dict:
     # 4. The check: the predicted compute-optimal run at 10x the largest budget, trained.
     tokens_star = fit.optimal_tokens(target)
     size = nearest_size(target / tokens_star, plan.seq_len, DEFAULT_VOCAB)
-    check = plan_run(target, size, plan.batch_size, plan.seq_len, DEFAULT_VOCAB,
-                     name="check_" + run_name(target, size))
+    check = plan_run(
+        target, size, plan.batch_size, plan.seq_len, DEFAULT_VOCAB, name="check_" + run_name(target, size)
+    )
     tqdm.write(f"check run: {check.name}, {check.steps} steps (D* = {tokens_star:.4g} tokens)")
     check_result = run_and_score(check, plan, workdir, tokenizer, questions)
 
     # 5. Downstream: the line through each budget's best run, the sigmoid through every run.
     runs = list(plan.runs)
-    best = [min((i for i, r in enumerate(runs) if r.budget == b),
-                key=lambda i: results[runs[i].name]["eval_loss"]) for b in plan.budgets]
+    best = [
+        min(
+            (i for i, r in enumerate(runs) if r.budget == b), key=lambda i: results[runs[i].name]["eval_loss"]
+        )
+        for b in plan.budgets
+    ]
     flops = [r.flops for r in runs]
     nll = [results[r.name]["task_nll"] for r in runs]
     acc = [results[r.name]["acc_norm"] for r in runs]
     floor = 1.0 / N_CHOICES
     try:
-        downstream = fit_downstream([flops[i] for i in best], [nll[i] for i in best], nll, acc,
-                                    floor=floor)
-    except ScalingError as err:   # e.g. every run at chance: say so, keep the rest
+        downstream = fit_downstream([flops[i] for i in best], [nll[i] for i in best], nll, acc, floor=floor)
+    except ScalingError as err:  # e.g. every run at chance: say so, keep the rest
         downstream, downstream_error = None, str(err)
 
     # Figures and tables.
     plot_isoflops(fit, workdir / "isoflops.png")
     plot_power_law(fit, workdir / "power_law.png", target, boot, actual=(check.flops, check.tokens))
     if downstream is not None:
-        plot_downstream(downstream, workdir / "downstream.png", flops, nll, acc, best,
-                        check=(check.flops, check_result["task_nll"], check_result["acc_norm"]))
+        plot_downstream(
+            downstream,
+            workdir / "downstream.png",
+            flops,
+            nll,
+            acc,
+            best,
+            check=(check.flops, check_result["task_nll"], check_result["acc_norm"]),
+        )
     print()
-    print(table(("run", "tokens", "FLOPs", "val loss", "task NLL/char", "acc_norm"),
-                [(r.name, f"{r.tokens:,}", f"{r.flops:.3g}", f"{results[r.name]['eval_loss']:.4f}",
-                  f"{results[r.name]['task_nll']:.4f}", f"{results[r.name]['acc_norm']:.3f}")
-                 for r in runs]))
+    print(
+        table(
+            ("run", "tokens", "FLOPs", "val loss", "task NLL/char", "acc_norm"),
+            [
+                (
+                    r.name,
+                    f"{r.tokens:,}",
+                    f"{r.flops:.3g}",
+                    f"{results[r.name]['eval_loss']:.4f}",
+                    f"{results[r.name]['task_nll']:.4f}",
+                    f"{results[r.name]['acc_norm']:.3f}",
+                )
+                for r in runs
+            ],
+        )
+    )
     for note in notes:
         print(f"left out of the fit: {note}")
     print()
@@ -257,56 +316,101 @@ def demo(workdir: Path, setup: dict, n_bootstrap: int) -> dict:
     print(law_summary(fit, target, boot))
     predicted_loss = fit.optimal_loss(target)
     elapsed = time.perf_counter() - started
-    rows = [("check budget C", f"{target:.4g} FLOPs ({CHECK_FACTOR}x the largest sweep budget)"),
-            ("predicted D*, N* = C/(6 D*)",
-             f"{tokens_star:.4g} tokens, {float(optimal_params(target, tokens_star)):.4g} params"),
-            ("run as", f"{check.size}: N = {check.params:,}, {check.tokens:,} tokens, "
-                       f"{check.flops:.4g} FLOPs"),
-            ("validation loss: predicted L*(C)", f"{predicted_loss:.4f}"),
-            ("validation loss: actual", f"{check_result['eval_loss']:.4f} "
-                                        f"({check_result['eval_loss'] - predicted_loss:+.4f})")]
+    rows = [
+        ("check budget C", f"{target:.4g} FLOPs ({CHECK_FACTOR}x the largest sweep budget)"),
+        (
+            "predicted D*, N* = C/(6 D*)",
+            f"{tokens_star:.4g} tokens, {float(optimal_params(target, tokens_star)):.4g} params",
+        ),
+        ("run as", f"{check.size}: N = {check.params:,}, {check.tokens:,} tokens, {check.flops:.4g} FLOPs"),
+        ("validation loss: predicted L*(C)", f"{predicted_loss:.4f}"),
+        (
+            "validation loss: actual",
+            f"{check_result['eval_loss']:.4f} ({check_result['eval_loss'] - predicted_loss:+.4f})",
+        ),
+    ]
     if downstream is None:
         rows.append(("downstream fit", f"none: {downstream_error}"))
         downstream_summary = {"error": downstream_error}
     else:
         predicted_nll, predicted_acc = downstream.nll(check.flops), downstream.accuracy(check.flops)
         line, sigmoid = downstream.nll_line, downstream.sigmoid
-        rows += [("task NLL/char: predicted, actual",
-                  f"{predicted_nll:.4f}, {check_result['task_nll']:.4f}"),
-                 ("acc_norm: predicted, actual",
-                  f"{predicted_acc:.3f}, {check_result['acc_norm']:.3f}"),
-                 ("downstream fit", f"nll = {line.intercept:.4f} {line.slope:+.4f} log10 C; "
-                                    f"acc = {floor:g} + {1 - floor:g} / (1 + exp({sigmoid.steepness:.3g}"
-                                    f" (nll - {sigmoid.midpoint:.4f})))")]
-        downstream_summary = {"intercept": line.intercept, "slope": line.slope,
-                              "steepness": sigmoid.steepness, "midpoint": sigmoid.midpoint,
-                              "predicted_task_nll": predicted_nll,
-                              "predicted_acc_norm": predicted_acc}
-    rows += [("questions", f"{len(questions)} x {N_CHOICES} choices (chance {floor:g})"),
-             ("wall time of this invocation", f"{elapsed:.0f} s (runs trained earlier not counted)")]
+        rows += [
+            ("task NLL/char: predicted, actual", f"{predicted_nll:.4f}, {check_result['task_nll']:.4f}"),
+            ("acc_norm: predicted, actual", f"{predicted_acc:.3f}, {check_result['acc_norm']:.3f}"),
+            (
+                "downstream fit",
+                f"nll = {line.intercept:.4f} {line.slope:+.4f} log10 C; "
+                f"acc = {floor:g} + {1 - floor:g} / (1 + exp({sigmoid.steepness:.3g}"
+                f" (nll - {sigmoid.midpoint:.4f})))",
+            ),
+        ]
+        downstream_summary = {
+            "intercept": line.intercept,
+            "slope": line.slope,
+            "steepness": sigmoid.steepness,
+            "midpoint": sigmoid.midpoint,
+            "predicted_task_nll": predicted_nll,
+            "predicted_acc_norm": predicted_acc,
+        }
+    rows += [
+        ("questions", f"{len(questions)} x {N_CHOICES} choices (chance {floor:g})"),
+        ("wall time of this invocation", f"{elapsed:.0f} s (runs trained earlier not counted)"),
+    ]
     print()
     print(pairs(rows))
-    return {"plan": {"sizes": {f"{b:g}": s for b, s in setup["sizes"].items()},
-                     "vocab_size": DEFAULT_VOCAB, "batch_size": plan.batch_size,
-                     "seq_len": plan.seq_len},
-            "runs": {r.name: {"budget": r.budget, "size": r.size, "params": r.params,
-                              "tokens": r.tokens, "flops": r.flops, **results[r.name]}
-                     for r in runs},
-            "minima": [{"budget": c.budget, "tokens": c.optimal_tokens, "loss": c.optimal_loss,
-                        "inside": c.minimum_inside} for c in fit.curves],
-            "left_out": notes,
-            "tokens_law": {"A": fit.tokens_law.coefficient, "alpha": fit.tokens_law.exponent},
-            "loss_law": {"B": fit.loss_law.coefficient, "beta": fit.loss_law.exponent},
-            "bootstrap_90": None if boot is None else {
-                "alpha": boot.interval(boot.alpha), "A": boot.interval(boot.coefficient),
-                "tokens_at_check": boot.interval(boot.tokens_at_target),
-                "loss_at_check": boot.interval(boot.loss_at_target)},
-            "check": {"budget": target, "predicted_tokens": tokens_star,
-                      "predicted_params": float(optimal_params(target, tokens_star)),
-                      "size": check.size, "params": check.params, "tokens": check.tokens,
-                      "flops": check.flops, "predicted_loss": predicted_loss, **check_result},
-            "downstream": downstream_summary,
-            "wall_seconds": elapsed}
+    return {
+        "plan": {
+            "sizes": {f"{b:g}": s for b, s in setup["sizes"].items()},
+            "vocab_size": DEFAULT_VOCAB,
+            "batch_size": plan.batch_size,
+            "seq_len": plan.seq_len,
+        },
+        "runs": {
+            r.name: {
+                "budget": r.budget,
+                "size": r.size,
+                "params": r.params,
+                "tokens": r.tokens,
+                "flops": r.flops,
+                **results[r.name],
+            }
+            for r in runs
+        },
+        "minima": [
+            {
+                "budget": c.budget,
+                "tokens": c.optimal_tokens,
+                "loss": c.optimal_loss,
+                "inside": c.minimum_inside,
+            }
+            for c in fit.curves
+        ],
+        "left_out": notes,
+        "tokens_law": {"A": fit.tokens_law.coefficient, "alpha": fit.tokens_law.exponent},
+        "loss_law": {"B": fit.loss_law.coefficient, "beta": fit.loss_law.exponent},
+        "bootstrap_90": None
+        if boot is None
+        else {
+            "alpha": boot.interval(boot.alpha),
+            "A": boot.interval(boot.coefficient),
+            "tokens_at_check": boot.interval(boot.tokens_at_target),
+            "loss_at_check": boot.interval(boot.loss_at_target),
+        },
+        "check": {
+            "budget": target,
+            "predicted_tokens": tokens_star,
+            "predicted_params": float(optimal_params(target, tokens_star)),
+            "size": check.size,
+            "params": check.params,
+            "tokens": check.tokens,
+            "flops": check.flops,
+            "predicted_loss": predicted_loss,
+            **check_result,
+        },
+        "downstream": downstream_summary,
+        "wall_seconds": elapsed,
+    }
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ from llama_jax.recipes import tiny_posttraining
 
 
 def experiment():
-    return tiny_posttraining("ppo", peak_lr=1e-5, steps=50, posttrain=PosttrainConfig(
-        stage="ppo", init_from="runs/tiny_sft", reward_model="runs/tiny_rm",
-        ppo=PPOConfig(max_new_tokens=16, minibatch_size=8)))
+    return tiny_posttraining(
+        "ppo",
+        peak_lr=1e-5,
+        steps=50,
+        posttrain=PosttrainConfig(
+            stage="ppo",
+            init_from="runs/tiny_sft",
+            reward_model="runs/tiny_rm",
+            ppo=PPOConfig(max_new_tokens=16, minibatch_size=8),
+        ),
+    )

@@ -9,5 +9,6 @@ from llama_jax.recipes import tiny_posttraining
 
 
 def experiment():
-    return tiny_posttraining("rm", peak_lr=1e-4, steps=200,
-                             posttrain=PosttrainConfig(stage="rm", init_from="runs/tiny_sft"))
+    return tiny_posttraining(
+        "rm", peak_lr=1e-4, steps=200, posttrain=PosttrainConfig(stage="rm", init_from="runs/tiny_sft")
+    )

@@ -9,5 +9,4 @@ from llama_jax.recipes import tiny_posttraining
 
 
 def experiment():
-    return tiny_posttraining("sft", peak_lr=1e-3, steps=200,
-                             posttrain=PosttrainConfig(stage="sft"))
+    return tiny_posttraining("sft", peak_lr=1e-3, steps=200, posttrain=PosttrainConfig(stage="sft"))

@@ -33,17 +33,28 @@ from llama_jax.sharding import MeshError, activation_sharding, check_batch, make
 GIB = 2**30
 # HBM per chip, GiB, and how slice names count: TensorCores (v4, v5p: 2 per chip) or chips.
 CHIPS = {"v4": (32, 2), "v5p": (95, 2), "v5e": (16, 1), "v5litepod": (16, 1), "v6e": (32, 1)}
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_SHAPES_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    name: str          # as users write it, e.g. "v5p-512"
-    generation: str    # v4, v5p, v5e, v6e
+    name: str  # as users write it, e.g. "v5p-512"
+    generation: str  # v4, v5p, v5e, v6e
     chips: int
-    libtpu_name: str   # e.g. "v5p:8x8x8"
+    libtpu_name: str  # e.g. "v5p:8x8x8"
 
     @property
     def hbm_bytes_per_chip(self) -> int:
@@ -51,15 +62,17 @@ class Topology:
 
 
 def parse_topology(name: str) -> Topology:
-    """"v5p-512" (TensorCores for v4/v5p, chips for v5e/v6e), "v5litepod-16", or "v5p:8x8x8"."""
+    """ "v5p-512" (TensorCores for v4/v5p, chips for v5e/v6e), "v5litepod-16", or "v5p:8x8x8"."""
     match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
     if match:
         generation, count = match.group(1), int(match.group(2))
         chips = count // CHIPS[generation][1]
         shapes = _SHAPES_3D if generation in ("v4", "v5p") else _SHAPES_2D
         if chips not in shapes:
-            raise ConfigError(f"Unknown slice size {name}; known: "
-                              f"{', '.join(f'{generation}-{c * CHIPS[generation][1]}' for c in shapes)}.")
+            raise ConfigError(
+                f"Unknown slice size {name}; known: "
+                f"{', '.join(f'{generation}-{c * CHIPS[generation][1]}' for c in shapes)}."
+            )
         generation = "v5e" if generation == "v5litepod" else generation
         return Topology(name, generation, chips, f"{generation}:{shapes[chips]}")
     match = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", name)
@@ -80,11 +93,14 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     from llama_jax.train import abstract_train_state, compile_steps
 
     try:
-        description = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name,
-                                                   num_slices=slices)
+        description = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology.libtpu_name, num_slices=slices
+        )
     except Exception as err:  # libtpu missing or the name unknown to it
-        raise ConfigError(f"Cannot describe TPU topology {topology.libtpu_name} ({str(err).splitlines()[0]}); "
-                          "is libtpu installed (pip install -e '.[tpu]')?") from None
+        raise ConfigError(
+            f"Cannot describe TPU topology {topology.libtpu_name} ({str(err).splitlines()[0]}); "
+            "is libtpu installed (pip install -e '.[tpu]')?"
+        ) from None
     devices = list(description.devices)
     # "auto" would resolve to fp32 on this CPU host; the TPU computes in bf16.
     if exp.model.compute_dtype == "auto":
@@ -96,9 +112,15 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     steps = compile_steps(exp, optimizer, schedule, mesh)
     state = abstract_train_state(exp, optimizer, mesh, steps.state_shardings)
     shape = (exp.train.batch_size, exp.train.seq_len)
-    batch = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding)
-             for key, dtype in (("tokens", jnp.int32), ("positions", jnp.int32),
-                                ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
+    batch = {
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding)
+        for key, dtype in (
+            ("tokens", jnp.int32),
+            ("positions", jnp.int32),
+            ("segment_ids", jnp.int32),
+            ("loss_mask", jnp.float32),
+        )
+    }
     # The model's constraints resolve against this mesh; attention "auto" means the TPU's kernel.
     with activation_sharding(mesh), compiling_for("tpu"):
         lowered = steps.train_step.lower(state, batch)
@@ -106,16 +128,28 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as err:
             # The TPU compiler refuses a program that cannot fit; report its figure.
-            match = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM "
-                              r"\(([\d.]+)G\)", str(err))
+            match = re.search(
+                r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM "
+                r"\(([\d.]+)G\)",
+                str(err),
+            )
             if not match:
                 raise
             temp, hbm = (float(g) * GIB for g in match.groups())
-            return {"experiment": exp.name, "topology": topology.name, "slices": slices,
-                    "devices": len(devices), "mesh": dict(mesh.shape), "remat": exp.model.remat,
-                    "temp_bytes": temp, "hbm_bytes": hbm, "hbm_fraction": temp / hbm, "fits": False,
-                    "compile_seconds": time.perf_counter() - start,
-                    "compiler_message": str(err).splitlines()[0][:300]}
+            return {
+                "experiment": exp.name,
+                "topology": topology.name,
+                "slices": slices,
+                "devices": len(devices),
+                "mesh": dict(mesh.shape),
+                "remat": exp.model.remat,
+                "temp_bytes": temp,
+                "hbm_bytes": hbm,
+                "hbm_fraction": temp / hbm,
+                "fits": False,
+                "compile_seconds": time.perf_counter() - start,
+                "compiler_message": str(err).splitlines()[0][:300],
+            }
     compile_seconds = time.perf_counter() - start
     # Pallas kernels lower to Mosaic custom calls: this says whether splash attention is in the step.
     attention_kernel = "splash" if "tpu_custom_call" in lowered.as_text() else "xla"
@@ -125,8 +159,12 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     chips = len(devices)
     hbm = topology.hbm_bytes_per_chip * topology.chips * slices // chips  # per device
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
     # XLA's cost analysis counts a while-loop body once (layers and microbatches are scanned), so
     # its FLOPs and optimal_seconds describe one body: their ratio is the rate the compiler
     # expects, which, applied to the model's FLOPs, gives the step time.
@@ -137,39 +175,65 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     mfu = compiler_flops / compiler_seconds / peak_per_device if compiler_seconds > 0 else float("nan")
     step_seconds = model_flops / chips / (mfu * peak_per_device)
     return {
-        "experiment": exp.name, "topology": topology.name, "slices": slices, "devices": chips,
-        "mesh": dict(mesh.shape), "remat": exp.model.remat, "attention": attention_kernel,
-        "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
-        "temp_bytes": memory.temp_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
-        "total_bytes": total, "hbm_bytes": hbm, "hbm_fraction": total / hbm, "fits": total <= hbm,
-        "compiler_flops": compiler_flops, "compiler_optimal_seconds": compiler_seconds,
-        "model_flops_per_step": model_flops, "estimated_step_seconds": step_seconds,
-        "estimated_mfu": mfu, "compile_seconds": compile_seconds,
+        "experiment": exp.name,
+        "topology": topology.name,
+        "slices": slices,
+        "devices": chips,
+        "mesh": dict(mesh.shape),
+        "remat": exp.model.remat,
+        "attention": attention_kernel,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "alias_bytes": memory.alias_size_in_bytes,
+        "total_bytes": total,
+        "hbm_bytes": hbm,
+        "hbm_fraction": total / hbm,
+        "fits": total <= hbm,
+        "compiler_flops": compiler_flops,
+        "compiler_optimal_seconds": compiler_seconds,
+        "model_flops_per_step": model_flops,
+        "estimated_step_seconds": step_seconds,
+        "estimated_mfu": mfu,
+        "compile_seconds": compile_seconds,
     }
 
 
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
-    header = (f"{r['experiment']} on {r['slices']} x {r['topology']} ({r['devices']} devices), "
-              f"mesh {r['mesh']}, remat {r['remat']}" + (f", {r['attention']} attention" if "attention" in r else ""))
+    header = (
+        f"{r['experiment']} on {r['slices']} x {r['topology']} ({r['devices']} devices), "
+        f"mesh {r['mesh']}, remat {r['remat']}"
+        + (f", {r['attention']} attention" if "attention" in r else "")
+    )
     if "compiler_message" in r:
-        return "\n".join([header, f"  temporaries alone need {gib(r['temp_bytes'])} of {gib(r['hbm_bytes'])} "
-                                  f"HBM per device: fits: false (the compiler: {r['compiler_message']})"])
-    return "\n".join([
-        header,
-        f"  per device: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
-        f"temporaries {gib(r['temp_bytes'])}, aliased {gib(r['alias_bytes'])}",
-        f"  total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({r['hbm_fraction']:.0%}): "
-        f"fits: {str(r['fits']).lower()}",
-        f"  estimated: MFU {r['estimated_mfu']:.1%}, step {r['estimated_step_seconds']:.2f} s for "
-        f"{r['model_flops_per_step']:.3e} model FLOPs (compiler: {r['compiler_flops']:.3e} FLOPs in "
-        f"{r['compiler_optimal_seconds'] * 1e3:.2f} ms per loop body); compiled in "
-        f"{r['compile_seconds']:.1f} s"])
+        return "\n".join(
+            [
+                header,
+                f"  temporaries alone need {gib(r['temp_bytes'])} of {gib(r['hbm_bytes'])} "
+                f"HBM per device: fits: false (the compiler: {r['compiler_message']})",
+            ]
+        )
+    return "\n".join(
+        [
+            header,
+            f"  per device: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
+            f"temporaries {gib(r['temp_bytes'])}, aliased {gib(r['alias_bytes'])}",
+            f"  total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({r['hbm_fraction']:.0%}): "
+            f"fits: {str(r['fits']).lower()}",
+            f"  estimated: MFU {r['estimated_mfu']:.1%}, step {r['estimated_step_seconds']:.2f} s for "
+            f"{r['model_flops_per_step']:.3e} model FLOPs (compiler: {r['compiler_flops']:.3e} FLOPs in "
+            f"{r['compiler_optimal_seconds'] * 1e3:.2f} ms per loop body); compiled in "
+            f"{r['compile_seconds']:.1f} s",
+        ]
+    )
 
 
 HEADROOM = 0.10  # a recipe must leave this share of HBM free on its target slice
-TABLE_HEADER = ("| experiment | topology | mesh (data, fsdp, tensor) | microbatches | remat | attention "
-                "| HBM per chip | estimated MFU |")
+TABLE_HEADER = (
+    "| experiment | topology | mesh (data, fsdp, tensor) | microbatches | remat | attention "
+    "| HBM per chip | estimated MFU |"
+)
 
 
 def recipe_names() -> list[str]:
@@ -177,8 +241,7 @@ def recipe_names() -> list[str]:
     targets a CPU). Post-training stages take other batches (pairs, rollouts) and are not compiled
     here."""
     experiments = {name: load_experiment(name) for name in list_experiments()}
-    return [name for name, exp in experiments.items()
-            if exp.posttrain is None and _is_topology(exp.target)]
+    return [name for name, exp in experiments.items() if exp.posttrain is None and _is_topology(exp.target)]
 
 
 def _is_topology(name: str) -> bool:
@@ -191,11 +254,16 @@ def _is_topology(name: str) -> bool:
 
 def table_row(exp, r: dict) -> str:
     mesh = r["mesh"]
-    usage = (f"{r['total_bytes'] / GIB:.1f} of {r['hbm_bytes'] / GIB:.0f} GiB ({r['hbm_fraction']:.0%})"
-             if r["fits"] or "total_bytes" in r else f"does not fit ({r['temp_bytes'] / GIB:.0f} GiB)")
+    usage = (
+        f"{r['total_bytes'] / GIB:.1f} of {r['hbm_bytes'] / GIB:.0f} GiB ({r['hbm_fraction']:.0%})"
+        if r["fits"] or "total_bytes" in r
+        else f"does not fit ({r['temp_bytes'] / GIB:.0f} GiB)"
+    )
     mfu = f"{r['estimated_mfu']:.0%}" if "estimated_mfu" in r else "-"
-    return (f"| `{r['experiment']}` | {r['topology']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | "
-            f"{exp.train.microbatches} | {r['remat']} | {r.get('attention', '-')} | {usage} | {mfu} |")
+    return (
+        f"| `{r['experiment']}` | {r['topology']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | "
+        f"{exp.train.microbatches} | {r['remat']} | {r.get('attention', '-')} | {usage} | {mfu} |"
+    )
 
 
 def _same_row(readme: str, name: str, row: str) -> bool:
@@ -223,13 +291,18 @@ def recipe_table(names, check_readme: str | None = None) -> int:
         rows.append(table_row(exp, report))
         tqdm.write(format_report(report))
         if not report["fits"] or report["hbm_fraction"] > 1 - HEADROOM:
-            problems.append(f"{name} uses {report['hbm_fraction']:.0%} of HBM on {exp.target} "
-                            f"(at most {1 - HEADROOM:.0%} allowed)")
+            problems.append(
+                f"{name} uses {report['hbm_fraction']:.0%} of HBM on {exp.target} "
+                f"(at most {1 - HEADROOM:.0%} allowed)"
+            )
     print("\n".join([TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"] + rows))
     if check_readme:
         readme = Path(check_readme).read_text()
-        problems += [f"the README's row for {name} should be: {row}"
-                     for name, row in zip(names, rows) if not _same_row(readme, name, row)]
+        problems += [
+            f"the README's row for {name} should be: {row}"
+            for name, row in zip(names, rows)
+            if not _same_row(readme, name, row)
+        ]
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0
@@ -238,15 +311,23 @@ def recipe_table(names, check_readme: str | None = None) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_jax.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--exp", default="tiny")
-    parser.add_argument("--topology", help="e.g. v5p-512, v5e-16, v6e-256, v5p:8x8x8 "
-                                           "(default: the experiment's target)")
+    parser.add_argument(
+        "--topology", help="e.g. v5p-512, v5e-16, v6e-256, v5p:8x8x8 (default: the experiment's target)"
+    )
     parser.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices")
     parser.add_argument("--json", help="also write the report to this file")
-    parser.add_argument("--recipes", nargs="*", metavar="NAME",
-                        help="compile every recipe (or those named) for its target and print the "
-                             "README table")
-    parser.add_argument("--check", metavar="README", help="with --recipes: exit 1 unless each fits with "
-                        f"{HEADROOM:.0%} HBM to spare and README holds the same rows")
+    parser.add_argument(
+        "--recipes",
+        nargs="*",
+        metavar="NAME",
+        help="compile every recipe (or those named) for its target and print the README table",
+    )
+    parser.add_argument(
+        "--check",
+        metavar="README",
+        help="with --recipes: exit 1 unless each fits with "
+        f"{HEADROOM:.0%} HBM to spare and README holds the same rows",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:

@@ -71,9 +71,9 @@ def xla_attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None)
     keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     # Scores and softmax in fp32 whatever the compute dtype.
     scores = jnp.einsum("bkrd,bksd->bkrs", rows, keys, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
+    scores = scores * (head_dim**-0.5)
     mask = attention_mask(q_len, kv_len, segment_ids, kv_segment_ids, q_offset)  # [B or 1, T, S]
-    mask = jnp.tile(mask, (1, groups, 1))[:, None]                      # rows ordered (group, t)
+    mask = jnp.tile(mask, (1, groups, 1))[:, None]  # rows ordered (group, t)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkrs,bksd->bkrd", probs, values)
@@ -99,8 +99,10 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None
 
     batch, length, _, head_dim = q.shape
     if length % 128 or k.shape[1] != length:
-        raise ValueError(f"Splash attention needs self-attention over a multiple of 128 tokens, "
-                         f"got {length} queries and {k.shape[1]} keys.")
+        raise ValueError(
+            f"Splash attention needs self-attention over a multiple of 128 tokens, "
+            f"got {length} queries and {k.shape[1]} keys."
+        )
     if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
     if interpret is None:
@@ -109,14 +111,22 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None
     def per_device(q, k, v, segment_ids):
         heads = q.shape[2]
         block = _splash_block(length)
-        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                                  block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                                  block_q_dq=block, block_kv_dq=block)
+        sizes = splash.BlockSizes(
+            block_q=block,
+            block_kv=block,
+            block_kv_compute=block,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_kv_dkv_compute=block,
+            block_q_dq=block,
+            block_kv_dq=block,
+        )
         mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
-        kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                        interpret=interpret)
+        kernel = splash.make_splash_mha(
+            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
         # [B, T, H, D] -> [B, H, T, D]; the kernel does not scale the scores itself.
-        q = (q * head_dim ** -0.5).astype(q.dtype).transpose(0, 2, 1, 3)
+        q = (q * head_dim**-0.5).astype(q.dtype).transpose(0, 2, 1, 3)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
         out = jax.vmap(kernel)(q, k, v, ids)
@@ -130,8 +140,13 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None
     k_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k.shape, mesh)
     if q_spec[2] != k_spec[2]:  # KV heads that do not split like the query heads: keep heads whole
         q_spec = k_spec = jax.P(q_spec[0], None, None, None)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, jax.P(q_spec[0], None)),
-                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(q_spec, k_spec, k_spec, jax.P(q_spec[0], None)),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)
 
 
 def cudnn_attention(q, k, v, segment_ids=None):
@@ -145,8 +160,9 @@ def choose_implementation(implementation: str, q, k, q_offset=None, platform: st
     """The backend that runs: `implementation`, with "auto" resolved and kernels that do not apply
     (a KV cache, odd lengths, fp32 on cuDNN) replaced by the XLA reference."""
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"Unknown attention implementation {implementation!r}; "
-                         f"choose one of {IMPLEMENTATIONS}.")
+        raise ValueError(
+            f"Unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}."
+        )
     if implementation == "auto":
         implementation = BY_PLATFORM.get(platform or target_platform(), "xla")
     self_attention = q_offset is None and q.shape[1] == k.shape[1]
@@ -157,8 +173,7 @@ def choose_implementation(implementation: str, q, k, q_offset=None, platform: st
     return implementation
 
 
-def attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None, *,
-              implementation: str = "auto"):
+def attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None, *, implementation: str = "auto"):
     """Causal GQA attention; `segment_ids` [B, T] (0 = padding) keep documents apart.
 
     With a KV cache, k/v/kv_segment_ids are the whole cache and `q_offset` the queries' index."""

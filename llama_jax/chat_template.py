@@ -20,8 +20,7 @@ Message = Mapping[str, str]  # {"role": ..., "content": ...}
 
 LLAMA2_INST = ("[INST]", "[/INST]")
 # The roles each format knows (Meta's reference code; Llama 3.1 adds "ipython" for tool output).
-ROLES = {"llama2": ("system", "user", "assistant"),
-         "llama3": ("system", "user", "assistant", "ipython")}
+ROLES = {"llama2": ("system", "user", "assistant"), "llama3": ("system", "user", "assistant", "ipython")}
 LLAMA2_SYS = ("<<SYS>>\n", "\n<</SYS>>\n\n")
 
 
@@ -42,8 +41,10 @@ def _check_messages(messages: Sequence[Message], template: str) -> None:
             if not isinstance(message.get(key), str):
                 raise ValueError(f"Message {i} lacks a string '{key}'.")
         if message["role"] not in ROLES[template]:
-            raise ValueError(f"Message {i} has the unknown role {message['role']!r}; the "
-                             f"{template} format knows {', '.join(ROLES[template])}.")
+            raise ValueError(
+                f"Message {i} has the unknown role {message['role']!r}; the "
+                f"{template} format knows {', '.join(ROLES[template])}."
+            )
 
 
 def encode_llama3_chat(

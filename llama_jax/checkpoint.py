@@ -30,8 +30,18 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
 # ModelConfig fields that change the shapes or layout of the saved parameters.
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
-                "tie_embeddings", "scan_layers", "param_dtype")
+SHAPE_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_dim",
+    "vocab_size",
+    "tie_embeddings",
+    "scan_layers",
+    "param_dtype",
+)
 
 
 class CheckpointError(ValueError):
@@ -49,9 +59,12 @@ class TrainCheckpointer:
     def _open(self) -> ocp.CheckpointManager:
         if self._manager is None:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.cfg.keep_last, keep_period=self.cfg.keep_every or None,
-                enable_async_checkpointing=self.cfg.async_save, cleanup_tmp_directories=True,
-                create=True)
+                max_to_keep=self.cfg.keep_last,
+                keep_period=self.cfg.keep_every or None,
+                enable_async_checkpointing=self.cfg.async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
@@ -80,8 +93,10 @@ class TrainCheckpointer:
             yield
         except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"Saving a checkpoint in {self.directory} failed near step {step} "
-                                  f"({reason}); the checkpoints already complete are intact.") from err
+            raise CheckpointError(
+                f"Saving a checkpoint in {self.directory} failed near step {step} "
+                f"({reason}); the checkpoints already complete are intact."
+            ) from err
 
     def restore_latest(self, abstract_state, data_iterator=None, model: ModelConfig | None = None):
         """(state, step) from the newest checkpoint that restores cleanly, or None if none does.
@@ -96,7 +111,9 @@ class TrainCheckpointer:
             if model is not None:
                 self._check_model(step, model)
             items = {"state": ocp.args.StandardRestore(abstract_state)}
-            data_state = self._data_state_from_other_process_count(step) if data_iterator is not None else None
+            data_state = (
+                self._data_state_from_other_process_count(step) if data_iterator is not None else None
+            )
             if data_iterator is not None and data_state is None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
@@ -124,7 +141,8 @@ class TrainCheckpointer:
                 f"Checkpoint {self.directory / str(step)} was written by {len(files)} processes reading "
                 f"separate documents, and this run has {jax.process_count()}; their data positions "
                 "cannot carry over. Resume with the same number of processes (data.split_by=rows "
-                "makes positions portable), or start afresh in another --workdir.")
+                "makes positions portable), or start afresh in another --workdir."
+            )
         return states[0]
 
     def _check_model(self, step: int, model: ModelConfig) -> None:
@@ -137,17 +155,23 @@ class TrainCheckpointer:
         differing = [k for k in SHAPE_FIELDS if saved_model.get(k) != ours[k]]
         if differing:
             changes = ", ".join(f"{k} {saved_model.get(k)} -> {ours[k]}" for k in differing)
-            raise CheckpointError(f"{self.directory} holds checkpoints of a different model ({changes}); "
-                                  "use another --workdir or the same model.")
+            raise CheckpointError(
+                f"{self.directory} holds checkpoints of a different model ({changes}); "
+                "use another --workdir or the same model."
+            )
 
     def _quarantine(self, step: int, reason: str) -> None:
         """Moves a damaged checkpoint aside (never deletes it) so that the step can be saved again."""
         source = self.directory / str(step)
         target = self.directory / f"damaged-{step}-{int(time.time())}"
-        log.info("Checkpoint %s is damaged (%s); moved to %s, trying an earlier one.", source,
-                    reason, target.name)
-        print(f"warning: checkpoint {source} is damaged ({reason}); moved to {target.name}, "
-              "trying an earlier one.", flush=True)
+        log.info(
+            "Checkpoint %s is damaged (%s); moved to %s, trying an earlier one.", source, reason, target.name
+        )
+        print(
+            f"warning: checkpoint {source} is damaged ({reason}); moved to {target.name}, "
+            "trying an earlier one.",
+            flush=True,
+        )
         if jax.process_index() == 0 and source.exists():
             source.rename(target)
         if jax.process_count() > 1:
@@ -178,7 +202,8 @@ def save_params(path: str | Path, params, cfg: ModelConfig) -> Path:
         # stays near the parameters' own size.
         handlers = ocp.type_handlers
         registry = handlers.create_type_handler_registry(
-            (np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False)))
+            (np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False))
+        )
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as checkpointer:
             checkpointer.save(path / "params", args=ocp.args.PyTreeSave(params))
     else:
@@ -193,8 +218,9 @@ def load_params(path: str | Path, shardings=None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) from `save_params`; placed with `shardings` if given."""
     path = Path(path).absolute()
     if not (path / MODEL_CONFIG_FILE).is_file() or not (path / "params").is_dir():
-        raise CheckpointError(f"{path} is not a llama_jax parameters checkpoint (no {MODEL_CONFIG_FILE} "
-                              "or params/).")
+        raise CheckpointError(
+            f"{path} is not a llama_jax parameters checkpoint (no {MODEL_CONFIG_FILE} or params/)."
+        )
     cfg = model_config_from_dict(json.loads((path / MODEL_CONFIG_FILE).read_text()))
     with ocp.StandardCheckpointer() as checkpointer:
         if shardings is None:
@@ -202,8 +228,9 @@ def load_params(path: str | Path, shardings=None) -> tuple[ModelConfig, dict]:
         else:
             metadata = checkpointer.metadata(path / "params")
             tree = getattr(metadata, "item_metadata", metadata)
-            target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                                  tree, shardings)
+            target = jax.tree.map(
+                lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings
+            )
             params = checkpointer.restore(path / "params", target)
     return cfg, params
 
@@ -222,10 +249,14 @@ def load_for_inference(path: str | Path) -> tuple[ModelConfig, dict]:
         directory = path
         steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()), reverse=True)
     if not steps:
-        raise CheckpointError(f"{path} holds no llama_jax checkpoint (neither {MODEL_CONFIG_FILE} "
-                              "nor checkpoints/STEP directories).")
+        raise CheckpointError(
+            f"{path} holds no llama_jax checkpoint (neither {MODEL_CONFIG_FILE} "
+            "nor checkpoints/STEP directories)."
+        )
     with ocp.CheckpointManager(directory) as manager:
-        restored = manager.restore(steps[0], args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), experiment=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            steps[0],
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(), experiment=ocp.args.JsonRestore()),
+        )
     cfg = model_config_from_dict(restored["experiment"]["model"])
     return cfg, restored["state"]["params"]

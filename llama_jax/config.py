@@ -61,14 +61,24 @@ class ModelConfig:
     attention: str = "auto"
 
     def __post_init__(self):
-        positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
-                    "max_seq_len")
+        positive = (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "ffn_dim",
+            "vocab_size",
+            "max_seq_len",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
-                             f"({self.n_kv_heads}) for grouped-query attention.")
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                f"({self.n_kv_heads}) for grouped-query attention."
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -112,12 +122,35 @@ def ffn_dim_for(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = N
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
-def _llama(dim, n_layers, n_heads, n_kv_heads, multiple_of, mult, vocab, seq, theta, eps,
-           head_dim=128, tied=False, scaling=None) -> ModelConfig:
-    return ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                       head_dim=head_dim, ffn_dim=ffn_dim_for(dim, multiple_of, mult),
-                       vocab_size=vocab, max_seq_len=seq, rope_theta=theta, rope_scaling=scaling,
-                       norm_eps=eps, tie_embeddings=tied)
+def _llama(
+    dim,
+    n_layers,
+    n_heads,
+    n_kv_heads,
+    multiple_of,
+    mult,
+    vocab,
+    seq,
+    theta,
+    eps,
+    head_dim=128,
+    tied=False,
+    scaling=None,
+) -> ModelConfig:
+    return ModelConfig(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        ffn_dim=ffn_dim_for(dim, multiple_of, mult),
+        vocab_size=vocab,
+        max_seq_len=seq,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=eps,
+        tie_embeddings=tied,
+    )
 
 
 _L31 = RopeScaling(factor=8.0)
@@ -137,15 +170,23 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3_70b": _llama(8192, 80, 64, 8, 4096, 1.3, 128256, 8192, 5e5, 1e-5),
     "llama3_1_8b": _llama(4096, 32, 32, 8, 1024, 1.3, 128256, 131072, 5e5, 1e-5, scaling=_L31),
     "llama3_1_70b": _llama(8192, 80, 64, 8, 4096, 1.3, 128256, 131072, 5e5, 1e-5, scaling=_L31),
-    "llama3_1_405b": _llama(16384, 126, 128, 8, 4096, 1.2, 128256, 131072, 5e5, 1e-5,
-                            scaling=_L31),
-    "llama3_2_1b": _llama(2048, 16, 32, 8, 256, 1.5, 128256, 131072, 5e5, 1e-5, head_dim=64,
-                          tied=True, scaling=_L32),
-    "llama3_2_3b": _llama(3072, 28, 24, 8, 256, 1.0, 128256, 131072, 5e5, 1e-5, tied=True,
-                          scaling=_L32),
+    "llama3_1_405b": _llama(16384, 126, 128, 8, 4096, 1.2, 128256, 131072, 5e5, 1e-5, scaling=_L31),
+    "llama3_2_1b": _llama(
+        2048, 16, 32, 8, 256, 1.5, 128256, 131072, 5e5, 1e-5, head_dim=64, tied=True, scaling=_L32
+    ),
+    "llama3_2_3b": _llama(3072, 28, 24, 8, 256, 1.0, 128256, 131072, 5e5, 1e-5, tied=True, scaling=_L32),
     # A toy of the Llama 3 shape (GQA, untied) for laptops and tests.
-    "tiny": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, ffn_dim=768,
-                        vocab_size=4096, max_seq_len=512, rope_theta=1e4),
+    "tiny": ModelConfig(
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=32,
+        ffn_dim=768,
+        vocab_size=4096,
+        max_seq_len=512,
+        rope_theta=1e4,
+    ),
 }
 
 
@@ -180,27 +221,27 @@ class OptimConfig:
     # Steps from the start to the end of the cosine (0: the whole run). After it the lr stays at
     # the floor until the anneal.
     decay_steps: int = 0
-    final_lr_ratio: float = 0.1    # the cosine's floor, as a fraction of peak_lr
-    anneal_steps: int = 0          # Llama 3: linear to zero over the last N steps
+    final_lr_ratio: float = 0.1  # the cosine's floor, as a fraction of peak_lr
+    anneal_steps: int = 0  # Llama 3: linear to zero over the last N steps
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1      # not applied to norm weights
+    weight_decay: float = 0.1  # not applied to norm weights
     clip_norm: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 150
-    batch_size: int = 16           # sequences per step, over all devices and microbatches
+    batch_size: int = 16  # sequences per step, over all devices and microbatches
     seq_len: int = 256
-    microbatches: int = 1          # gradient accumulation inside the jitted step
-    loss_chunk: int = 512          # positions per chunk of the LM head + loss (bounds fp32 logits)
+    microbatches: int = 1  # gradient accumulation inside the jitted step
+    loss_chunk: int = 512  # positions per chunk of the LM head + loss (bounds fp32 logits)
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4
     seed: int = 0
-    sample_tokens: int = 48        # length of the sample printed at the end (0: none)
+    sample_tokens: int = 48  # length of the sample printed at the end (0: none)
     sample_prompt: str = "def "
 
 
@@ -208,10 +249,10 @@ class TrainConfig:
 class CheckpointConfig:
     """Orbax checkpoints in WORKDIR/checkpoints; `train` resumes from the newest good one."""
 
-    every_steps: int = 50          # 0: only at the end (and on SIGTERM or preemption)
+    every_steps: int = 50  # 0: only at the end (and on SIGTERM or preemption)
     keep_last: int = 3
-    keep_every: int = 0            # also keep every step divisible by this (0: none)
-    async_save: bool = True        # the step loop does not wait for the write
+    keep_every: int = 0  # also keep every step divisible by this (0: none)
+    async_save: bool = True  # the step loop does not wait for the write
     resume: bool = True
 
 
@@ -228,16 +269,16 @@ class PPOConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    minibatch_size: int = 64       # Llama 2: 512 prompts per iteration, minibatches of 64
-    epochs: int = 1                # passes over each iteration's rollouts
-    kl_coef: float = 0.01          # Llama 2: 0.01 (7B, 13B), 0.005 (70B)
+    minibatch_size: int = 64  # Llama 2: 512 prompts per iteration, minibatches of 64
+    epochs: int = 1  # passes over each iteration's rollouts
+    kl_coef: float = 0.01  # Llama 2: 0.01 (7B, 13B), 0.005 (70B)
     clip: float = 0.2
     value_clip: float = 0.2
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_scores: bool = True     # Llama 2 whitens the reward model's logits over the batch
-    value_lr: float = 0.0          # the value model's peak lr (0: optim.peak_lr)
-    eval_prompts: int = 0          # held-out prompts scored greedily at each eval (0: none)
+    whiten_scores: bool = True  # Llama 2 whitens the reward model's logits over the batch
+    value_lr: float = 0.0  # the value model's peak lr (0: optim.peak_lr)
+    eval_prompts: int = 0  # held-out prompts scored greedily at each eval (0: none)
 
     def __post_init__(self):
         for name in ("max_new_tokens", "minibatch_size", "epochs"):
@@ -250,27 +291,30 @@ class PosttrainConfig:
     """A post-training stage (REFERENCE.md, "Post-training"). Paths name a parameters checkpoint
     (`checkpoint.save_params`) or a training workdir (its newest checkpoint)."""
 
-    stage: str = "sft"             # one of POSTTRAIN_STAGES
-    init_from: str = ""            # the starting parameters ("": random, for tests)
-    reference: str = ""            # DPO/PPO: the frozen reference ("": the starting parameters)
-    reward_model: str = ""         # PPO: a reward model (an `rm` run's workdir or export)
-    score_fn: str = ""             # PPO: "module:function" scoring (prompt, response) instead
-    chat_template: str = ""        # "llama2" or "llama3" ("": the tokenizer family's)
-    eval_fraction: float = 0.05    # RM/DPO: pairs held out for evaluation when eval_data is None
-    use_margin: bool = False       # RM: Llama 2's margin from each pair's "margin" field
-    beta: float = 0.1              # DPO (Llama 3: 0.1)
-    nll_coef: float = 0.2          # DPO: weight of the chosen response's per-token NLL (Llama 3: 0.2)
-    mask_special_tokens: bool = True   # DPO: special/formatting tokens out of the log-ratios
+    stage: str = "sft"  # one of POSTTRAIN_STAGES
+    init_from: str = ""  # the starting parameters ("": random, for tests)
+    reference: str = ""  # DPO/PPO: the frozen reference ("": the starting parameters)
+    reward_model: str = ""  # PPO: a reward model (an `rm` run's workdir or export)
+    score_fn: str = ""  # PPO: "module:function" scoring (prompt, response) instead
+    chat_template: str = ""  # "llama2" or "llama3" ("": the tokenizer family's)
+    eval_fraction: float = 0.05  # RM/DPO: pairs held out for evaluation when eval_data is None
+    use_margin: bool = False  # RM: Llama 2's margin from each pair's "margin" field
+    beta: float = 0.1  # DPO (Llama 3: 0.1)
+    nll_coef: float = 0.2  # DPO: weight of the chosen response's per-token NLL (Llama 3: 0.2)
+    mask_special_tokens: bool = True  # DPO: special/formatting tokens out of the log-ratios
     reference_logprobs: str = "precompute"  # DPO: "precompute" once up front, or "online" each step
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self):
         if self.stage not in POSTTRAIN_STAGES:
-            raise ValueError(f"posttrain.stage must be one of {', '.join(POSTTRAIN_STAGES)}, "
-                             f"got {self.stage!r}.")
+            raise ValueError(
+                f"posttrain.stage must be one of {', '.join(POSTTRAIN_STAGES)}, got {self.stage!r}."
+            )
         if self.reference_logprobs not in ("precompute", "online"):
-            raise ValueError("posttrain.reference_logprobs must be 'precompute' or 'online', "
-                             f"got {self.reference_logprobs!r}.")
+            raise ValueError(
+                "posttrain.reference_logprobs must be 'precompute' or 'online', "
+                f"got {self.reference_logprobs!r}."
+            )
         if self.chat_template not in ("", "llama2", "llama3"):
             raise ValueError(f"posttrain.chat_template must be llama2 or llama3, got {self.chat_template!r}.")
         if not 0 <= self.eval_fraction < 1:
@@ -283,13 +327,12 @@ class Experiment:
 
     name: str = "tiny"
     model: ModelConfig = PRESETS["tiny"]
-    optim: OptimConfig = OptimConfig(peak_lr=2e-3, warmup_steps=15, final_lr_ratio=0.1,
-                                     weight_decay=0.1)
+    optim: OptimConfig = OptimConfig(peak_lr=2e-3, warmup_steps=15, final_lr_ratio=0.1, weight_decay=0.1)
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = STDLIB_TRAIN
-    eval_data: DataConfig | None = STDLIB_EVAL   # held-out split, evaluated every train.eval_every
+    eval_data: DataConfig | None = STDLIB_EVAL  # held-out split, evaluated every train.eval_every
     # A post-training stage (SFT, reward model, DPO, PPO) and its settings; None: pretraining.
     posttrain: PosttrainConfig | None = None
     # The hardware the recipe was sized for, e.g. "v5p-512"; informational until checked by AOT.
@@ -356,7 +399,7 @@ def _nested_override(config, parts: list[str], value):
         if part.isdigit():
             items = OmegaConf.to_container(OmegaConf.select(config, ".".join(parts[:i])))
             node = items[int(part)]
-            for sub in parts[i + 1:-1]:
+            for sub in parts[i + 1 : -1]:
                 node = node[sub]
             node[parts[-1]] = value
             parts, value = parts[:i], items
@@ -397,8 +440,9 @@ def load_experiment(name_or_path: str) -> Experiment:
             raise ConfigError(f"Experiment file {name_or_path} does not exist.")
         close = difflib.get_close_matches(name_or_path, list_experiments(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"Unknown experiment {name_or_path!r}.{hint} "
-                          "See `python -m llama_jax.train --help` for the list.")
+        raise ConfigError(
+            f"Unknown experiment {name_or_path!r}.{hint} See `python -m llama_jax.train --help` for the list."
+        )
     spec = importlib.util.spec_from_file_location(f"llama_jax_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

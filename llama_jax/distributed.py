@@ -39,18 +39,26 @@ class ProcessSpec:
             except ValueError:
                 raise DistributedError(f"{name} must be an integer, got {value!r}.") from None
 
-        return cls(args.coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None,
-                   number(args.num_processes if args.num_processes is not None
-                          else env.get("JAX_NUM_PROCESSES"), "the number of processes"),
-                   number(args.process_id if args.process_id is not None
-                          else env.get("JAX_PROCESS_ID"), "the process id"))
+        return cls(
+            args.coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None,
+            number(
+                args.num_processes if args.num_processes is not None else env.get("JAX_NUM_PROCESSES"),
+                "the number of processes",
+            ),
+            number(
+                args.process_id if args.process_id is not None else env.get("JAX_PROCESS_ID"),
+                "the process id",
+            ),
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "multi-host", "Not needed on Cloud TPU VMs or under SLURM, where JAX finds its peers.")
-    group.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="address of process 0 (or $JAX_COORDINATOR_ADDRESS)")
+        "multi-host", "Not needed on Cloud TPU VMs or under SLURM, where JAX finds its peers."
+    )
+    group.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="address of process 0 (or $JAX_COORDINATOR_ADDRESS)"
+    )
     group.add_argument("--num-processes", type=int, help="processes in the job (or $JAX_NUM_PROCESSES)")
     group.add_argument("--process-id", type=int, help="this process, 0..N-1 (or $JAX_PROCESS_ID)")
 
@@ -68,8 +76,10 @@ def initialize(spec: ProcessSpec) -> None:
     explicit = [spec.coordinator, spec.num_processes, spec.process_id]
     if any(value is not None for value in explicit):
         if any(value is None for value in explicit):
-            raise DistributedError("A multi-host job needs all of --coordinator, --num-processes and "
-                                   "--process-id (or their JAX_* variables).")
+            raise DistributedError(
+                "A multi-host job needs all of --coordinator, --num-processes and "
+                "--process-id (or their JAX_* variables)."
+            )
         if not 0 <= spec.process_id < spec.num_processes:
             raise DistributedError(f"--process-id {spec.process_id} is not in 0..{spec.num_processes - 1}.")
         if spec.num_processes == 1:

@@ -28,7 +28,8 @@ from jax.experimental import io_callback
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama, init_cache
-from llama_jax.quantize import MODES as QUANT_MODES, quantize_params
+from llama_jax.quantize import MODES as QUANT_MODES
+from llama_jax.quantize import quantize_params
 
 
 class GenerationError(ValueError):
@@ -53,10 +54,25 @@ def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stream"))
-def _generate(params, tokens, positions, segment_ids, prompt_lengths, stop_tokens, rng, *, cfg,
-              max_new_tokens, temperature, top_k, top_p, stream):
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "stream")
+)
+def _generate(
+    params,
+    tokens,
+    positions,
+    segment_ids,
+    prompt_lengths,
+    stop_tokens,
+    rng,
+    *,
+    cfg,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    stream,
+):
     batch, prompt_len = tokens.shape
     model = Llama(cfg)
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
@@ -78,8 +94,9 @@ def _generate(params, tokens, positions, segment_ids, prompt_lengths, stop_token
     def body(state):
         step, cache, out, done, rng, last = state
         position = (prompt_lengths + step - 1)[:, None]
-        logits, cache = model.apply({"params": params}, last[:, None], position,
-                                    jnp.ones_like(last)[:, None], cache=cache)
+        logits, cache = model.apply(
+            {"params": params}, last[:, None], position, jnp.ones_like(last)[:, None], cache=cache
+        )
         rng, key = jax.random.split(rng)
         token = sample_logits(logits[:, -1], key, temperature, top_k, top_p)
         token = jnp.where(done, 0, token)  # finished rows only pad
@@ -101,11 +118,20 @@ def _STREAM(step, tokens):  # noqa: N802 - called from the device through io_cal
         _stream_sink[0](int(step), np.asarray(tokens))
 
 
-def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_tokens: Sequence[int] = (), seed: int = 0,
-             on_token: Callable[[int, np.ndarray], None] | None = None,
-             prompt_bucket: int = 1) -> list[list[int]]:
+def generate(
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    on_token: Callable[[int, np.ndarray], None] | None = None,
+    prompt_bucket: int = 1,
+) -> list[list[int]]:
     """New tokens for each prompt (up to and including a stop token, if one comes)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("Every prompt needs at least one token.")
@@ -114,8 +140,10 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
     lengths = np.array([len(p) for p in prompts], np.int32)
     prompt_len = int(lengths.max())
     if prompt_len + max_new_tokens > cfg.max_seq_len:
-        raise GenerationError(f"The prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens "
-                              f"exceed the model's context of {cfg.max_seq_len} tokens.")
+        raise GenerationError(
+            f"The prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens "
+            f"exceed the model's context of {cfg.max_seq_len} tokens."
+        )
     if not 0.0 < top_p <= 1.0 or temperature < 0 or top_k < 0:
         raise GenerationError("Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1.")
     batch = len(prompts)
@@ -123,16 +151,27 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
     tokens = np.zeros((batch, prompt_len), np.int32)
     segment_ids = np.zeros((batch, prompt_len), np.int32)
     for row, prompt in enumerate(prompts):
-        tokens[row, prompt_len - len(prompt):] = prompt
-        segment_ids[row, prompt_len - len(prompt):] = 1
+        tokens[row, prompt_len - len(prompt) :] = prompt
+        segment_ids[row, prompt_len - len(prompt) :] = 1
     positions = np.maximum(np.arange(prompt_len)[None] - (prompt_len - lengths)[:, None], 0)
     stops = np.asarray(list(stop_tokens) or [-1], np.int32)
     _stream_sink[0] = on_token
     try:
-        out = _generate(params, tokens, positions.astype(np.int32), segment_ids, lengths, stops,
-                        jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
-                        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                        stream=on_token is not None)
+        out = _generate(
+            params,
+            tokens,
+            positions.astype(np.int32),
+            segment_ids,
+            lengths,
+            stops,
+            jax.random.key(seed),
+            cfg=cfg,
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            stream=on_token is not None,
+        )
         out = np.asarray(out)
     finally:
         _stream_sink[0] = None
@@ -141,7 +180,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new
     for row in out.tolist():
         for i, token in enumerate(row):
             if token in stop_set:
-                row = row[:i + 1]
+                row = row[: i + 1]
                 break
         results.append(row)
     return results
@@ -165,7 +204,7 @@ class _Printer:
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            print(text[len(self.printed):], end="", flush=True)
+            print(text[len(self.printed) :], end="", flush=True)
             self.printed = text
 
 
@@ -182,8 +221,10 @@ def load_model(ckpt: str | None, hf: str | None, tokenizer_path: str | None = No
     tokenizer = load_tokenizer(tokenizer_path)
     cfg, params = load_hf(hf) if hf else load_for_inference(ckpt)
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise GenerationError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                              f"vocabulary is {cfg.vocab_size}: they do not belong together.")
+        raise GenerationError(
+            f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocabulary is {cfg.vocab_size}: they do not belong together."
+        )
     return cfg, params, tokenizer
 
 
@@ -199,17 +240,28 @@ def _chat(params, cfg, tokenizer, args) -> None:
         messages.append({"role": "user", "content": user})
         prompt = tokenizer.encode_chat(messages, template=args.template, add_generation_prompt=True).ids
         printer = _Printer(tokenizer, tokenizer.stop_ids)
-        reply = generate(params, cfg, [prompt], args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, stop_tokens=tokenizer.stop_ids,
-                         seed=args.seed, on_token=printer)[0]
+        reply = generate(
+            params,
+            cfg,
+            [prompt],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_tokens=tokenizer.stop_ids,
+            seed=args.seed,
+            on_token=printer,
+        )[0]
         print()
         text = tokenizer.decode([t for t in reply if t not in set(tokenizer.stop_ids)])
         messages.append({"role": "assistant", "content": text})
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.generate",
-                                     description="Generate text from a llama_jax or Hugging Face model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_jax.generate",
+        description="Generate text from a llama_jax or Hugging Face model.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a llama_jax parameters checkpoint or training workdir")
     source.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors)")
@@ -218,15 +270,23 @@ def main(argv=None) -> int:
     mode.add_argument("--prompt", help="text to continue")
     mode.add_argument("--chat", action="store_true", help="interactive chat in the model's format")
     parser.add_argument("--system", default="", help="a system message for --chat")
-    parser.add_argument("--template", choices=("llama2", "llama3"), default=None,
-                        help="chat format (default: the tokenizer family's)")
+    parser.add_argument(
+        "--template",
+        choices=("llama2", "llama3"),
+        default=None,
+        help="chat format (default: the tokenizer family's)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quant", choices=QUANT_MODES, default=None,
-                        help="quantize the weights for inference (see llama_jax.quantize)")
+    parser.add_argument(
+        "--quant",
+        choices=QUANT_MODES,
+        default=None,
+        help="quantize the weights for inference (see llama_jax.quantize)",
+    )
     args = parser.parse_args(argv)
 
     from llama_jax.checkpoint import CheckpointError
@@ -241,9 +301,18 @@ def main(argv=None) -> int:
             return 0
         prompt = tokenizer.encode(args.prompt, bos=True)
         print(args.prompt, end="", flush=True)
-        generate(params, cfg, [prompt], args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, stop_tokens=tokenizer.stop_ids, seed=args.seed,
-                 on_token=_Printer(tokenizer, tokenizer.stop_ids))
+        generate(
+            params,
+            cfg,
+            [prompt],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_tokens=tokenizer.stop_ids,
+            seed=args.seed,
+            on_token=_Printer(tokenizer, tokenizer.stop_ids),
+        )
         print()
     except (GenerationError, CheckpointError, ConversionError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

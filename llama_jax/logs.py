@@ -21,8 +21,11 @@ def _log_unraisable(unraisable) -> None:
     # Exceptions that nothing can catch (TensorStore's callbacks into an event loop that Orbax has
     # already closed after a failed write, for one) would print a bare traceback on stderr.
     logging.getLogger("python.unraisable").error(
-        "%s %r", unraisable.err_msg or "Exception ignored in", unraisable.object,
-        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+        "%s %r",
+        unraisable.err_msg or "Exception ignored in",
+        unraisable.object,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+    )
 
 
 class _OnTerminal(logging.Filter):

@@ -20,8 +20,9 @@ def next_token_targets(batch):
     same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32) * same_document
     pad = jnp.zeros_like(weights[:, :1])
-    return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1), \
-        jnp.concatenate([weights, pad], axis=1)
+    return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1), jnp.concatenate(
+        [weights, pad], axis=1
+    )
 
 
 def _chunk_size(length: int, chunk: int) -> int:
@@ -48,8 +49,9 @@ def token_log_probs(hidden, head, targets, chunk: int = 512):
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
-    _, out = jax.lax.scan(lambda carry, xs: (carry, chunk_log_probs(*xs)), None,
-                          (split(hidden), split(targets)))
+    _, out = jax.lax.scan(
+        lambda carry, xs: (carry, chunk_log_probs(*xs)), None, (split(hidden), split(targets))
+    )
     return jnp.moveaxis(out, 0, 1).reshape(batch, length)
 
 

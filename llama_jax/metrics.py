@@ -19,11 +19,15 @@ from llama_jax.model import count_params
 
 # Dense bf16 peak per chip, TFLOP/s, by a substring of `device_kind` (more specific first).
 PEAK_TFLOPS = (
-    ("v6 lite", 918.0), ("v6e", 918.0),
-    ("v5 lite", 197.0), ("v5e", 197.0),
-    ("v5p", 459.0), ("v5", 459.0),
+    ("v6 lite", 918.0),
+    ("v6e", 918.0),
+    ("v5 lite", 197.0),
+    ("v5e", 197.0),
+    ("v5p", 459.0),
+    ("v5", 459.0),
     ("v4", 275.0),
-    ("h200", 989.0), ("h100", 989.0),
+    ("h200", 989.0),
+    ("h100", 989.0),
 )
 
 
@@ -44,7 +48,7 @@ def measured_cpu_peak(size: int = 1024, repeats: int = 8) -> float:
         start = time.perf_counter()
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2.0 * size ** 3 / best
+    return 2.0 * size**3 / best
 
 
 def peak_flops_per_second() -> tuple[float, str]:
@@ -78,8 +82,11 @@ class MetricsWriter:
         """Forgets rows past `step` (a resumed run logs those steps again)."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        rows = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
         self.path.write_text("".join(row + "\n" for row in rows))
 
     def write(self, step: int, metrics: dict) -> None:

@@ -49,8 +49,9 @@ def _project(x, w, dtype):
 
 
 def _weight(module: nn.Module, name: str, shape, axes, init):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                        jnp.dtype(module.cfg.param_dtype))
+    return module.param(
+        name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype)
+    )
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -65,7 +66,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     high_freq_wavelength = original / scaling.high_freq_factor
     # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
     smooth = (original / wavelength - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
     scaled = np.where(wavelength > low_freq_wavelength, inv_freq / scaling.factor, inv_freq)
     in_band = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
@@ -111,10 +113,12 @@ class Attention(nn.Module):
         cfg, dtype = self.cfg, self.cfg.dtype
         init = nn.initializers.normal(cfg.init_std)
         wq = _weight(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
-        wk = _weight(self, "wk", (cfg.dim, cfg.n_kv_heads, cfg.head_dim),
-                     ("embed", "kv_heads", "head_dim"), init)
-        wv = _weight(self, "wv", (cfg.dim, cfg.n_kv_heads, cfg.head_dim),
-                     ("embed", "kv_heads", "head_dim"), init)
+        wk = _weight(
+            self, "wk", (cfg.dim, cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), init
+        )
+        wv = _weight(
+            self, "wv", (cfg.dim, cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), init
+        )
         wo = _weight(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.dim), ("heads", "head_dim", "embed"), init)
 
         q = nn.with_logical_constraint(_project(x, wq, dtype), HEADS)
@@ -125,11 +129,22 @@ class Attention(nn.Module):
             out = attention(q, k, v, segment_ids, implementation=cfg.attention)
         else:
             # Only the new slice is written (in place inside the decode loop), not the whole cache.
-            kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache["index"], 0, 0))
-                       for c, new in zip(kv, (k, v)))
-            k_layer, v_layer = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype) for c in kv)
-            out = attention(q, k_layer, v_layer, segment_ids, cache["segment_ids"], q_offset=cache["index"],
-                            implementation=cfg.attention)
+            kv = tuple(
+                jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache["index"], 0, 0))
+                for c, new in zip(kv, (k, v))
+            )
+            k_layer, v_layer = (
+                jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype) for c in kv
+            )
+            out = attention(
+                q,
+                k_layer,
+                v_layer,
+                segment_ids,
+                cache["segment_ids"],
+                q_offset=cache["index"],
+                implementation=cfg.attention,
+            )
         out = nn.with_logical_constraint(out, HEADS)
         batch, length = out.shape[:2]
         return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype), kv
@@ -162,7 +177,8 @@ class Block(nn.Module):
     def __call__(self, carry, cos, sin, segment_ids, cache=None, layer=None):
         x, kv = carry
         attended, kv = Attention(self.cfg, name="attention")(
-            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, kv, layer)
+            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, kv, layer
+        )
         h = nn.with_logical_constraint(x + attended, ACTIVATION)
         out = h + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h))
         return (nn.with_logical_constraint(out, ACTIVATION), kv), None
@@ -180,15 +196,19 @@ class Llama(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None,
-                 return_hidden: bool = False):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, return_hidden: bool = False):
         cfg = self.cfg
         batch, length = tokens.shape
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
-        embeddings = _weight(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
-                             nn.initializers.normal(cfg.init_std))
+        embeddings = _weight(
+            self,
+            "tok_embeddings",
+            (cfg.vocab_size, cfg.dim),
+            ("vocab", "embed"),
+            nn.initializers.normal(cfg.init_std),
+        )
         # Gather the table's FSDP shards first (as for any weight) so the lookup stays local.
         table = nn.with_logical_constraint(embeddings, ("vocab", None))
         x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(cfg.dtype), ACTIVATION)
@@ -198,8 +218,12 @@ class Llama(nn.Module):
         if cache is not None:  # see init_cache: write this chunk at cache["index"]
             if segment_ids is None:
                 segment_ids = jnp.ones((batch, length), jnp.int32)
-            shared = {"index": cache["index"], "segment_ids": jax.lax.dynamic_update_slice(
-                cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache["index"]))}
+            shared = {
+                "index": cache["index"],
+                "segment_ids": jax.lax.dynamic_update_slice(
+                    cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache["index"])
+                ),
+            }
             kv = tuple(nn.with_logical_constraint(c, CACHE) for c in (cache["k"], cache["v"]))
 
         block = Block
@@ -207,26 +231,39 @@ class Llama(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         if cfg.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,) * 4 + (0,), length=cfg.n_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 4 + (0,),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             (x, kv), _ = stack(cfg, name="layers")((x, kv), cos, sin, segment_ids, shared, layers)
         else:
             for i in range(cfg.n_layers):
-                (x, kv), _ = block(cfg, name=f"layers_{i}")((x, kv), cos, sin, segment_ids, shared,
-                                                            layers[i])
+                (x, kv), _ = block(cfg, name=f"layers_{i}")((x, kv), cos, sin, segment_ids, shared, layers[i])
 
         x = RMSNorm(cfg, name="norm")(x)
         if cache is not None:
-            cache = {"k": kv[0], "v": kv[1], "segment_ids": shared["segment_ids"],
-                     "index": cache["index"] + length}
+            cache = {
+                "k": kv[0],
+                "v": kv[1],
+                "segment_ids": shared["segment_ids"],
+                "index": cache["index"] + length,
+            }
         if return_hidden:
             return x if cache is None else (x, cache)
         if cfg.tie_embeddings:
             head = embeddings.T
         else:
-            head = _weight(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
-                           nn.initializers.normal(cfg.init_std))
+            head = _weight(
+                self,
+                "output",
+                (cfg.dim, cfg.vocab_size),
+                ("embed", "vocab"),
+                nn.initializers.normal(cfg.init_std),
+            )
         logits = nn.with_logical_constraint(lm_logits(x, head), ("batch", "length", "vocab"))
         return logits if cache is None else (logits, cache)
 
@@ -237,8 +274,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     `Llama(cfg).apply(..., cache=cache)` returns (logits, cache) with the chunk written in."""
     dtype = cfg.dtype if dtype is None else dtype
     shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
 
 
 def lm_logits(hidden, head):
@@ -283,8 +324,10 @@ def describe(cfg: ModelConfig) -> str:
     shapes = nn.meta.unbox(boxed)
     axes = nn.get_partition_spec(boxed)
     lines = []
-    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
-            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+    for (path, leaf), spec in zip(
+        jax.tree_util.tree_leaves_with_path(shapes),
+        jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+    ):
         name = "/".join(str(getattr(key, "key", key)) for key in path)
         lines.append(f"  {name:<32} {str(tuple(leaf.shape)):<28} {leaf.dtype}  {tuple(spec)}")
     total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
@@ -295,7 +338,8 @@ def describe(cfg: ModelConfig) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m llama_jax.model",
-        description="Print a Llama preset's parameter shapes, logical axes and parameter count.")
+        description="Print a Llama preset's parameter shapes, logical axes and parameter count.",
+    )
     parser.add_argument("--preset", default="llama3_8b", help=f"one of: {', '.join(PRESETS)}")
     args = parser.parse_args(argv)
     try:

@@ -39,8 +39,10 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 def decay_mask(params):
     """Weight decay on matrices and embeddings, not on norm weights."""
+
     def keep(path, _):
         return not any("norm" in str(getattr(key, "key", key)) for key in path)
+
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -48,7 +50,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
     schedule = learning_rate_schedule(cfg, total_steps)
     optimizer = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                    mask=decay_mask),
+        optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+        ),
     )
     return optimizer, schedule

@@ -64,8 +64,10 @@ class QuantizedWeight:
         while math.prod(value.shape[out_axes:]) < self.scale.size:
             out_axes -= 1
         if math.prod(value.shape[out_axes:]) != self.scale.size:
-            raise ValueError(f"Reshaping a quantized {self.value.shape} weight to {value.shape} "
-                             "would split its output channels.")
+            raise ValueError(
+                f"Reshaping a quantized {self.value.shape} weight to {value.shape} "
+                "would split its output channels."
+            )
         scale = self.scale.reshape((1,) * out_axes + value.shape[out_axes:])
         return QuantizedWeight(value, scale, self.mode)
 
@@ -117,8 +119,9 @@ def quantize_rows_fp8(x, bound: float = FP8_ACTIVATION_BOUND):
 def quantized_weight_names(mode: str, layer: int, n_layers: int) -> list[tuple[str, str]]:
     """(module, weight) pairs of layer `layer` that `mode` quantizes."""
     if mode == "int8":
-        return [("attention", n) for n in ("wq", "wk", "wv", "wo")] + \
-            [("feed_forward", n) for n in ("w1", "w3", "w2")]
+        return [("attention", n) for n in ("wq", "wk", "wv", "wo")] + [
+            ("feed_forward", n) for n in ("w1", "w3", "w2")
+        ]
     if layer in (0, n_layers - 1):
         return []  # Llama 3's FP8 recipe keeps the first and last layers in full precision
     return [("feed_forward", n) for n in ("w1", "w3", "w2")]

@@ -9,15 +9,35 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, OptimConfig,
-                              PosttrainConfig, TrainConfig, model_preset)
+from llama_jax.config import (
+    CheckpointConfig,
+    Experiment,
+    MeshConfig,
+    OptimConfig,
+    PosttrainConfig,
+    TrainConfig,
+    model_preset,
+)
 
 
-def pretraining(preset: str, *, seq_len: int, batch_tokens: int, total_tokens: float,
-                peak_lr: float, warmup_steps: int, final_lr_ratio: float, eps: float = 1e-8,
-                decay_steps: int = 0, anneal_tokens: float = 0, target: str,
-                mesh: MeshConfig = MeshConfig(data=1, fsdp=-1, tensor=1), remat: str = "full",
-                microbatches: int = 1, description: str = "") -> Experiment:
+def pretraining(
+    preset: str,
+    *,
+    seq_len: int,
+    batch_tokens: int,
+    total_tokens: float,
+    peak_lr: float,
+    warmup_steps: int,
+    final_lr_ratio: float,
+    eps: float = 1e-8,
+    decay_steps: int = 0,
+    anneal_tokens: float = 0,
+    target: str,
+    mesh: MeshConfig = MeshConfig(data=1, fsdp=-1, tensor=1),
+    remat: str = "full",
+    microbatches: int = 1,
+    description: str = "",
+) -> Experiment:
     """A pretraining Experiment from a paper's recipe: AdamW (0.9, 0.95), weight decay 0.1,
     clipping 1.0, warmup then cosine to `final_lr_ratio`, and optionally Llama 3's anneal."""
     batch_size = batch_tokens // seq_len
@@ -25,54 +45,120 @@ def pretraining(preset: str, *, seq_len: int, batch_tokens: int, total_tokens: f
     return Experiment(
         name=preset,
         model=model_preset(preset, remat=remat),
-        optim=OptimConfig(peak_lr=peak_lr, warmup_steps=warmup_steps, decay_steps=decay_steps,
-                          final_lr_ratio=final_lr_ratio,
-                          anneal_steps=math.ceil(anneal_tokens / (batch_size * seq_len)),
-                          b1=0.9, b2=0.95, eps=eps, weight_decay=0.1, clip_norm=1.0),
+        optim=OptimConfig(
+            peak_lr=peak_lr,
+            warmup_steps=warmup_steps,
+            decay_steps=decay_steps,
+            final_lr_ratio=final_lr_ratio,
+            anneal_steps=math.ceil(anneal_tokens / (batch_size * seq_len)),
+            b1=0.9,
+            b2=0.95,
+            eps=eps,
+            weight_decay=0.1,
+            clip_norm=1.0,
+        ),
         mesh=mesh,
-        train=TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len,
-                          microbatches=microbatches, loss_chunk=1024, log_every=10,
-                          eval_every=1000, eval_batches=20, sample_tokens=0),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            microbatches=microbatches,
+            loss_chunk=1024,
+            log_every=10,
+            eval_every=1000,
+            eval_batches=20,
+            sample_tokens=0,
+        ),
         checkpoint=CheckpointConfig(every_steps=1000, keep_last=3, keep_every=10_000),
         target=target,
-        description=description)
+        description=description,
+    )
 
 
 # LLaMA 1 (2302.13971): 4M-token batches of 2048, 2000 warmup steps, cosine to 10%.
 def llama1(preset: str, peak_lr: float, total_tokens: float, target: str) -> Experiment:
-    return pretraining(preset, seq_len=2048, batch_tokens=4 * 2**20, total_tokens=total_tokens,
-                       peak_lr=peak_lr, warmup_steps=2000, final_lr_ratio=0.1, target=target,
-                       description=f"LLaMA 1 recipe: {total_tokens / 1e12:.1f}T tokens.")
+    return pretraining(
+        preset,
+        seq_len=2048,
+        batch_tokens=4 * 2**20,
+        total_tokens=total_tokens,
+        peak_lr=peak_lr,
+        warmup_steps=2000,
+        final_lr_ratio=0.1,
+        target=target,
+        description=f"LLaMA 1 recipe: {total_tokens / 1e12:.1f}T tokens.",
+    )
 
 
 # Llama 2 (2307.09288): as LLaMA 1 with eps 1e-5, 4096 context, 2T tokens.
 def llama2(preset: str, peak_lr: float, target: str) -> Experiment:
-    return pretraining(preset, seq_len=4096, batch_tokens=4 * 2**20, total_tokens=2.0e12,
-                       peak_lr=peak_lr, warmup_steps=2000, final_lr_ratio=0.1, eps=1e-5,
-                       target=target, description="Llama 2 recipe: 2.0T tokens.")
+    return pretraining(
+        preset,
+        seq_len=4096,
+        batch_tokens=4 * 2**20,
+        total_tokens=2.0e12,
+        peak_lr=peak_lr,
+        warmup_steps=2000,
+        final_lr_ratio=0.1,
+        eps=1e-5,
+        target=target,
+        description="Llama 2 recipe: 2.0T tokens.",
+    )
 
 
 # Llama 3 (2407.21783): 8K context, ~15.6T tokens, cosine to 1% then a linear anneal to zero over
 # the last 40M tokens. The paper gives 405B's batch (ramped 4M -> 8M -> 16M tokens; we use the
 # final 16M), its 8000 warmup steps and its 1.2M-step cosine; for 8B and 70B it gives only the
 # peak lr, so they take Llama 2's 4M-token batch and 2000 warmup steps and decay over the run.
-def llama3(preset: str, peak_lr: float, target: str, mesh: MeshConfig = MeshConfig(),
-           large: bool = False, microbatches: int = 1) -> Experiment:
-    return pretraining(preset, seq_len=8192, batch_tokens=(16 if large else 4) * 2**20,
-                       total_tokens=15.6e12, peak_lr=peak_lr, warmup_steps=8000 if large else 2000,
-                       decay_steps=1_200_000 if large else 0, final_lr_ratio=0.01,
-                       anneal_tokens=40e6, target=target, mesh=mesh, microbatches=microbatches,
-                       description="Llama 3 recipe: 15.6T tokens at 8K context, annealed.")
+def llama3(
+    preset: str,
+    peak_lr: float,
+    target: str,
+    mesh: MeshConfig = MeshConfig(),
+    large: bool = False,
+    microbatches: int = 1,
+) -> Experiment:
+    return pretraining(
+        preset,
+        seq_len=8192,
+        batch_tokens=(16 if large else 4) * 2**20,
+        total_tokens=15.6e12,
+        peak_lr=peak_lr,
+        warmup_steps=8000 if large else 2000,
+        decay_steps=1_200_000 if large else 0,
+        final_lr_ratio=0.01,
+        anneal_tokens=40e6,
+        target=target,
+        mesh=mesh,
+        microbatches=microbatches,
+        description="Llama 3 recipe: 15.6T tokens at 8K context, annealed.",
+    )
 
 
 # --- post-training (REFERENCE.md, "Post-training") ----------------------------------------------
 
 
-def posttraining(preset: str, stage: str, *, data_path: str, peak_lr: float, steps: int,
-                 batch_size: int, seq_len: int, warmup_steps: int, target: str,
-                 posttrain: PosttrainConfig, tokenizer_path: str = "", eval_path: str | None = None,
-                 final_lr_ratio: float = 0.1, mesh: MeshConfig = MeshConfig(), remat: str = "full",
-                 microbatches: int = 1, name: str = "", description: str = "") -> Experiment:
+def posttraining(
+    preset: str,
+    stage: str,
+    *,
+    data_path: str,
+    peak_lr: float,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    warmup_steps: int,
+    target: str,
+    posttrain: PosttrainConfig,
+    tokenizer_path: str = "",
+    eval_path: str | None = None,
+    final_lr_ratio: float = 0.1,
+    mesh: MeshConfig = MeshConfig(),
+    remat: str = "full",
+    microbatches: int = 1,
+    name: str = "",
+    description: str = "",
+) -> Experiment:
     """A post-training Experiment: AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0, warmup then
     cosine to `final_lr_ratio`. `data_path` holds chats (sft), preference pairs (rm, dpo) or
     prompts (ppo) as JSONL; `batch_size` counts sequences (sft), pairs (rm, dpo) or prompts (ppo).
@@ -86,27 +172,57 @@ def posttraining(preset: str, stage: str, *, data_path: str, peak_lr: float, ste
     return Experiment(
         name=name or f"{preset}_{stage}",
         model=model_preset(preset, remat=remat),
-        optim=OptimConfig(peak_lr=peak_lr, warmup_steps=warmup_steps, final_lr_ratio=final_lr_ratio,
-                          b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0),
+        optim=OptimConfig(
+            peak_lr=peak_lr,
+            warmup_steps=warmup_steps,
+            final_lr_ratio=final_lr_ratio,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            clip_norm=1.0,
+        ),
         mesh=mesh,
-        train=TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len,
-                          microbatches=microbatches, loss_chunk=1024, log_every=10, eval_every=200,
-                          eval_batches=20, sample_tokens=0),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            microbatches=microbatches,
+            loss_chunk=1024,
+            log_every=10,
+            eval_every=200,
+            eval_batches=20,
+            sample_tokens=0,
+        ),
         checkpoint=CheckpointConfig(every_steps=500, keep_last=2),
         data=DataConfig(sources=(source(data_path),), tokenizer_path=tokenizer_path),
-        eval_data=None if eval_path is None else DataConfig(sources=(source(eval_path),),
-                                                           tokenizer_path=tokenizer_path, shuffle=False),
+        eval_data=None
+        if eval_path is None
+        else DataConfig(sources=(source(eval_path),), tokenizer_path=tokenizer_path, shuffle=False),
         posttrain=posttrain,
         target=target,
-        description=description)
+        description=description,
+    )
 
 
 def tiny_posttraining(stage: str, *, peak_lr: float, steps: int, posttrain: PosttrainConfig) -> Experiment:
     """A post-training stage on the `tiny` model for a CPU, for tests and demonstrations: 16
     sequences of 128 tokens, evaluation every 50 steps, a checkpoint at the end only; its data is
     data/tiny_STAGE.jsonl until overridden."""
-    exp = posttraining("tiny", stage, data_path=f"data/tiny_{stage}.jsonl", peak_lr=peak_lr, steps=steps,
-                       batch_size=16, seq_len=128, warmup_steps=10, target="cpu", remat="none",
-                       posttrain=posttrain)
-    return exp.replace(train=dataclasses.replace(exp.train, eval_every=50, eval_batches=4),
-                       checkpoint=dataclasses.replace(exp.checkpoint, every_steps=0))
+    exp = posttraining(
+        "tiny",
+        stage,
+        data_path=f"data/tiny_{stage}.jsonl",
+        peak_lr=peak_lr,
+        steps=steps,
+        batch_size=16,
+        seq_len=128,
+        warmup_steps=10,
+        target="cpu",
+        remat="none",
+        posttrain=posttrain,
+    )
+    return exp.replace(
+        train=dataclasses.replace(exp.train, eval_every=50, eval_batches=4),
+        checkpoint=dataclasses.replace(exp.checkpoint, every_steps=0),
+    )

@@ -43,10 +43,11 @@ def done_ids(out: Path) -> set[str]:
     if not out.exists():
         return set()
     data = out.read_bytes()
-    good = data if data.endswith(b"\n") or not data else data[:data.rfind(b"\n") + 1]
+    good = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
     if len(good) != len(data):
-        print(f"warning: {out} ended with an incomplete line (an interrupted run); removed it.",
-              file=sys.stderr)
+        print(
+            f"warning: {out} ended with an incomplete line (an interrupted run); removed it.", file=sys.stderr
+        )
         with open(out, "r+b") as f:
             f.truncate(len(good))
     ids = set()
@@ -54,8 +55,9 @@ def done_ids(out: Path) -> set[str]:
         try:
             ids.add(str(json.loads(line)["id"]))
         except (ValueError, KeyError, TypeError):
-            raise RejectionSamplingError(f"{out} line {number} is not a record of an earlier run; "
-                                         "choose another --out.") from None
+            raise RejectionSamplingError(
+                f"{out} line {number} is not a record of an earlier run; choose another --out."
+            ) from None
     return ids
 
 
@@ -90,8 +92,9 @@ def run(args) -> dict:
     if "score" in params:
         raise RejectionSamplingError(f"{args.ckpt} is a reward model, not a policy to sample from.")
     template = args.template or tokenizer.default_chat_template
-    scorer = load_scorer(reward_model=args.reward_model or "", score_fn=args.score or "",
-                         vocab_size=cfg.vocab_size)
+    scorer = load_scorer(
+        reward_model=args.reward_model or "", score_fn=args.score or "", vocab_size=cfg.vocab_size
+    )
     try:
         prompts = load_prompts(args.prompts)
     except (FileNotFoundError, ValueError) as err:
@@ -115,16 +118,28 @@ def run(args) -> dict:
             continue
         todo.append((prompt, ids))
     if counts["skipped_long"]:
-        print(f"warning: {counts['skipped_long']} prompts skipped: with --max-new-tokens "
-              f"{args.max_new_tokens} they exceed the model's context of {cfg.max_seq_len}.", file=sys.stderr)
+        print(
+            f"warning: {counts['skipped_long']} prompts skipped: with --max-new-tokens "
+            f"{args.max_new_tokens} they exceed the model's context of {cfg.max_seq_len}.",
+            file=sys.stderr,
+        )
     stops = set(tokenizer.stop_ids)
     with open(out, "a", encoding="utf-8") as sink:
         for start in range(0, len(todo), args.batch_prompts):
-            batch = todo[start:start + args.batch_prompts]
+            batch = todo[start : start + args.batch_prompts]
             rows = [ids for _, ids in batch for _ in range(args.k)]
-            samples = generate(params, cfg, rows, args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, stop_tokens=tokenizer.stop_ids,
-                               seed=_seed(args.seed, [p["id"] for p, _ in batch]), prompt_bucket=32)
+            samples = generate(
+                params,
+                cfg,
+                rows,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                stop_tokens=tokenizer.stop_ids,
+                seed=_seed(args.seed, [p["id"] for p, _ in batch]),
+                prompt_bucket=32,
+            )
             finished = [bool(s) and s[-1] in stops for s in samples]
             texts = [tokenizer.decode([t for t in s if t not in stops]).strip() for s in samples]
             records = [{**p["record"], "messages": p["messages"]} for p, _ in batch for _ in range(args.k)]
@@ -133,10 +148,15 @@ def run(args) -> dict:
                 span = slice(i * args.k, (i + 1) * args.k)
                 best, worst = choose(scores[span], finished[span], args.pairs)
                 own_texts = texts[span]
-                line = {"id": prompt["id"], "prompt": prompt["messages"], "chosen": own_texts[best],
-                        "chosen_score": float(scores[span][best]),
-                        "messages": prompt["messages"] + [{"role": "assistant", "content": own_texts[best]}],
-                        "scores": [float(s) for s in scores[span]], "finished": finished[span]}
+                line = {
+                    "id": prompt["id"],
+                    "prompt": prompt["messages"],
+                    "chosen": own_texts[best],
+                    "chosen_score": float(scores[span][best]),
+                    "messages": prompt["messages"] + [{"role": "assistant", "content": own_texts[best]}],
+                    "scores": [float(s) for s in scores[span]],
+                    "finished": finished[span],
+                }
                 if worst is not None:
                     line.update(rejected=own_texts[worst], rejected_score=float(scores[span][worst]))
                 sink.write(json.dumps(line) + "\n")
@@ -144,8 +164,11 @@ def run(args) -> dict:
             sink.flush()
             os.fsync(sink.fileno())
             if not args.quiet:
-                print(f"{counts['written'] + counts['skipped_done']}/{len(prompts)} prompts done",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{counts['written'] + counts['skipped_done']}/{len(prompts)} prompts done",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return counts
 
 
@@ -153,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llama_jax.rejection_sample",
         description="Sample K responses per prompt, score them, keep the best (and the worst with "
-                    "--pairs); resumable.")
+        "--pairs); resumable.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="the policy: a llama_jax parameters checkpoint or training workdir")
     source.add_argument("--hf", help="the policy: a Hugging Face model directory")
@@ -170,8 +194,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--template", choices=("llama2", "llama3"), default=None,
-                        help="chat format (default: the tokenizer family's)")
+    parser.add_argument(
+        "--template",
+        choices=("llama2", "llama3"),
+        default=None,
+        help="chat format (default: the tokenizer family's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     return parser
@@ -186,14 +214,23 @@ def main(argv=None) -> int:
 
     try:
         counts = run(args)
-    except (RejectionSamplingError, ScoringError, GenerationError, CheckpointError, ConversionError,
-            ConfigError, FileNotFoundError) as err:
+    except (
+        RejectionSamplingError,
+        ScoringError,
+        GenerationError,
+        CheckpointError,
+        ConversionError,
+        ConfigError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.quiet:
-        print(f"wrote {counts['written']} records to {args.out} ({counts['skipped_done']} prompts were "
-              f"already there, {counts['skipped_long']} too long, {counts['skipped_bad']} unusable)",
-              file=sys.stderr)
+        print(
+            f"wrote {counts['written']} records to {args.out} ({counts['skipped_done']} prompts were "
+            f"already there, {counts['skipped_long']} too long, {counts['skipped_bad']} unusable)",
+            file=sys.stderr,
+        )
     return 0
 
 

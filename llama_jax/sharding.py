@@ -23,7 +23,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
-    ("embed", "fsdp"),          # parameters: FSDP shards the model dimension
+    ("embed", "fsdp"),  # parameters: FSDP shards the model dimension
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -52,8 +52,10 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
             raise MeshError(f"The mesh sizes {fixed_axes} do not divide the {n_devices} devices.")
         sizes[free[0]] = n_devices // fixed
     if math.prod(sizes.values()) != n_devices:
-        raise MeshError(f"The mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} "
-                        f"needs {math.prod(sizes.values())} devices, but there are {n_devices}.")
+        raise MeshError(
+            f"The mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} "
+            f"needs {math.prod(sizes.values())} devices, but there are {n_devices}."
+        )
     return sizes
 
 
@@ -63,14 +65,18 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     shape = tuple(sizes[name] for name in MESH_AXES)
     # Auto axes: XLA propagates shardings from the parameters, batches and the model's constraints.
     try:
-        return jax.make_mesh(shape, MESH_AXES, (jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                             devices=devices)
+        return jax.make_mesh(
+            shape, MESH_AXES, (jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
+        )
     except NotImplementedError:  # JAX found no layout of these axis sizes on the chips' torus
         physical = getattr(devices[0], "coords", None) and "x".join(
-            str(max(d.coords[i] for d in devices) + 1) for i in range(len(devices[0].coords)))
-        raise MeshError(f"The mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} does not map onto "
-                        f"the chips' {physical or 'physical'} torus: each size must be a product of "
-                        "whole torus dimensions.") from None
+            str(max(d.coords[i] for d in devices) + 1) for i in range(len(devices[0].coords))
+        )
+        raise MeshError(
+            f"The mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} does not map onto "
+            f"the chips' {physical or 'physical'} torus: each size must be a product of "
+            "whole torus dimensions."
+        ) from None
 
 
 def logical_to_spec(logical: PartitionSpec, shape, mesh: Mesh, rules=LOGICAL_RULES) -> PartitionSpec:
@@ -91,9 +97,12 @@ def tree_shardings(abstract_tree, logical_specs, mesh: Mesh):
     leaves, treedef = jax.tree.flatten(abstract_tree)
     if len(specs) != len(leaves):
         raise ValueError(f"{len(leaves)} arrays but {len(specs)} partition specs.")
-    return treedef.unflatten([
-        NamedSharding(mesh, logical_to_spec(spec or PartitionSpec(), leaf.shape, mesh))
-        for leaf, spec in zip(leaves, specs)])
+    return treedef.unflatten(
+        [
+            NamedSharding(mesh, logical_to_spec(spec or PartitionSpec(), leaf.shape, mesh))
+            for leaf, spec in zip(leaves, specs)
+        ]
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -108,11 +117,14 @@ def data_parallel_size(mesh: Mesh) -> int:
 def check_batch(batch_size: int, microbatches: int, mesh: Mesh) -> None:
     dp = data_parallel_size(mesh)
     if batch_size % microbatches:
-        raise MeshError(f"train.batch_size={batch_size} is not divisible by "
-                        f"train.microbatches={microbatches}.")
+        raise MeshError(
+            f"train.batch_size={batch_size} is not divisible by train.microbatches={microbatches}."
+        )
     if (batch_size // microbatches) % dp:
-        raise MeshError(f"The microbatch of {batch_size // microbatches} sequences is not divisible "
-                        f"by the data-parallel size {dp} (mesh.data x mesh.fsdp).")
+        raise MeshError(
+            f"The microbatch of {batch_size // microbatches} sequences is not divisible "
+            f"by the data-parallel size {dp} (mesh.data x mesh.fsdp)."
+        )
 
 
 @contextlib.contextmanager

@@ -264,8 +264,7 @@ def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
             rank = int(parts[1])
         except (ValueError, binascii.Error):
             raise TokenizerFileError(
-                f"{path} is not a tiktoken BPE file: line {line_number} is not "
-                "'<base64 token> <rank>'."
+                f"{path} is not a tiktoken BPE file: line {line_number} is not '<base64 token> <rank>'."
             ) from None
         ranks[token] = rank
     if not ranks:
@@ -307,8 +306,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return SentencePieceTokenizer(path)
     except TokenizerFileError:
         raise TokenizerFileError(
-            f"{path} is neither a SentencePiece model (LLaMA 1/2) nor a tiktoken "
-            "BPE file (Llama 3)."
+            f"{path} is neither a SentencePiece model (LLaMA 1/2) nor a tiktoken BPE file (Llama 3)."
         ) from None
 
 

@@ -5,24 +5,33 @@ import os
 # Tests run on the CPU. Eight simulated devices let the sharding tests build real meshes; they
 # must be requested before JAX starts, hence here.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 # The AOT tests load libtpu in this process and again in subprocesses (the notebook's kernel);
 # without a TPU there is nothing to guard, so libtpu's one-process lockfile is waived.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import numpy as np
 import pytest
-
 import torch  # noqa: E402  (the test extra pins both)
 import transformers  # noqa: E402
 
 
 def hf_config(**overrides):
     """A small LlamaConfig; keyword arguments override the defaults."""
-    fields = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=256,
-                  rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     fields.update(overrides)
     return transformers.LlamaConfig(**fields)
 
@@ -65,8 +74,17 @@ def small_checkpoint(tmp_path_factory):
     from llama_jax.data.synthetic import write_sentencepiece_model
     from llama_jax.model import init_params
 
-    cfg = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                      vocab_size=320, max_seq_len=64, init_std=0.1)
+    cfg = ModelConfig(
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=128,
+        vocab_size=320,
+        max_seq_len=64,
+        init_std=0.1,
+    )
     root = tmp_path_factory.mktemp("small_checkpoint")
     params = init_params(cfg, jax.random.key(0))
     save_params(root / "ckpt", params, cfg)

@@ -12,9 +12,17 @@ from llama_jax.config import ConfigError, Experiment, apply_overrides
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="libtpu is published for Linux only")
 
 
-@pytest.mark.parametrize("name,chips,libtpu_name", [
-    ("v5p-128", 64, "v5p:4x4x4"), ("v4-32", 16, "v4:2x2x4"), ("v5e-16", 16, "v5e:4x4"),
-    ("v5litepod-8", 8, "v5e:2x4"), ("v6e-256", 256, "v6e:16x16"), ("v5p:2x2x1", 4, "v5p:2x2x1")])
+@pytest.mark.parametrize(
+    "name,chips,libtpu_name",
+    [
+        ("v5p-128", 64, "v5p:4x4x4"),
+        ("v4-32", 16, "v4:2x2x4"),
+        ("v5e-16", 16, "v5e:4x4"),
+        ("v5litepod-8", 8, "v5e:2x4"),
+        ("v6e-256", 256, "v6e:16x16"),
+        ("v5p:2x2x1", 4, "v5p:2x2x1"),
+    ],
+)
 def test_topology_names(name, chips, libtpu_name):
     topology = parse_topology(name)
     assert (topology.chips, topology.libtpu_name) == (chips, libtpu_name)

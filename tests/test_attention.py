@@ -6,9 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.attention import (attention, choose_implementation, compiling_for, splash_attention,
-                                 xla_attention)
-from llama_jax.config import ModelConfig, MeshConfig
+from llama_jax.attention import (
+    attention,
+    choose_implementation,
+    compiling_for,
+    splash_attention,
+    xla_attention,
+)
+from llama_jax.config import MeshConfig, ModelConfig
 from llama_jax.model import Llama, init_params, param_logical_axes
 from llama_jax.sharding import activation_sharding, make_mesh, tree_shardings
 
@@ -32,8 +37,9 @@ def test_splash_matches_the_reference_forward_and_backward():
     def loss(fn):
         return lambda q, k, v: (fn(q, k, v) ** 2).sum()
 
-    ours = jax.grad(loss(lambda q, k, v: splash_attention(q, k, v, segments, interpret=True)),
-                    argnums=(0, 1, 2))(q, k, v)
+    ours = jax.grad(
+        loss(lambda q, k, v: splash_attention(q, k, v, segments, interpret=True)), argnums=(0, 1, 2)
+    )(q, k, v)
     reference = jax.grad(loss(lambda q, k, v: xla_attention(q, k, v, segments)), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, reference):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -42,8 +48,17 @@ def test_splash_matches_the_reference_forward_and_backward():
 
 
 def test_splash_inside_the_sharded_model_matches_xla():
-    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256,
-                      vocab_size=256, max_seq_len=128, compute_dtype="float32")
+    cfg = ModelConfig(
+        dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        ffn_dim=256,
+        vocab_size=256,
+        max_seq_len=128,
+        compute_dtype="float32",
+    )
     params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, 256, (4, 128)), jnp.int32)
@@ -59,7 +74,8 @@ def test_splash_inside_the_sharded_model_matches_xla():
     def logits_and_grad(params):
         def loss(params):
             logits = model.apply({"params": params}, tokens, positions, segments)
-            return jnp.mean(logits ** 2), logits
+            return jnp.mean(logits**2), logits
+
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     with activation_sharding(mesh):
@@ -67,8 +83,11 @@ def test_splash_inside_the_sharded_model_matches_xla():
         # The kernel runs per device under shard_map (batch over data x fsdp, heads over tensor).
         assert "shard_map" in str(jax.make_jaxpr(logits_and_grad)(sharded))
     np.testing.assert_allclose(logits, reference, atol=2e-4)
-    reference_grads = jax.grad(lambda p: jnp.mean(Llama(cfg.replace(attention="xla")).apply(
-        {"params": p}, tokens, positions, segments) ** 2))(params)
+    reference_grads = jax.grad(
+        lambda p: jnp.mean(
+            Llama(cfg.replace(attention="xla")).apply({"params": p}, tokens, positions, segments) ** 2
+        )
+    )(params)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-3)
 
@@ -89,5 +108,14 @@ def test_auto_picks_the_platform_kernel_where_it_applies():
     with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
         attention(q, k, k, implementation="flash")
     with pytest.raises(ValueError, match="attention must be one of"):
-        ModelConfig(dim=64, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=32, ffn_dim=64,
-                    vocab_size=64, max_seq_len=64, attention="flash")
+        ModelConfig(
+            dim=64,
+            n_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            head_dim=32,
+            ffn_dim=64,
+            vocab_size=64,
+            max_seq_len=64,
+            attention="flash",
+        )

@@ -30,9 +30,21 @@ def _env(tmp_path):
 
 
 def _command(workdir):
-    return [sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir), f"train.steps={STEPS}",
-            "train.log_every=1", "train.eval_every=1000", "train.batch_size=4", "train.seq_len=64",
-            "train.sample_tokens=0", "checkpoint.every_steps=3", "optim.warmup_steps=3"]
+    return [
+        sys.executable,
+        "-m",
+        "llama_jax.train",
+        "--workdir",
+        str(workdir),
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "train.batch_size=4",
+        "train.seq_len=64",
+        "train.sample_tokens=0",
+        "checkpoint.every_steps=3",
+        "optim.warmup_steps=3",
+    ]
 
 
 def _logged_steps(workdir):
@@ -44,8 +56,9 @@ def _logged_steps(workdir):
 
 def _start_and_signal(workdir, env, after_step, sig):
     """Starts a run, sends `sig` once a step past `after_step` is logged, returns (process, output)."""
-    process = subprocess.Popen(_command(workdir), env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        _command(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if any(step > after_step for step in _logged_steps(workdir)):
@@ -97,10 +110,21 @@ def test_sigterm_then_sigkill_then_resume_is_exact(tmp_path):
 def trained(tmp_path_factory):
     """An 8-step run on the 8 simulated devices, checkpointing every 2 steps."""
     os.environ.setdefault("LLAMA_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
-    exp = apply_overrides(Experiment(), [
-        "train.steps=8", "train.batch_size=8", "train.seq_len=64", "train.log_every=4",
-        "train.sample_tokens=0", "eval_data=null", "checkpoint.every_steps=2",
-        "checkpoint.keep_last=2", "checkpoint.keep_every=4", "model.n_layers=2"])
+    exp = apply_overrides(
+        Experiment(),
+        [
+            "train.steps=8",
+            "train.batch_size=8",
+            "train.seq_len=64",
+            "train.log_every=4",
+            "train.sample_tokens=0",
+            "eval_data=null",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_last=2",
+            "checkpoint.keep_every=4",
+            "model.n_layers=2",
+        ],
+    )
     workdir = tmp_path_factory.mktemp("run")
     params = train(exp, workdir, quiet=True)["state"].params
     return exp, workdir, params
@@ -188,14 +212,19 @@ def test_training_workdir_exports_to_hugging_face(trained, tmp_path):
     from llama_jax.model import Llama
 
     exp, workdir, params = trained
-    assert convert_main(["--from", "llama_jax", str(workdir), "--to", "hf", str(tmp_path / "hf"),
-                         "--no-progress"]) == 0
+    assert (
+        convert_main(
+            ["--from", "llama_jax", str(workdir), "--to", "hf", str(tmp_path / "hf"), "--no-progress"]
+        )
+        == 0
+    )
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = np.random.default_rng(0).integers(0, exp.model.vocab_size, (2, 24))
     with torch.no_grad():
         theirs = model(torch.as_tensor(tokens)).logits.numpy()
-    ours = np.asarray(Llama(exp.model.replace(compute_dtype="float32")).apply(
-        {"params": jax.device_get(params)}, tokens))
+    ours = np.asarray(
+        Llama(exp.model.replace(compute_dtype="float32")).apply({"params": jax.device_get(params)}, tokens)
+    )
     assert np.abs(ours - theirs).max() < 1e-4
 
 
@@ -216,21 +245,33 @@ def test_incomplete_checkpoint_directory_is_ignored(trained, tmp_path):
 
 # Runs the training CLI with every file write past 256 KiB failing (EFBIG), as on a full disk; the
 # limit is set in the child itself, before JAX starts.
-_FULL_DISK = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024)); "
-              "sys.argv = ['llama_jax.train'] + sys.argv[1:]; "
-              "runpy.run_module('llama_jax.train', run_name='__main__')")
+_FULL_DISK = (
+    "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024)); "
+    "sys.argv = ['llama_jax.train'] + sys.argv[1:]; "
+    "runpy.run_module('llama_jax.train', run_name='__main__')"
+)
 
 
 def test_a_full_disk_during_a_save_is_reported_and_earlier_checkpoints_survive(tmp_path):
     env = _env(tmp_path)
     workdir = tmp_path / "run"
-    first = subprocess.run(_command(workdir)[:-2] + ["checkpoint.every_steps=3", "train.steps=3"],
-                           env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        _command(workdir)[:-2] + ["checkpoint.every_steps=3", "train.steps=3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     # Now every file write past 256 KiB fails, as on a full disk.
-    second = subprocess.run([sys.executable, "-c", _FULL_DISK] + _command(workdir)[3:], env=env,
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK] + _command(workdir)[3:],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = second.stderr.strip().splitlines()
     assert second.returncode == 2, second.stdout + second.stderr
     assert err[-1].startswith("error: Saving a checkpoint in") and "already complete are intact" in err[-1]

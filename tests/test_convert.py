@@ -9,8 +9,14 @@ from safetensors.numpy import load_file, save_file
 from llama_jax.config import RopeScaling
 from llama_jax.convert import ConversionError, config_from_hf, load_hf
 
-SCALED = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+SCALED = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 
 def test_released_and_transformers5_configs_agree(hf_model_dir):
@@ -29,9 +35,16 @@ def test_released_and_transformers5_configs_agree(hf_model_dir):
 
 def test_unsupported_rope_type_is_named():
     with pytest.raises(ConversionError, match="'yarn'"):
-        config_from_hf({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                        "intermediate_size": 8, "vocab_size": 8,
-                        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        config_from_hf(
+            {
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 8,
+                "vocab_size": 8,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+            }
+        )
 
 
 def _rewrite(path, change):
@@ -53,8 +66,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(hf_model_dir):
 def test_missing_tensor_is_named(hf_model_dir):
     _, path = hf_model_dir()
     _rewrite(path, lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
-    with pytest.raises(ConversionError,
-                       match=r"lacks tensor model\.layers\.0\.mlp\.up_proj\.weight"):
+    with pytest.raises(ConversionError, match=r"lacks tensor model\.layers\.0\.mlp\.up_proj\.weight"):
         load_hf(path)
 
 

@@ -24,8 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 def _run_module(*args):
     """The CLI as users run it, in a fresh interpreter that imports this checkout."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "llama_jax.convert", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llama_jax.convert", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_hf_to_llama_jax_to_hf(hf_model_dir, tmp_path):
@@ -38,13 +43,26 @@ def test_hf_to_llama_jax_to_hf(hf_model_dir, tmp_path):
 
     tokens = np.random.default_rng(0).integers(0, 128, size=(2, 40), dtype=np.int32)
     cfg, params = load_params(ours)
-    error = np.abs(np.asarray(Llama(cfg).apply({"params": params}, tokens))
-                   - hf_logits(model, tokens)).max()
+    error = np.abs(np.asarray(Llama(cfg).apply({"params": params}, tokens)) - hf_logits(model, tokens)).max()
     print(f"CLI hf -> llama_jax: max abs logit error {error:.2e}")
     assert error < TOLERANCE
 
-    assert main(["--from", "llama_jax", str(ours), "--to", "hf", str(exported),
-                 "--max-shard-size", "50KB", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--from",
+                "llama_jax",
+                str(ours),
+                "--to",
+                "hf",
+                str(exported),
+                "--max-shard-size",
+                "50KB",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     reloaded = transformers.LlamaForCausalLM.from_pretrained(exported).eval()
     error = np.abs(hf_logits(reloaded, tokens) - hf_logits(model, tokens)).max()
     print(f"CLI hf -> llama_jax -> hf: max abs logit error {error:.2e}")
@@ -53,8 +71,22 @@ def test_hf_to_llama_jax_to_hf(hf_model_dir, tmp_path):
 
 def test_bf16_output(hf_model_dir, tmp_path):
     _, path = hf_model_dir()
-    assert main(["--from", "hf", str(path), "--to", "llama_jax", str(tmp_path / "out"),
-                 "--dtype", "bfloat16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--from",
+                "hf",
+                str(path),
+                "--to",
+                "llama_jax",
+                str(tmp_path / "out"),
+                "--dtype",
+                "bfloat16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     cfg, params = load_params(tmp_path / "out")
     assert cfg.param_dtype == "bfloat16"
     assert params["layers"]["attention"]["wq"].dtype.name == "bfloat16"
@@ -75,21 +107,31 @@ def _sharded(hf_model_dir):
 # name -> (prepare(hf_model_dir, tmp_path) -> argv, expected part of the one-line error)
 BAD_INPUTS = {
     "mistral": (lambda make, tmp: _mistral(make(), tmp), "model_type 'mistral'"),
-    "other_shape": (lambda make, tmp: _other_shape(make(), tmp),
-                    r"has shape \(64, 64\), but config\.json implies \(32, 64\)"),
-    "missing_safetensors_shard": (lambda make, tmp: _missing_shard(_sharded(make), tmp),
-                                  r"lacks model-00002-of-\d+\.safetensors, a shard"),
-    "missing_tensor": (lambda make, tmp: _missing_tensor(_sharded(make), tmp),
-                       r"lacks tensor model\.norm\.weight"),
-    "missing_meta_shard": (lambda make, tmp: _missing_meta_shard(make, tmp),
-                           r"lacks consolidated\.01\.pth"),
-    "non_empty_destination": (lambda make, tmp: _non_empty_destination(make()[1], tmp),
-                              "already exists and is not empty"),
-    "no_source": (lambda make, tmp: ["--from", "hf", str(tmp / "nowhere"), "--to", "hf",
-                                     str(tmp / "out")], "does not exist"),
-    "not_a_params_checkpoint": (lambda make, tmp: ["--from", "llama_jax", str(tmp), "--to", "hf",
-                                                   str(tmp / "out")],
-                                "holds no llama_jax checkpoint"),
+    "other_shape": (
+        lambda make, tmp: _other_shape(make(), tmp),
+        r"has shape \(64, 64\), but config\.json implies \(32, 64\)",
+    ),
+    "missing_safetensors_shard": (
+        lambda make, tmp: _missing_shard(_sharded(make), tmp),
+        r"lacks model-00002-of-\d+\.safetensors, a shard",
+    ),
+    "missing_tensor": (
+        lambda make, tmp: _missing_tensor(_sharded(make), tmp),
+        r"lacks tensor model\.norm\.weight",
+    ),
+    "missing_meta_shard": (lambda make, tmp: _missing_meta_shard(make, tmp), r"lacks consolidated\.01\.pth"),
+    "non_empty_destination": (
+        lambda make, tmp: _non_empty_destination(make()[1], tmp),
+        "already exists and is not empty",
+    ),
+    "no_source": (
+        lambda make, tmp: ["--from", "hf", str(tmp / "nowhere"), "--to", "hf", str(tmp / "out")],
+        "does not exist",
+    ),
+    "not_a_params_checkpoint": (
+        lambda make, tmp: ["--from", "llama_jax", str(tmp), "--to", "hf", str(tmp / "out")],
+        "holds no llama_jax checkpoint",
+    ),
 }
 
 
@@ -109,8 +151,7 @@ def _missing_shard(path, tmp):
 
 
 def _missing_tensor(path, tmp):
-    _edit_json(path / "model.safetensors.index.json", lambda i: i["weight_map"].pop(
-        "model.norm.weight"))
+    _edit_json(path / "model.safetensors.index.json", lambda i: i["weight_map"].pop("model.norm.weight"))
     return ["--from", "hf", str(path), "--to", "hf", str(tmp / "out")]
 
 

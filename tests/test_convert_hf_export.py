@@ -41,9 +41,13 @@ def test_released_style_config_and_index(hf_model_dir, tmp_path):
     out = save_hf(params, cfg, tmp_path / "exported", dtype="bfloat16")
     written = json.loads((out / "config.json").read_text())
     assert written["rope_theta"] == 500000.0 and written["torch_dtype"] == "bfloat16"
-    assert written["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 32}
+    assert written["rope_scaling"] == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     assert written["head_dim"] == 8 and written["tie_word_embeddings"] is False
     index = json.loads((out / "model.safetensors.index.json").read_text())
     (file,) = set(index["weight_map"].values())
@@ -66,7 +70,10 @@ def test_refuses_non_empty_destination(hf_model_dir, tmp_path):
 def test_params_of_another_shape_are_named(hf_model_dir, tmp_path):
     _, path = hf_model_dir()
     cfg, params = load_hf(path)
-    with pytest.raises(ConversionError, match=r"layers/attention/wk has shape \(2, 64, 4, 16\), "
-                                              r"but the model config implies \(2, 64, 2, 16\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"layers/attention/wk has shape \(2, 64, 4, 16\), "
+        r"but the model config implies \(2, 64, 2, 16\)",
+    ):
         save_hf(params, cfg.replace(n_kv_heads=2), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -41,17 +41,22 @@ def test_hf_to_llama_jax_peak_memory(hf_model_dir, tmp_path):
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak-RSS counter")
     _, small = hf_model_dir(seed=1)
     # About 40 MB in fp32, the largest tensors (embedding, LM head) 16 MB each.
-    _, big = hf_model_dir(hidden_size=256, intermediate_size=688, vocab_size=16384,
-                          num_key_value_heads=2)
+    _, big = hf_model_dir(hidden_size=256, intermediate_size=688, vocab_size=16384, num_key_value_heads=2)
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(small), str(big),
-                           str(tmp_path / "out")], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(small), str(big), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     peak = json.loads(done.stdout.strip().splitlines()[-1])
-    output = (big / "model.safetensors").stat().st_size    # fp32 in, fp32 out
+    output = (big / "model.safetensors").stat().st_size  # fp32 in, fp32 out
     largest = 16384 * 256 * 4
-    print(f"\noutput {output / MB:.1f} MB, largest tensor {largest / MB:.1f} MB; peak RSS growth: "
-          f"load_hf {peak['read'] / MB:.1f} MB, load_hf + save_params "
-          f"{peak['read_and_write'] / MB:.1f} MB")
+    print(
+        f"\noutput {output / MB:.1f} MB, largest tensor {largest / MB:.1f} MB; peak RSS growth: "
+        f"load_hf {peak['read'] / MB:.1f} MB, load_hf + save_params "
+        f"{peak['read_and_write'] / MB:.1f} MB"
+    )
     assert peak["read"] < output + largest + 8 * MB

@@ -7,8 +7,7 @@ import grain
 import numpy as np
 import pytest
 
-from llama_jax.data import COUNTERS, DataConfig, SourceConfig, make_iterator
-from llama_jax.data import pipeline, synthetic
+from llama_jax.data import COUNTERS, DataConfig, SourceConfig, make_iterator, pipeline, synthetic
 from llama_jax.tokenizer import load_tokenizer
 
 SEQ_LEN = 64
@@ -93,9 +92,7 @@ def test_batch_contract(tokenizer, corpus):
 
 def test_documents_round_trip_with_bos_eos(tokenizer, corpus):
     path, docs = corpus
-    config = make_config(
-        SourceConfig(path), num_epochs=1, drop_remainder=False, seq_len=512, shuffle=False
-    )
+    config = make_config(SourceConfig(path), num_epochs=1, drop_remainder=False, seq_len=512, shuffle=False)
     seen = []
     for batch in make_iterator(config, tokenizer, 0, 1):
         for tokens in documents_in(batch):
@@ -134,9 +131,7 @@ def test_long_documents_are_split_not_dropped(tmp_path, tokenizer, packing):
 
 def test_concat_then_split_fills_rows(tokenizer, corpus):
     path, _ = corpus
-    batch = next(
-        make_iterator(make_config(SourceConfig(path), packing="concat_then_split"), tokenizer, 0, 1)
-    )
+    batch = next(make_iterator(make_config(SourceConfig(path), packing="concat_then_split"), tokenizer, 0, 1))
     assert np.all(batch["segment_ids"] > 0)
 
 
@@ -148,9 +143,7 @@ def test_chat_source_masks_all_but_replies(tmp_path, tiktoken_tokenizer):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps({"messages": dialog}) for _ in range(3)) + "\n")
     source = SourceConfig(str(path), field="messages", chat_template="llama3")
-    batch = next(
-        make_iterator(make_config(source, batch_size=1, seq_len=256), tiktoken_tokenizer, 0, 1)
-    )
+    batch = next(make_iterator(make_config(source, batch_size=1, seq_len=256), tiktoken_tokenizer, 0, 1))
     expected = tiktoken_tokenizer.encode_chat(dialog)
     tokens, mask = batch["tokens"][0], batch["loss_mask"][0]
     n = len(expected.ids)
@@ -179,9 +172,7 @@ def test_mixture_proportions(tmp_path, tokenizer):
     sources = []
     for name, weight in weights.items():
         docs = [f"{name} {i}" for i in range(300)]  # fewer than drawn: sources repeat
-        sources.append(
-            SourceConfig(write_docs(tmp_path / f"{name}.jsonl", docs), weight=weight, name=name)
-        )
+        sources.append(SourceConfig(write_docs(tmp_path / f"{name}.jsonl", docs), weight=weight, name=name))
     config = make_config(*sources, seq_len=128, batch_size=16)
     counts = collections.Counter()
     iterator = make_iterator(config, tokenizer, 0, 1)
@@ -231,13 +222,9 @@ def test_same_seed_same_batches_and_epochs_differ(tokenizer, corpus):
         take(make_iterator(config, tokenizer, 0, 1), 5),
     )
     other = take(make_iterator(make_config(SourceConfig(path), seed=1), tokenizer, 0, 1), 1)[0]
-    assert not np.array_equal(
-        other["tokens"], take(make_iterator(config, tokenizer, 0, 1), 1)[0]["tokens"]
-    )
+    assert not np.array_equal(other["tokens"], take(make_iterator(config, tokenizer, 0, 1), 1)[0]["tokens"])
     # Two epochs hold every document twice, in a different order each time.
-    two = make_config(
-        SourceConfig(path), num_epochs=2, drop_remainder=False, seq_len=512, packing_bins=1
-    )
+    two = make_config(SourceConfig(path), num_epochs=2, drop_remainder=False, seq_len=512, packing_bins=1)
     order = [
         tokenizer.decode(t[1:-1]).split()[0]
         for b in make_iterator(two, tokenizer, 0, 1)

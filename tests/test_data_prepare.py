@@ -140,7 +140,5 @@ def test_bad_input(tmp_path, corpus, tokenizer_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
     # Settings that differ from an earlier run into the same directory.
     assert run(corpus, "--tokenizer", tokenizer_path, "--output", output, "--workers", "1") == 0
-    assert (
-        run(corpus, "--tokenizer", tokenizer_path, "--output", output, "--docs-per-shard", "7") == 2
-    )
+    assert run(corpus, "--tokenizer", tokenizer_path, "--output", output, "--docs-per-shard", "7") == 2
     assert "other settings (docs_per_shard, num_shards)" in capsys.readouterr().err

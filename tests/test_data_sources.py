@@ -7,9 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llama_jax.data import COUNTERS, DataConfig, SourceConfig, make_iterator
+from llama_jax.data import COUNTERS, DataConfig, SourceConfig, make_iterator, synthetic
 from llama_jax.data import sources as sources_lib
-from llama_jax.data import synthetic
 from llama_jax.tokenizer import load_tokenizer
 
 DOCS = [f"doc{i} " + text for i, text in enumerate(synthetic.random_documents(40, seed=3))]
@@ -78,9 +77,7 @@ def test_glob_and_several_files(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"t": d} for d in DOCS[:2]])
     write_jsonl(tmp_path / "b.jsonl", [{"t": d} for d in DOCS[2:5]])
     assert read_all(SourceConfig(str(tmp_path / "*.jsonl"), kind="jsonl", field="t")) == DOCS[:5]
-    both = SourceConfig(
-        (str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")), kind="jsonl", field="t"
-    )
+    both = SourceConfig((str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")), kind="jsonl", field="t")
     assert read_all(both) == DOCS[2:5] + DOCS[:2]
 
 
@@ -173,6 +170,4 @@ def test_mismatched_pre_tokenized_vocab(tmp_path, tokenizer):
     path = write_array_record(tmp_path / "t.array_record", [np.arange(3, dtype="<i4").tobytes()])
     (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer_vocab_size": 128256}))
     with pytest.raises(ValueError, match="128256-token vocabulary"):
-        sources_lib.open_source(
-            SourceConfig(path, kind="arrayrecord", tokenized=True), tokenizer.vocab_size
-        )
+        sources_lib.open_source(SourceConfig(path, kind="arrayrecord", tokenized=True), tokenizer.vocab_size)

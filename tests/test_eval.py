@@ -17,7 +17,6 @@ from llama_jax.eval import Question, continuation_tokens, perplexity, score_choi
 from llama_jax.model import Llama
 from llama_jax.tokenizer import load_tokenizer
 
-
 # Rows are right-padded to this length for the direct computation: under causal attention the
 # padding after a row cannot change its log-probabilities, and one shape compiles once.
 DIRECT_LENGTH = 40
@@ -31,7 +30,7 @@ def _padded_log_probs(params, tokens, cfg):
 def _token_logprobs(params, cfg, ids):
     """log p(ids[t+1] | ids[:t+1]) for each t, from one forward pass without segment ids."""
     tokens = np.zeros((1, DIRECT_LENGTH), np.int32)
-    tokens[0, :len(ids) - 1] = ids[:-1]
+    tokens[0, : len(ids) - 1] = ids[:-1]
     log_probs = np.asarray(_padded_log_probs(params, tokens, cfg))[0]
     return log_probs[np.arange(len(ids) - 1), ids[1:]].astype(np.float64)
 
@@ -47,7 +46,7 @@ def test_perplexity_equals_a_direct_computation_over_the_same_windows(small_chec
     nll = []
     for doc in documents:
         for start in range(0, len(doc) - 1, seq_len):
-            nll.extend(-_token_logprobs(params, cfg, doc[start:start + seq_len + 1]))
+            nll.extend(-_token_logprobs(params, cfg, doc[start : start + seq_len + 1]))
     assert len(nll) == 106
     assert result.nll == pytest.approx(np.mean(nll), rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
@@ -79,18 +78,19 @@ def test_choices_are_sums_of_token_logprobs_and_acc_norm_divides_by_length(small
     tokenizer = load_tokenizer(tokenizer_path)
     # A short and a long choice: the long one loses on the sum but wins per character.
     long_choice = "llama model train token grain"  # a few long tokens
-    questions = [Question("the model", ("of", long_choice), 1),
-                 Question("llama jax grain token", ("train", "model", "x=y+1;"), 0),
-                 Question("word " * 40, ("the", "of"), 1)]  # truncated to seq_len + 1 tokens
+    questions = [
+        Question("the model", ("of", long_choice), 1),
+        Question("llama jax grain token", ("train", "model", "x=y+1;"), 0),
+        Question("word " * 40, ("the", "of"), 1),
+    ]  # truncated to seq_len + 1 tokens
     scores = score_choices(params, cfg, tokenizer, questions, seq_len=32, batch_size=4)
     acc, acc_norm = [], []
     for question, ours in zip(questions, scores.loglikelihoods):
         direct = []
         for choice in question.choices:
-            context_ids, continuation = continuation_tokens(tokenizer, question.context,
-                                                            " " + choice)
+            context_ids, continuation = continuation_tokens(tokenizer, question.context, " " + choice)
             ids = (context_ids + continuation)[-33:]
-            direct.append(_token_logprobs(params, cfg, ids)[-len(continuation):].sum())
+            direct.append(_token_logprobs(params, cfg, ids)[-len(continuation) :].sum())
         np.testing.assert_allclose(ours, direct, rtol=1e-5)
         lengths = np.array([len(c) for c in question.choices])
         acc.append(np.argmax(direct) == question.answer)
@@ -108,8 +108,11 @@ def task_files(tmp_path):
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": t}) for t in ("the data", "llama jax grain")))
     choices = tmp_path / "choices.jsonl"
-    choices.write_text(json.dumps({"context": "the", "choices": ["cat", "model data"], "answer": 1})
-                       + "\n\n" + json.dumps({"context": "a", "choices": ["b"], "answer": 0}))
+    choices.write_text(
+        json.dumps({"context": "the", "choices": ["cat", "model data"], "answer": 1})
+        + "\n\n"
+        + json.dumps({"context": "a", "choices": ["b"], "answer": 0})
+    )
     return text, jsonl, choices
 
 
@@ -138,18 +141,20 @@ def test_cli_perplexity_choices_and_quant(small_checkpoint, task_files, capsys):
     assert eval_lib.main(base + ["--perplexity", str(text), "--quant", "int8"]) == 0
     table = _table(capsys.readouterr().out)
     assert table["quantization"] == "int8"
-    assert int(table["weight bytes"].replace(",", "")) < int(
-        table["weight bytes before"].replace(",", ""))
+    assert int(table["weight bytes"].replace(",", "")) < int(table["weight bytes before"].replace(",", ""))
     assert float(table["perplexity"]) == pytest.approx(expected.perplexity, rel=0.02)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "does not exist"),
-    ("bad_json", "Line 2 of"),
-    ("bad_answer", "answer 2, which is not an index into its 2 choices"),
-    ("no_field", "has no text field 'text'"),
-    ("seq_len", "between 2 and the model's context of 64 tokens"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "does not exist"),
+        ("bad_json", "Line 2 of"),
+        ("bad_answer", "answer 2, which is not an index into its 2 choices"),
+        ("no_field", "has no text field 'text'"),
+        ("seq_len", "between 2 and the model's context of 64 tokens"),
+    ],
+)
 def test_cli_errors_are_one_sentence(small_checkpoint, tmp_path, capsys, case, message):
     ckpt, tokenizer_path, _, _ = small_checkpoint
     bad = tmp_path / "bad.jsonl"

@@ -7,8 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax.config import (ConfigError, Experiment, OptimConfig, apply_overrides,
-                              list_experiments, load_experiment)
+from llama_jax.config import (
+    ConfigError,
+    Experiment,
+    OptimConfig,
+    apply_overrides,
+    list_experiments,
+    load_experiment,
+)
 from llama_jax.optim import learning_rate_schedule, make_optimizer
 from llama_jax.sharding import make_mesh
 from llama_jax.train import state_shardings
@@ -18,11 +24,23 @@ RECIPES = [name for name in list_experiments() if name != "tiny" and name not in
 
 
 def test_every_preset_has_a_recipe():
-    assert set(POSTTRAINING) == {f"{size}_{stage}" for size in ("llama3_8b", "tiny")
-                                 for stage in ("sft", "rm", "dpo", "ppo")}
-    assert set(RECIPES) == {"llama1_7b", "llama1_13b", "llama1_33b", "llama1_65b", "llama2_7b",
-                            "llama2_13b", "llama2_70b", "llama3_8b", "llama3_70b", "llama3_1_8b",
-                            "llama3_1_70b", "llama3_1_405b"}
+    assert set(POSTTRAINING) == {
+        f"{size}_{stage}" for size in ("llama3_8b", "tiny") for stage in ("sft", "rm", "dpo", "ppo")
+    }
+    assert set(RECIPES) == {
+        "llama1_7b",
+        "llama1_13b",
+        "llama1_33b",
+        "llama1_65b",
+        "llama2_7b",
+        "llama2_13b",
+        "llama2_70b",
+        "llama3_8b",
+        "llama3_70b",
+        "llama3_1_8b",
+        "llama3_1_70b",
+        "llama3_1_405b",
+    }
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -80,8 +98,7 @@ def test_recipe_token_budgets():
 
 
 def test_schedule_follows_the_recipe_formula():
-    cfg = OptimConfig(peak_lr=3e-4, warmup_steps=100, decay_steps=1000, final_lr_ratio=0.01,
-                      anneal_steps=50)
+    cfg = OptimConfig(peak_lr=3e-4, warmup_steps=100, decay_steps=1000, final_lr_ratio=0.01, anneal_steps=50)
     schedule = learning_rate_schedule(cfg, total_steps=1200)
     floor = 3e-6
     for step in [0, 50, 99]:
@@ -89,26 +106,37 @@ def test_schedule_follows_the_recipe_formula():
     for step in [100, 400, 999]:
         cosine = floor + (3e-4 - floor) * 0.5 * (1 + math.cos(math.pi * (step - 100) / 900))
         assert np.isclose(schedule(step), cosine, rtol=1e-5)
-    assert np.isclose(schedule(1100), floor)          # the floor between decay and anneal
-    assert np.isclose(schedule(1175), floor / 2)      # halfway down the anneal
+    assert np.isclose(schedule(1100), floor)  # the floor between decay and anneal
+    assert np.isclose(schedule(1175), floor / 2)  # halfway down the anneal
     assert float(schedule(1200)) == 0.0
 
 
 def test_overrides_are_typed_and_reach_nested_fields():
-    exp = apply_overrides(Experiment(), ["optim.peak_lr=1e-4", "mesh.tensor=2", "train.steps=7",
-                                         "model.remat=full", "data.sources.0.weight=2",
-                                         "eval_data=null"])
+    exp = apply_overrides(
+        Experiment(),
+        [
+            "optim.peak_lr=1e-4",
+            "mesh.tensor=2",
+            "train.steps=7",
+            "model.remat=full",
+            "data.sources.0.weight=2",
+            "eval_data=null",
+        ],
+    )
     assert exp.optim.peak_lr == 1e-4 and exp.mesh.tensor == 2 and exp.train.steps == 7
     assert exp.model.remat == "full" and exp.data.sources[0].weight == 2.0 and exp.eval_data is None
     assert exp.model.vocab_size == Experiment().model.vocab_size  # untouched fields keep their values
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.peak_rl=1e-4", "Unknown override key 'optim.peak_rl'. Did you mean 'optim.peak_lr'?"),
-    ("train.steps=many", "Bad override 'train.steps=many'"),
-    ("model.remat=sometimes", "remat must be one of"),
-    ("train.steps", "is not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.peak_rl=1e-4", "Unknown override key 'optim.peak_rl'. Did you mean 'optim.peak_lr'?"),
+        ("train.steps=many", "Bad override 'train.steps=many'"),
+        ("model.remat=sometimes", "remat must be one of"),
+        ("train.steps", "is not of the form key=value"),
+    ],
+)
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
         apply_overrides(Experiment(), [override])

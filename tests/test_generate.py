@@ -5,13 +5,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from test_hf_parity import VARIANTS as PARITY_VARIANTS
 
+from llama_jax.config import ModelConfig
 from llama_jax.convert import load_hf
 from llama_jax.generate import GenerationError, generate
 from llama_jax.model import init_params
-from llama_jax.config import ModelConfig
 
 # MHA, GQA and Llama 3.1 scaling (original context 32; prompt + 24 new tokens run past it).
 VARIANTS = {name: PARITY_VARIANTS[name] for name in ("mha", "gqa", "llama31_rope_scaling")}
@@ -23,12 +22,13 @@ def _hf_greedy(model, prompts, new_tokens):
     ids = torch.zeros((len(prompts), length), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):] = torch.tensor(prompt)
-        mask[row, length - len(prompt):] = 1
+        ids[row, length - len(prompt) :] = torch.tensor(prompt)
+        mask[row, length - len(prompt) :] = 1
     model.generation_config.eos_token_id = None  # both sides generate exactly new_tokens
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
     return out[:, length:].tolist()
 
 
@@ -44,8 +44,17 @@ def test_greedy_matches_transformers(hf_model_dir, variant):
     assert ours == theirs
 
 
-SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                    vocab_size=97, max_seq_len=64, init_std=0.3)
+SMALL = ModelConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    vocab_size=97,
+    max_seq_len=64,
+    init_std=0.3,
+)
 
 
 def test_stop_tokens_and_streaming():
@@ -53,12 +62,18 @@ def test_stop_tokens_and_streaming():
     free = generate(params, SMALL, [[1, 2, 3], [4, 5]], 12)
     stop = free[0][4]  # a token the first row emits at step 4
     streamed = []
-    stopped = generate(params, SMALL, [[1, 2, 3], [4, 5]], 12, stop_tokens=[stop],
-                       on_token=lambda step, tokens: streamed.append((step, tokens.tolist())))
+    stopped = generate(
+        params,
+        SMALL,
+        [[1, 2, 3], [4, 5]],
+        12,
+        stop_tokens=[stop],
+        on_token=lambda step, tokens: streamed.append((step, tokens.tolist())),
+    )
     first_stop = free[0].index(stop)
-    assert stopped[0] == free[0][:first_stop + 1]
+    assert stopped[0] == free[0][: first_stop + 1]
     assert [s for s, _ in streamed] == list(range(len(streamed)))
-    assert [t[0] for _, t in streamed][:first_stop + 1] == stopped[0]
+    assert [t[0] for _, t in streamed][: first_stop + 1] == stopped[0]
 
 
 def test_sampling_is_seeded_and_respects_top_k():

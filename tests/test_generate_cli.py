@@ -12,8 +12,17 @@ from llama_jax.data.synthetic import write_sentencepiece_model
 from llama_jax.model import init_params
 from llama_jax.tokenizer import load_tokenizer
 
-CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                  vocab_size=320, max_seq_len=96, init_std=0.3)
+CFG = ModelConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    vocab_size=320,
+    max_seq_len=96,
+    init_std=0.3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +35,26 @@ def model_and_tokenizer(tmp_path_factory):
 
 def test_prompt_streams_the_generated_text(model_and_tokenizer, capsys):
     ckpt, tokenizer_path, params = model_and_tokenizer
-    assert generate_lib.main(["--ckpt", str(ckpt), "--tokenizer", tokenizer_path, "--prompt",
-                              "the cat", "--max-new-tokens", "12"]) == 0
+    assert (
+        generate_lib.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--tokenizer",
+                tokenizer_path,
+                "--prompt",
+                "the cat",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     tokenizer = load_tokenizer(tokenizer_path)
-    expected = generate_lib.generate(params, CFG, [tokenizer.encode("the cat", bos=True)], 12,
-                                     stop_tokens=tokenizer.stop_ids)[0]
+    expected = generate_lib.generate(
+        params, CFG, [tokenizer.encode("the cat", bos=True)], 12, stop_tokens=tokenizer.stop_ids
+    )[0]
     expected_text = tokenizer.decode([t for t in expected if t not in tokenizer.stop_ids])
     assert out == "the cat" + expected_text + "\n"
 
@@ -39,18 +62,25 @@ def test_prompt_streams_the_generated_text(model_and_tokenizer, capsys):
 def test_chat_answers_in_the_template(model_and_tokenizer, capsys, monkeypatch):
     ckpt, tokenizer_path, _ = model_and_tokenizer
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n"))
-    assert generate_lib.main(["--ckpt", str(ckpt), "--tokenizer", tokenizer_path, "--chat",
-                              "--max-new-tokens", "6"]) == 0
+    assert (
+        generate_lib.main(
+            ["--ckpt", str(ckpt), "--tokenizer", tokenizer_path, "--chat", "--max-new-tokens", "6"]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert captured.out.startswith("> ") and len(captured.out.strip()) > 2
     assert "Chat; end with Ctrl-D." in captured.err
 
 
-@pytest.mark.parametrize("extra,message", [
-    ([], "No tokenizer"),
-    (["--prompt-too-long"], "exceed the model's context of 96 tokens"),
-    (["--small-vocab"], "do not belong together"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([], "No tokenizer"),
+        (["--prompt-too-long"], "exceed the model's context of 96 tokens"),
+        (["--small-vocab"], "do not belong together"),
+    ],
+)
 def test_errors_are_one_sentence(model_and_tokenizer, tmp_path, capsys, extra, message):
     ckpt, tokenizer_path, params = model_and_tokenizer
     args = ["--ckpt", str(ckpt), "--prompt", "hi"]

@@ -14,14 +14,24 @@ VARIANTS = {
     # Llama 1/2: multi-head attention, theta 1e4.
     "mha": dict(),
     # Llama 3: grouped-query attention (4 query heads per KV head), theta 5e5.
-    "gqa": dict(num_attention_heads=8, num_key_value_heads=2,
-                rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "gqa": dict(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
     # Llama 3.1 RoPE scaling; the test runs past original_max_position_embeddings (32).
     "llama31_rope_scaling": dict(
-        num_attention_heads=8, num_key_value_heads=2,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 32}),
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
     # Llama 3.2: tied input and output embeddings.
     "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
     # head_dim 48 while hidden/heads is 16.

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import hf_config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from conftest import hf_config
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig, RopeScaling, ffn_dim_for, model_preset
 from llama_jax.model import Llama, count_params, init_params, param_logical_axes, rope_frequencies
@@ -29,17 +29,26 @@ REFERENCE = {
     "llama3_2_1b": (2048, 16, 32, 8, 64, 8192, 128256, 131072, 5e5, 1e-5, True, 1.24e9),
     "llama3_2_3b": (3072, 28, 24, 8, 128, 8192, 128256, 131072, 5e5, 1e-5, True, 3.21e9),
 }
-ROPE_FACTOR = {"llama3_1_8b": 8, "llama3_1_70b": 8, "llama3_1_405b": 8, "llama3_2_1b": 32,
-               "llama3_2_3b": 32}
+ROPE_FACTOR = {"llama3_1_8b": 8, "llama3_1_70b": 8, "llama3_1_405b": 8, "llama3_2_1b": 32, "llama3_2_3b": 32}
 
 
 @pytest.mark.parametrize("name", REFERENCE)
 def test_preset_matches_reference(name):
     dim, layers, heads, kv, head_dim, ffn, vocab, seq, theta, eps, tied, params = REFERENCE[name]
     cfg = model_preset(name)
-    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
-            cfg.vocab_size, cfg.max_seq_len, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (
-        dim, layers, heads, kv, head_dim, ffn, vocab, seq, theta, eps, tied)
+    assert (
+        cfg.dim,
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.ffn_dim,
+        cfg.vocab_size,
+        cfg.max_seq_len,
+        cfg.rope_theta,
+        cfg.norm_eps,
+        cfg.tie_embeddings,
+    ) == (dim, layers, heads, kv, head_dim, ffn, vocab, seq, theta, eps, tied)
     if name in ROPE_FACTOR:
         assert cfg.rope_scaling == RopeScaling(factor=ROPE_FACTOR[name])
     else:
@@ -68,8 +77,9 @@ def test_invalid_config_is_rejected():
         model_preset("tiny", remat="sometimes")
 
 
-SMALL = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                    vocab_size=97, max_seq_len=64)
+SMALL = ModelConfig(
+    dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=97, max_seq_len=64
+)
 
 
 def _tokens(shape, seed=0):
@@ -143,15 +153,26 @@ def test_bf16_compute_stays_close_to_fp32():
     assert np.abs(np.asarray(fp32) - np.asarray(bf16)).max() < 0.05
 
 
-@pytest.mark.parametrize("scaling", [None, RopeScaling(factor=8.0, original_max_position_embeddings=8192),
-                                     RopeScaling(factor=32.0, original_max_position_embeddings=8192)])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        RopeScaling(factor=8.0, original_max_position_embeddings=8192),
+        RopeScaling(factor=32.0, original_max_position_embeddings=8192),
+    ],
+)
 def test_rope_frequencies_match_transformers(scaling):
     if scaling is None:
         rope = {"rope_type": "default", "rope_theta": 500000.0}
     else:
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": scaling.factor,
-                "low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
-                "original_max_position_embeddings": scaling.original_max_position_embeddings}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        }
     config = hf_config(hidden_size=4096, num_attention_heads=32, rope_parameters=rope)
     if scaling is None:  # the plain formula, in fp64
         theirs = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)

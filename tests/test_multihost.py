@@ -13,10 +13,21 @@ import pytest
 STEPS = 6
 # 4 devices in all, as data=2 x fsdp=2; rows of each batch split between the processes so that
 # both runs see the same global batches.
-COMMON = ["train.steps=%d" % STEPS, "train.log_every=1", "train.eval_every=3", "train.eval_batches=1",
-          "train.batch_size=8", "train.seq_len=64", "train.sample_tokens=4", "optim.warmup_steps=2",
-          "checkpoint.every_steps=3", "mesh.data=2", "mesh.fsdp=2", "data.split_by=rows",
-          "eval_data.split_by=rows"]
+COMMON = [
+    "train.steps=%d" % STEPS,
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.eval_batches=1",
+    "train.batch_size=8",
+    "train.seq_len=64",
+    "train.sample_tokens=4",
+    "optim.warmup_steps=2",
+    "checkpoint.every_steps=3",
+    "mesh.data=2",
+    "mesh.fsdp=2",
+    "data.split_by=rows",
+    "eval_data.split_by=rows",
+]
 
 
 def _env(tmp_path, devices):
@@ -42,8 +53,13 @@ def _free_port():
 def one_process(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("one")
     workdir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir)] + COMMON,
-                            env=_env(tmp_path, 4), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir)] + COMMON,
+        env=_env(tmp_path, 4),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path, workdir, result
 
@@ -53,10 +69,29 @@ def test_two_processes_train_exactly_as_one(one_process, tmp_path):
     workdir = tmp_path / "run"
     env = _env(cache_from, 2)  # the tokenizer trained by the one-process run is reused
     address = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir),
-                               "--coordinator", address, "--num-processes", "2", "--process-id", str(i)]
-                              + COMMON, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_jax.train",
+                "--workdir",
+                str(workdir),
+                "--coordinator",
+                address,
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ]
+            + COMMON,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -72,11 +107,18 @@ def test_two_processes_train_exactly_as_one(one_process, tmp_path):
     # The checkpoints are written collectively: one directory per step, each process's data position.
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
     assert sorted(p.name for p in (workdir / "checkpoints" / "6" / "data").glob("*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
 
 def test_an_incomplete_process_spec_is_one_sentence(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "llama_jax.train", "--coordinator", "localhost:1234"],
-                            env=_env(tmp_path, 1), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_jax.train", "--coordinator", "localhost:1234"],
+        env=_env(tmp_path, 1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: A multi-host job needs all of")

@@ -7,8 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from llama_jax.data import COUNTERS, DataConfig, make_iterator
-from llama_jax.data import synthetic
+from llama_jax.data import COUNTERS, DataConfig, make_iterator, synthetic
 from llama_jax.data.sources import SKIPPED
 from llama_jax.posttrain import data as pdata
 from llama_jax.tokenizer import load_tokenizer
@@ -17,8 +16,10 @@ from llama_jax.tokenizer import load_tokenizer
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
-    return {"llama2": load_tokenizer(synthetic.write_sentencepiece_model(str(root / "sp"))),
-            "llama3": load_tokenizer(synthetic.write_tiktoken_model(str(root / "tt")))}
+    return {
+        "llama2": load_tokenizer(synthetic.write_sentencepiece_model(str(root / "sp"))),
+        "llama3": load_tokenizer(synthetic.write_tiktoken_model(str(root / "tt"))),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +35,15 @@ def _write_jsonl(path, records):
 
 
 DIALOGS = [
-    [{"role": "system", "content": "Add."}, {"role": "user", "content": "12+30"},
-     {"role": "assistant", "content": "42"}, {"role": "user", "content": "1+1"},
-     {"role": "assistant", "content": "2"}],
+    [
+        {"role": "system", "content": "Add."},
+        {"role": "user", "content": "12+30"},
+        {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "1+1"},
+        {"role": "assistant", "content": "2"},
+    ],
     [{"role": "user", "content": "7+8"}, {"role": "assistant", "content": "15"}],
-    [{"role": "user", "content": "no reply here"}],                           # no assistant turn
+    [{"role": "user", "content": "no reply here"}],  # no assistant turn
     [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}],  # unknown role
 ]
 
@@ -47,8 +52,14 @@ DIALOGS = [
 def test_sft_rows_are_packed_with_assistant_only_loss(tmp_path, tokenizers, template):
     tok = tokenizers[template]
     path = _write_jsonl(tmp_path / "sft.jsonl", [{"messages": d} for d in DIALOGS])
-    config = DataConfig(sources=(pdata.sft_source(path, template),), seq_len=128, batch_size=1,
-                        shuffle=False, num_epochs=1, drop_remainder=False)
+    config = DataConfig(
+        sources=(pdata.sft_source(path, template),),
+        seq_len=128,
+        batch_size=1,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+    )
     rows = list(make_iterator(config, tok, 0, 1))
     assert len(rows) == 1  # both usable dialogs packed into one row
     row = {k: v[0] for k, v in rows[0].items()}
@@ -70,15 +81,25 @@ def test_sft_rows_are_packed_with_assistant_only_loss(tmp_path, tokenizers, temp
 
 def test_sft_skips_are_counted_with_their_reason(tmp_path, tokenizers, caplog):
     path = _write_jsonl(tmp_path / "sft.jsonl", [{"messages": d} for d in DIALOGS[2:] + DIALOGS[:1]])
-    config = DataConfig(sources=(pdata.sft_source(path, "llama3"),), seq_len=128, batch_size=1,
-                        shuffle=False, num_epochs=1, drop_remainder=False)
+    config = DataConfig(
+        sources=(pdata.sft_source(path, "llama3"),),
+        seq_len=128,
+        batch_size=1,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+    )
     with caplog.at_level(logging.WARNING, logger="llama_jax.data"):
         list(make_iterator(config, tokenizers["llama3"], 0, 1))
     assert "without an assistant turn" in caplog.text and "unknown role 'bot'" in caplog.text
 
 
-PAIR = {"prompt": [{"role": "system", "content": "Add."}, {"role": "user", "content": "12+30"}],
-        "chosen": "42", "rejected": [{"role": "assistant", "content": "41 ok"}], "margin": 2}
+PAIR = {
+    "prompt": [{"role": "system", "content": "Add."}, {"role": "user", "content": "12+30"}],
+    "chosen": "42",
+    "rejected": [{"role": "assistant", "content": "41 ok"}],
+    "margin": 2,
+}
 
 
 @pytest.mark.parametrize("template", ["llama2", "llama3"])
@@ -86,8 +107,9 @@ PAIR = {"prompt": [{"role": "system", "content": "Add."}, {"role": "user", "cont
 def test_pair_masks_and_special_tokens(tokenizers, template, mask_special):
     tok = tokenizers[template]
     special = pdata.special_token_ids(tok)
-    pair = pdata.encode_pair(tok, template, PAIR, seq_len=256, special=special,
-                             mask_special_tokens=mask_special)
+    pair = pdata.encode_pair(
+        tok, template, PAIR, seq_len=256, special=special, mask_special_tokens=mask_special
+    )
     assert pair["margin"] == 2.0
     end = tok.eot_id if template == "llama3" else tok.eos_id
     for side, reply in (("chosen", "42"), ("rejected", "41 ok")):
@@ -113,8 +135,15 @@ def test_pair_masks_and_special_tokens(tokenizers, template, mask_special):
 
 def test_earlier_assistant_turns_are_prompt(tokenizers):
     tok = tokenizers["llama3"]
-    record = {"prompt": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
-                         {"role": "user", "content": "2+2"}], "chosen": "4", "rejected": "5"}
+    record = {
+        "prompt": [
+            {"role": "user", "content": "1+1"},
+            {"role": "assistant", "content": "2"},
+            {"role": "user", "content": "2+2"},
+        ],
+        "chosen": "4",
+        "rejected": "5",
+    }
     pair = pdata.encode_pair(tok, "llama3", record, seq_len=256, special=pdata.special_token_ids(tok))
     assert tok.decode(pair["chosen_tokens"][pair["chosen_response_mask"] == 1]) == "4"
 
@@ -122,13 +151,20 @@ def test_earlier_assistant_turns_are_prompt(tokenizers):
 def test_bad_pairs_are_counted_and_all_bad_is_an_error(tmp_path, tokenizers):
     tok = tokenizers["llama3"]
     good = {"prompt": "2+2", "chosen": "4", "rejected": "5"}
-    records = [good, "not json {", {"prompt": "2+2", "chosen": "4", "rejected": " 4 "},
-               {"prompt": "2+2", "chosen": "4"}, {"prompt": [{"role": "bot", "content": "x"},
-                                                               {"role": "user", "content": "y"}],
-                                                    "chosen": "a", "rejected": "b"},
-               {"prompt": "2+2", "chosen": "4", "rejected": "5", "margin": "big"},
-               {"prompt": "x " * 300, "chosen": "4", "rejected": "5"},
-               {"chosen": "4", "rejected": "5"}]
+    records = [
+        good,
+        "not json {",
+        {"prompt": "2+2", "chosen": "4", "rejected": " 4 "},
+        {"prompt": "2+2", "chosen": "4"},
+        {
+            "prompt": [{"role": "bot", "content": "x"}, {"role": "user", "content": "y"}],
+            "chosen": "a",
+            "rejected": "b",
+        },
+        {"prompt": "2+2", "chosen": "4", "rejected": "5", "margin": "big"},
+        {"prompt": "x " * 300, "chosen": "4", "rejected": "5"},
+        {"chosen": "4", "rejected": "5"},
+    ]
     path = _write_jsonl(tmp_path / "pairs.jsonl", records)
     pairs = pdata.load_pairs([path], tok, "llama3", seq_len=64)
     assert len(pairs) == 1 and COUNTERS.get(path, SKIPPED) == len(records) - 1
@@ -140,8 +176,16 @@ def test_bad_pairs_are_counted_and_all_bad_is_an_error(tmp_path, tokenizers):
 def test_pair_batches_pad_shuffle_and_hold_out(tokenizers):
     tok = tokenizers["llama3"]
     special = pdata.special_token_ids(tok)
-    pairs = [pdata.encode_pair(tok, "llama3", {"prompt": f"{i}+1", "chosen": str(i + 1), "rejected": "0"},
-                               seq_len=32, special=special) for i in range(10)]
+    pairs = [
+        pdata.encode_pair(
+            tok,
+            "llama3",
+            {"prompt": f"{i}+1", "chosen": str(i + 1), "rejected": "0"},
+            seq_len=32,
+            special=special,
+        )
+        for i in range(10)
+    ]
     train, held = pdata.split_holdout(pairs, 0.2, seed=0)
     assert len(train) == 8 and len(held) == 2
     assert pdata.split_holdout(pairs, 0.2, seed=0)[1][0] is held[0]  # deterministic
@@ -159,14 +203,21 @@ def test_pair_batches_pad_shuffle_and_hold_out(tokenizers):
 
 
 def test_prompts(tmp_path):
-    path = _write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "1+1", "id": 7},
-        {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]},
-        {"messages": [{"role": "assistant", "content": "only"}]},
-        {"other": 1}])
+    path = _write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "1+1", "id": 7},
+            {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "assistant", "content": "only"}]},
+            {"other": 1},
+        ],
+    )
     prompts = pdata.load_prompts([path])
-    assert prompts[0] == {"id": "7", "messages": [{"role": "user", "content": "1+1"}],
-                          "record": {"prompt": "1+1", "id": 7}}
+    assert prompts[0] == {
+        "id": "7",
+        "messages": [{"role": "user", "content": "1+1"}],
+        "record": {"prompt": "1+1", "id": 7},
+    }
     assert prompts[1]["messages"] == [{"role": "user", "content": "2+2"}]
     assert prompts[1]["id"].endswith("p.jsonl:2")
     assert len(prompts) == 2 and COUNTERS.get(path, SKIPPED) == 2

@@ -11,8 +11,18 @@ from llama_jax.model import Llama, init_params, lm_head
 from llama_jax.posttrain import losses
 from llama_jax.posttrain.heads import ScalarModel, last_token_values, with_backbone
 
-CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                  vocab_size=96, max_seq_len=32, compute_dtype="float32", init_std=0.1)
+CFG = ModelConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    vocab_size=96,
+    max_seq_len=32,
+    compute_dtype="float32",
+    init_std=0.1,
+)
 
 
 def _log_sigmoid(x):
@@ -24,7 +34,7 @@ def _response_mask(rng, batch, length):
     mask = np.zeros((batch, length), np.float32)
     for b in range(batch):
         start = rng.integers(0, length - 2)
-        mask[b, start:rng.integers(start + 1, length + 1)] = 1
+        mask[b, start : rng.integers(start + 1, length + 1)] = 1
     return mask
 
 
@@ -36,8 +46,10 @@ def test_token_log_probs_match_log_softmax():
     @jax.jit
     def run(params):
         hidden = Llama(CFG).apply({"params": params}, tokens, return_hidden=True)
-        return (token_log_probs(hidden, lm_head(params, CFG), jnp.asarray(targets), chunk=5),
-                Llama(CFG).apply({"params": params}, tokens))
+        return (
+            token_log_probs(hidden, lm_head(params, CFG), jnp.asarray(targets), chunk=5),
+            Llama(CFG).apply({"params": params}, tokens),
+        )
 
     got, logits = (np.asarray(x, np.float64) for x in run(params))
     expected = np.empty((3, 12))
@@ -47,9 +59,11 @@ def test_token_log_probs_match_log_softmax():
             expected[b, t] = row[targets[b, t]] - row.max() - np.log(np.exp(row - row.max()).sum())
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     mask = _response_mask(np.random.default_rng(1), 3, 12)
-    np.testing.assert_allclose(np.asarray(losses.mean_nll(jnp.asarray(got), mask)),
-                               [-(expected[b] * mask[b]).sum() / mask[b].sum() for b in range(3)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(losses.mean_nll(jnp.asarray(got), mask)),
+        [-(expected[b] * mask[b]).sum() / mask[b].sum() for b in range(3)],
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("margin", [0.0, np.array([1.0, 2 / 3, 0.0, 3.0, 1 / 3])])
@@ -75,8 +89,9 @@ def test_dpo(nll_coef):
     pc, pr, rc, rr = (rng.normal(size=6) * 5 for _ in range(4))
     nll = rng.uniform(0.5, 3.0, size=6)
     beta = 0.1
-    out = losses.dpo_loss(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta,
-                          chosen_nll=jnp.asarray(nll), nll_coef=nll_coef)
+    out = losses.dpo_loss(
+        *(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta, chosen_nll=jnp.asarray(nll), nll_coef=nll_coef
+    )
     chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
     margin = chosen_reward - rejected_reward
     expected = -_log_sigmoid(beta * ((pc - rc) - (pr - rr))) + nll_coef * nll
@@ -125,11 +140,12 @@ def test_gae_is_the_discounted_sum_of_td_errors(gamma, lam):
     rng = np.random.default_rng(4)
     mask = _response_mask(rng, 5, 10)
     rewards, values = rng.normal(size=(5, 10)) * mask, rng.normal(size=(5, 10))
-    advantages, returns = (np.asarray(a) for a in losses.gae(
-        *(jnp.asarray(x) for x in (rewards, values, mask)), gamma, lam))
+    advantages, returns = (
+        np.asarray(a) for a in losses.gae(*(jnp.asarray(x) for x in (rewards, values, mask)), gamma, lam)
+    )
     for b in range(5):
         positions = list(np.flatnonzero(mask[b]))
-        v = [values[b, t] for t in positions] + [0.0]   # the value after the last token is 0
+        v = [values[b, t] for t in positions] + [0.0]  # the value after the last token is 0
         r = [rewards[b, t] for t in positions]
         deltas = [r[i] + gamma * v[i + 1] - v[i] for i in range(len(r))]
         for i, t in enumerate(positions):
@@ -151,7 +167,7 @@ def test_ppo_policy_loss():
     per_token = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2))
     on = mask > 0
     assert float(loss) == pytest.approx(per_token[on].mean(), rel=1e-5)
-    clipped = (-adv * np.clip(ratio, 0.8, 1.2) > -adv * ratio)
+    clipped = -adv * np.clip(ratio, 0.8, 1.2) > -adv * ratio
     assert float(stats["clip_fraction"]) == pytest.approx(clipped[on].mean(), rel=1e-5)
     assert 0 < float(stats["clip_fraction"]) < 1
     assert float(stats["approx_kl"]) == pytest.approx((0.5 * (new - old) ** 2)[on].mean(), rel=1e-5)
@@ -170,6 +186,7 @@ def test_ppo_value_loss():
 
 def _unboxed_init(rng):
     import flax.linen as nn
+
     return nn.meta.unbox(ScalarModel(CFG).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
 
 
@@ -180,15 +197,20 @@ def test_scalar_model_is_a_linear_head_on_the_llama_backbone():
     assert set(fresh) == {"backbone", "score"} and "output" not in fresh["backbone"]
     params = with_backbone(fresh, llama_params)
     rng = np.random.default_rng(9)
-    params["score"] = {"kernel": jnp.asarray(rng.normal(size=(CFG.dim, 1)), jnp.float32),
-                       "bias": jnp.asarray([0.3], jnp.float32)}
+    params["score"] = {
+        "kernel": jnp.asarray(rng.normal(size=(CFG.dim, 1)), jnp.float32),
+        "bias": jnp.asarray([0.3], jnp.float32),
+    }
     tokens = rng.integers(0, CFG.vocab_size, (2, 10)).astype(np.int32)
     segments = np.ones((2, 10), np.int32)
     segments[1, 6:] = 0  # right padding
     positions = np.tile(np.arange(10, dtype=np.int32), (2, 1))
     values = np.asarray(jax.jit(model.apply)({"params": params}, tokens, positions, segments))
-    hidden = np.asarray(jax.jit(lambda p: Llama(CFG).apply({"params": p}, tokens, positions, segments,
-                                                           return_hidden=True))(llama_params))
+    hidden = np.asarray(
+        jax.jit(lambda p: Llama(CFG).apply({"params": p}, tokens, positions, segments, return_hidden=True))(
+            llama_params
+        )
+    )
     expected = hidden @ np.asarray(params["score"]["kernel"])[:, 0] + 0.3
     np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-4)
     scores = np.asarray(last_token_values(jnp.asarray(values), jnp.asarray(segments)))

@@ -11,8 +11,16 @@ import pytest
 
 from llama_jax import train as train_lib
 from llama_jax.checkpoint import load_for_inference
-from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, ModelConfig, OptimConfig,
-                              PosttrainConfig, PPOConfig, TrainConfig)
+from llama_jax.config import (
+    CheckpointConfig,
+    Experiment,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    PosttrainConfig,
+    PPOConfig,
+    TrainConfig,
+)
 from llama_jax.data import synthetic
 from llama_jax.data.config import DataConfig, SourceConfig
 from llama_jax.model import Llama, init_params
@@ -20,8 +28,18 @@ from llama_jax.optim import make_optimizer
 from llama_jax.posttrain.heads import ScalarModel
 from llama_jax.posttrain.ppo import make_ppo_functions, rollout_batch
 
-CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                  vocab_size=556, max_seq_len=64, compute_dtype="float32", init_std=0.1)
+CFG = ModelConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    vocab_size=556,
+    max_seq_len=64,
+    compute_dtype="float32",
+    init_std=0.1,
+)
 
 
 def test_rollout_batch_layout():
@@ -33,20 +51,26 @@ def test_rollout_batch_layout():
 
 def test_advantages_match_a_direct_computation():
     settings = PPOConfig(kl_coef=0.1, gamma=0.9, lam=0.8, whiten_scores=False)
-    exp = Experiment(model=CFG, posttrain=PosttrainConfig(stage="ppo", ppo=settings),
-                     train=TrainConfig(seq_len=8, loss_chunk=4))
+    exp = Experiment(
+        model=CFG,
+        posttrain=PosttrainConfig(stage="ppo", ppo=settings),
+        train=TrainConfig(seq_len=8, loss_chunk=4),
+    )
     optimizer, schedule = make_optimizer(OptimConfig(), 10)
     _, advantages, _ = make_ppo_functions(exp, CFG, optimizer, optimizer, schedule)
     policy, reference = (jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(i)) for i in (0, 1))
-    value = jax.jit(lambda rng: nn.meta.unbox(ScalarModel(CFG).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))(
-        jax.random.key(2))
+    value = jax.jit(
+        lambda rng: nn.meta.unbox(ScalarModel(CFG).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+    )(jax.random.key(2))
     value["score"]["kernel"] = jax.random.normal(jax.random.key(3), (CFG.dim, 1))
     batch = rollout_batch([[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14, 15, 16]], 8)
     scores = np.array([1.5, -0.5], np.float32)
     out, _ = advantages(policy, reference, value, batch, jnp.asarray(scores))
 
     llama = jax.jit(lambda p: Llama(CFG).apply({"params": p}, batch["tokens"]))
-    logits = {name: np.asarray(llama(p), np.float64) for name, p in (("policy", policy), ("reference", reference))}
+    logits = {
+        name: np.asarray(llama(p), np.float64) for name, p in (("policy", policy), ("reference", reference))
+    }
     values = np.asarray(jax.jit(ScalarModel(CFG).apply)({"params": value}, batch["tokens"]), np.float64)
     raw_advantages = np.zeros((2, 8))
     for b in range(2):
@@ -54,7 +78,9 @@ def test_advantages_match_a_direct_computation():
         acts = [t for t in range(7) if batch["response_mask"][b, t + 1]]
         logp = {}
         for name, row in logits.items():
-            logp[name] = [row[b, t, batch["tokens"][b, t + 1]] - np.log(np.exp(row[b, t]).sum()) for t in acts]
+            logp[name] = [
+                row[b, t, batch["tokens"][b, t + 1]] - np.log(np.exp(row[b, t]).sum()) for t in acts
+            ]
         np.testing.assert_allclose(np.asarray(out["old_log_probs"])[b, acts], logp["policy"], rtol=1e-4)
         rewards = [-0.1 * (p - r) for p, r in zip(logp["policy"], logp["reference"])]
         rewards[-1] += scores[b]
@@ -62,7 +88,9 @@ def test_advantages_match_a_direct_computation():
         deltas = [rewards[i] + 0.9 * v[i + 1] - v[i] for i in range(len(acts))]
         for i, t in enumerate(acts):
             raw_advantages[b, t] = sum((0.9 * 0.8) ** k * deltas[i + k] for k in range(len(acts) - i))
-            assert float(out["returns"][b, t]) == pytest.approx(raw_advantages[b, t] + v[i], rel=1e-3, abs=1e-4)
+            assert float(out["returns"][b, t]) == pytest.approx(
+                raw_advantages[b, t] + v[i], rel=1e-3, abs=1e-4
+            )
         assert np.asarray(out["mask"])[b].sum() == len(acts)
     on = np.asarray(out["mask"]) > 0
     whitened = (raw_advantages[on] - raw_advantages[on].mean()) / raw_advantages[on].std()
@@ -77,22 +105,32 @@ def files(tmp_path_factory):
     (root / "scoring.py").write_text(
         "def short(prompt, response):\n"
         "    assert 'answer' in prompt and prompt['messages'][0]['role'] == 'user'\n"
-        "    return -float(len(response))\n")
-    return {"root": root, "tokenizer": synthetic.write_tiktoken_model(str(root / "tok")),
-            "prompts": str(root / "prompts.jsonl"), "score": f"{root / 'scoring.py'}:short"}
+        "    return -float(len(response))\n"
+    )
+    return {
+        "root": root,
+        "tokenizer": synthetic.write_tiktoken_model(str(root / "tok")),
+        "prompts": str(root / "prompts.jsonl"),
+        "score": f"{root / 'scoring.py'}:short",
+    }
 
 
 def _experiment(files, steps, **settings):
     ppo = dict(max_new_tokens=12, minibatch_size=8, temperature=1.0, eval_prompts=8, kl_coef=0.01)
     ppo.update(settings.pop("ppo", {}))
     return Experiment(
-        name="test_ppo", model=CFG, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        name="test_ppo",
+        model=CFG,
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         optim=OptimConfig(peak_lr=3e-3, warmup_steps=1, final_lr_ratio=1.0),
         train=TrainConfig(steps=steps, batch_size=16, seq_len=48, log_every=1, eval_every=100),
         checkpoint=CheckpointConfig(every_steps=0),
         data=DataConfig(sources=(SourceConfig(files["prompts"]),), tokenizer_path=files["tokenizer"]),
         eval_data=None,
-        posttrain=PosttrainConfig(stage="ppo", **{"score_fn": files["score"], **settings}, ppo=PPOConfig(**ppo)))
+        posttrain=PosttrainConfig(
+            stage="ppo", **{"score_fn": files["score"], **settings}, ppo=PPOConfig(**ppo)
+        ),
+    )
 
 
 def test_ppo_learns_from_a_scoring_function_and_resumes(files):
@@ -117,13 +155,16 @@ def test_ppo_learns_from_a_scoring_function_and_resumes(files):
     assert [r["step"] for r in rows if "score" in r] == list(range(1, 10))
 
 
-@pytest.mark.parametrize("settings,message", [
-    ({"reward_model": "/x"}, "exactly one of posttrain.reward_model and posttrain.score_fn"),
-    ({"ppo": {"minibatch_size": 6}}, "not a multiple of ppo.minibatch_size=6"),
-    ({"ppo": {"max_new_tokens": 48}}, "must leave room for the prompt"),
-    ({"score_fn": "nowhere_xyz:f"}, "Cannot import nowhere_xyz"),
-    ({"score_fn": "", "reward_model": "/nonexistent"}, "The reward model /nonexistent does not exist"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"reward_model": "/x"}, "exactly one of posttrain.reward_model and posttrain.score_fn"),
+        ({"ppo": {"minibatch_size": 6}}, "not a multiple of ppo.minibatch_size=6"),
+        ({"ppo": {"max_new_tokens": 48}}, "must leave room for the prompt"),
+        ({"score_fn": "nowhere_xyz:f"}, "Cannot import nowhere_xyz"),
+        ({"score_fn": "", "reward_model": "/nonexistent"}, "The reward model /nonexistent does not exist"),
+    ],
+)
 def test_bad_settings_are_one_sentence_and_exit_2(files, tmp_path, capsys, monkeypatch, settings, message):
     exp = _experiment(files, 1, **settings)
     monkeypatch.setattr(train_lib, "load_experiment", lambda name: exp)

@@ -17,15 +17,27 @@ from llama_jax.model import init_params
 from llama_jax.posttrain.heads import ScalarModel, last_token_values
 from llama_jax.posttrain.reward import RewardModelScorer
 
-CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                  vocab_size=556, max_seq_len=96, compute_dtype="float32", init_std=0.2)
+CFG = ModelConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    vocab_size=556,
+    max_seq_len=96,
+    compute_dtype="float32",
+    init_std=0.2,
+)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rs")
     policy = save_params(root / "policy", init_params(CFG, jax.random.key(0)), CFG)
-    rm_params = nn.meta.unbox(ScalarModel(CFG).init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))["params"])
+    rm_params = nn.meta.unbox(
+        ScalarModel(CFG).init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32))["params"]
+    )
     rm_params["score"]["kernel"] = jax.random.normal(jax.random.key(2), (CFG.dim, 1))
     reward_model = save_params(root / "rm", rm_params, CFG)
     prompts = [{"prompt": f"{i}+{i}", "id": f"p{i}", "answer": 2 * i} for i in range(5)]
@@ -34,15 +46,36 @@ def setup(tmp_path_factory):
     (root / "scoring.py").write_text(
         "def by_length(prompt, response):\n"
         "    assert prompt['messages'][-1]['role'] == 'user' and 'answer' in prompt\n"
-        "    return float(len(response))\n")
-    return {"root": root, "policy": str(policy), "rm": str(reward_model), "rm_params": rm_params,
-            "tokenizer": synthetic.write_tiktoken_model(str(root / "tok"))}
+        "    return float(len(response))\n"
+    )
+    return {
+        "root": root,
+        "policy": str(policy),
+        "rm": str(reward_model),
+        "rm_params": rm_params,
+        "tokenizer": synthetic.write_tiktoken_model(str(root / "tok")),
+    }
 
 
 def _args(setup, out, *extra, prompts="prompts.jsonl"):
-    return ["--ckpt", setup["policy"], "--tokenizer", setup["tokenizer"], "--prompts",
-            str(setup["root"] / prompts), "--out", str(out), "--k", "4", "--batch-prompts", "2",
-            "--max-new-tokens", "12", "--quiet", *extra]
+    return [
+        "--ckpt",
+        setup["policy"],
+        "--tokenizer",
+        setup["tokenizer"],
+        "--prompts",
+        str(setup["root"] / prompts),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        "--batch-prompts",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _read(path):
@@ -88,20 +121,25 @@ def test_reward_model_scorer_pads_without_changing_scores(setup):
     sequences = [list(rng.integers(1, CFG.vocab_size, n)) for n in (5, 17, 40)]
     scorer = RewardModelScorer(CFG, setup["rm_params"], batch_size=2, bucket=16)
     got = scorer.score_tokens(sequences)
-    direct = jax.jit(lambda p, t: last_token_values(ScalarModel(CFG).apply({"params": p}, t), jnp.ones_like(t)))
+    direct = jax.jit(
+        lambda p, t: last_token_values(ScalarModel(CFG).apply({"params": p}, t), jnp.ones_like(t))
+    )
     for sequence, score in zip(sequences, got):  # each alone, unpadded
         expected = float(direct(setup["rm_params"], jnp.asarray([sequence], jnp.int32))[0])
         assert score == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--score", "no_such_module_xyz:f"], "Cannot import no_such_module_xyz"),
-    (["--score", "scoring"], "is not of the form module:function"),
-    (["--score", "json:no_such_function"], "json has no function 'no_such_function'"),
-    (["--score", "json:dumps", "--pairs", "--k", "1"], "--pairs needs --k of at least 2"),
-    (["--reward-model", "POLICY"], "is a language model, not a reward model"),
-    (["--reward-model", "/nonexistent"], "The reward model /nonexistent does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--score", "no_such_module_xyz:f"], "Cannot import no_such_module_xyz"),
+        (["--score", "scoring"], "is not of the form module:function"),
+        (["--score", "json:no_such_function"], "json has no function 'no_such_function'"),
+        (["--score", "json:dumps", "--pairs", "--k", "1"], "--pairs needs --k of at least 2"),
+        (["--reward-model", "POLICY"], "is a language model, not a reward model"),
+        (["--reward-model", "/nonexistent"], "The reward model /nonexistent does not exist"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_exit_2(setup, tmp_path, capsys, extra, message):
     extra = [setup["policy"] if x == "POLICY" else x for x in extra]
     assert rejection_sample.main(_args(setup, tmp_path / "o.jsonl", *extra)) == 2
@@ -136,6 +174,7 @@ def test_a_scoring_file_may_define_dataclasses(tmp_path):
 
     (tmp_path / "checker.py").write_text(
         "import dataclasses\n\n@dataclasses.dataclass(frozen=True)\nclass Settings:\n    bonus: float = 1.0\n\n"
-        "def score(prompt, response):\n    return Settings().bonus * (response == prompt['answer'])\n")
+        "def score(prompt, response):\n    return Settings().bonus * (response == prompt['answer'])\n"
+    )
     fn = load_function(f"{tmp_path / 'checker.py'}:score")
     assert fn({"answer": "7"}, "7") == 1.0 and fn({"answer": "7"}, "8") == 0.0

@@ -10,15 +10,31 @@ import pytest
 
 from llama_jax import train as train_lib
 from llama_jax.checkpoint import save_params
-from llama_jax.config import (CheckpointConfig, Experiment, MeshConfig, ModelConfig, OptimConfig,
-                              PosttrainConfig, TrainConfig)
+from llama_jax.config import (
+    CheckpointConfig,
+    Experiment,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    PosttrainConfig,
+    TrainConfig,
+)
 from llama_jax.data import synthetic
 from llama_jax.data.config import DataConfig, SourceConfig
 from llama_jax.model import init_params
 from llama_jax.posttrain.data import sft_source
 
-MODEL = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                    vocab_size=556, max_seq_len=64, compute_dtype="float32")
+MODEL = ModelConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    vocab_size=556,
+    max_seq_len=64,
+    compute_dtype="float32",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +44,40 @@ def files(tmp_path_factory):
     chats, pairs = [], []
     for _ in range(160):
         a, b = (int(x) for x in rng.integers(0, 50, 2))
-        chats.append({"messages": [{"role": "user", "content": f"{a}+{b}"},
-                                   {"role": "assistant", "content": str(a + b)}]})
+        chats.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{a}+{b}"},
+                    {"role": "assistant", "content": str(a + b)},
+                ]
+            }
+        )
         pairs.append({"prompt": f"{a}+{b}", "chosen": str(a + b), "rejected": "no idea at all", "margin": 1})
     for name, records in (("chats", chats), ("pairs", pairs)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return {"root": root, "tokenizer": synthetic.write_tiktoken_model(str(root / "tok")),
-            "chats": str(root / "chats.jsonl"), "pairs": str(root / "pairs.jsonl")}
+    return {
+        "root": root,
+        "tokenizer": synthetic.write_tiktoken_model(str(root / "tok")),
+        "chats": str(root / "chats.jsonl"),
+        "pairs": str(root / "pairs.jsonl"),
+    }
 
 
 def _experiment(files, stage, steps, **settings):
     source = sft_source(files["chats"]) if stage == "sft" else SourceConfig(files["pairs"])
     return Experiment(
-        name=f"test_{stage}", model=MODEL, mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        name=f"test_{stage}",
+        model=MODEL,
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         optim=OptimConfig(peak_lr=3e-3, warmup_steps=2, final_lr_ratio=1.0),
-        train=TrainConfig(steps=steps, batch_size=8, seq_len=64, log_every=1, eval_every=steps,
-                          sample_tokens=0),
+        train=TrainConfig(
+            steps=steps, batch_size=8, seq_len=64, log_every=1, eval_every=steps, sample_tokens=0
+        ),
         checkpoint=CheckpointConfig(every_steps=0),
         data=DataConfig(sources=(source,), tokenizer_path=files["tokenizer"] if stage == "sft" else ""),
-        eval_data=None, posttrain=PosttrainConfig(stage=stage, **settings))
+        eval_data=None,
+        posttrain=PosttrainConfig(stage=stage, **settings),
+    )
 
 
 def _metrics(workdir):
@@ -73,9 +104,12 @@ def test_reward_model_from_sft_reports_held_out_accuracy(sft_run, files):
     out = train_lib.train(exp, files["root"] / "rm", quiet=True)
     # The backbone came from the SFT checkpoint (its tokenizer too): the embeddings moved little.
     from llama_jax.checkpoint import load_for_inference
+
     _, sft_params = load_for_inference(sft_run)
-    moved = np.abs(np.asarray(out["state"].params["backbone"]["tok_embeddings"])
-                   - np.asarray(sft_params["tok_embeddings"])).max()
+    moved = np.abs(
+        np.asarray(out["state"].params["backbone"]["tok_embeddings"])
+        - np.asarray(sft_params["tok_embeddings"])
+    ).max()
     assert moved < 0.5
     assert set(out["state"].params["score"]) == {"kernel", "bias"}
     assert out["eval_accuracy"] == 1.0  # an easy preference, learnt
@@ -101,7 +135,9 @@ def test_dpo_reference_precomputed_equals_online_and_starts_at_the_policy(sft_ru
     first = results["precompute"][0]
     # Step 1: the policy is the reference, so rewards and margin are 0 and the loss is
     # log 2 + 0.2 x the chosen NLL.
-    assert first["margin"] == pytest.approx(0.0, abs=1e-5) and first["chosen_reward"] == pytest.approx(0.0, abs=1e-5)
+    assert first["margin"] == pytest.approx(0.0, abs=1e-5) and first["chosen_reward"] == pytest.approx(
+        0.0, abs=1e-5
+    )
     assert first["loss"] == pytest.approx(np.log(2) + 0.2 * first["chosen_nll"], rel=1e-5)
     steps = [r for r in results["precompute"] if "loss" in r]
     assert len(steps) == 3 and steps[-1]["margin"] > 0  # and the preference is being learnt
@@ -122,25 +158,36 @@ def _run_cli(exp, workdir, overrides, capsys, monkeypatch):
     return code, err
 
 
-@pytest.mark.parametrize("case,message", [
-    ("reference", "The reference checkpoint {other} is a model of another shape (n_layers 3 where the "
-                  "experiment has 2)."),
-    ("init", "The init_from checkpoint {other} is a model of another shape"),
-    ("no_tokenizer", "The dpo stage needs data.tokenizer_path"),
-    ("missing", "The init_from checkpoint /nonexistent does not exist."),
-    ("bad_pairs", "has no usable preference pairs"),
-    ("stage", "posttrain.stage must be one of sft, rm, dpo, ppo"),
-])
-def test_bad_input_is_one_sentence_and_exit_2(case, message, files, sft_run, other_shape_checkpoint,
-                                              tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        (
+            "reference",
+            "The reference checkpoint {other} is a model of another shape (n_layers 3 where the "
+            "experiment has 2).",
+        ),
+        ("init", "The init_from checkpoint {other} is a model of another shape"),
+        ("no_tokenizer", "The dpo stage needs data.tokenizer_path"),
+        ("missing", "The init_from checkpoint /nonexistent does not exist."),
+        ("bad_pairs", "has no usable preference pairs"),
+        ("stage", "posttrain.stage must be one of sft, rm, dpo, ppo"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(
+    case, message, files, sft_run, other_shape_checkpoint, tmp_path, capsys, monkeypatch
+):
     exp = _experiment(files, "dpo", 1, init_from=str(sft_run))
-    overrides = {"reference": [f"posttrain.reference={other_shape_checkpoint}"],
-                 "init": [f"posttrain.init_from={other_shape_checkpoint}",
-                          f"data.tokenizer_path={files['tokenizer']}"],
-                 "no_tokenizer": ["posttrain.init_from=''"],
-                 "missing": ["posttrain.init_from=/nonexistent", f"data.tokenizer_path={files['tokenizer']}"],
-                 "bad_pairs": [f"data.sources.0.path={files['chats']}"],
-                 "stage": ["posttrain.stage=ppx"]}[case]
+    overrides = {
+        "reference": [f"posttrain.reference={other_shape_checkpoint}"],
+        "init": [
+            f"posttrain.init_from={other_shape_checkpoint}",
+            f"data.tokenizer_path={files['tokenizer']}",
+        ],
+        "no_tokenizer": ["posttrain.init_from=''"],
+        "missing": ["posttrain.init_from=/nonexistent", f"data.tokenizer_path={files['tokenizer']}"],
+        "bad_pairs": [f"data.sources.0.path={files['chats']}"],
+        "stage": ["posttrain.stage=ppx"],
+    }[case]
     code, err = _run_cli(exp, tmp_path / "run", overrides, capsys, monkeypatch)
     assert code == 2, err
     # Skipped records are warned about (see test_posttrain_data); the error is one last line.
@@ -149,12 +196,15 @@ def test_bad_input_is_one_sentence_and_exit_2(case, message, files, sft_run, oth
     assert "Traceback" not in err and all(line.startswith("WARNING") for line in err.splitlines()[:-1])
 
 
-@pytest.mark.parametrize("name,message", [
-    ("tiny_sft", "error: No such file or directory: data/tiny_sft.jsonl."),
-    ("tiny_rm", "error: The init_from checkpoint runs/tiny_sft does not exist."),
-    ("tiny_dpo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
-    ("tiny_ppo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("tiny_sft", "error: No such file or directory: data/tiny_sft.jsonl."),
+        ("tiny_rm", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+        ("tiny_dpo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+        ("tiny_ppo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+    ],
+)
 def test_experiment_files_point_at_their_inputs(name, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where data/ and runs/ do not exist
     assert train_lib.main(["--exp", name, "--workdir", str(tmp_path / "w")]) == 2

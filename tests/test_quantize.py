@@ -9,9 +9,16 @@ import pytest
 
 from llama_jax import generate as generate_lib
 from llama_jax.model import Llama
-from llama_jax.quantize import (FP8_ACTIVATION_BOUND, QuantizedWeight, quantize_fp8,
-                                quantize_int8, quantize_params, quantize_rows_fp8, unstack_layers,
-                                weight_bytes)
+from llama_jax.quantize import (
+    FP8_ACTIVATION_BOUND,
+    QuantizedWeight,
+    quantize_fp8,
+    quantize_int8,
+    quantize_params,
+    quantize_rows_fp8,
+    unstack_layers,
+    weight_bytes,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -53,8 +60,7 @@ def test_fp8_activation_rows_are_scaled_up_to_the_bound():
     x[1, 5] = 5000.0  # an outlier token: its scale stops at 1200 / 448, the outlier saturates
     x_fp8, scale = quantize_rows_fp8(jnp.asarray(x))
     row_max = np.abs(x).max(axis=1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(scale), np.minimum(row_max, FP8_ACTIVATION_BOUND) / 448,
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(scale), np.minimum(row_max, FP8_ACTIVATION_BOUND) / 448, rtol=1e-6)
     values = np.asarray(x_fp8).astype(np.float32)
     assert values[1, 5] == 448.0
     assert np.abs(values[[0, 2]]).max(axis=1).tolist() == [448.0, 448.0]
@@ -92,8 +98,11 @@ def test_fp8_recipe_quantizes_middle_feed_forward_layers_only(small_checkpoint):
         for name in ("w1", "w2", "w3"):
             assert _is_quantized(layer["feed_forward"][name], "fp8") == middle
         untouched = [k for k in layer if k != "feed_forward" or not middle]
-        for ours, theirs in zip(jax.tree.leaves([layer[k] for k in untouched]),
-                                jax.tree.leaves([original[k] for k in untouched]), strict=True):
+        for ours, theirs in zip(
+            jax.tree.leaves([layer[k] for k in untouched]),
+            jax.tree.leaves([original[k] for k in untouched]),
+            strict=True,
+        ):
             assert ours.dtype == theirs.dtype == jnp.float32
             np.testing.assert_array_equal(ours, theirs)
     for name in ("tok_embeddings", "norm", "output"):
@@ -125,7 +134,7 @@ def test_quantized_logits_stay_close(small_checkpoint):
     for mode, tolerance in (("int8", 0.05), ("fp8", 0.10)):
         qcfg, qparams = quantize_params(params, cfg, mode)
         logits = np.asarray(Llama(qcfg).apply({"params": qparams}, tokens))
-        error = np.sqrt(np.mean((logits - reference) ** 2) / np.mean(reference ** 2))
+        error = np.sqrt(np.mean((logits - reference) ** 2) / np.mean(reference**2))
         assert 0 < error <= tolerance, (mode, error)
         log_p, log_q = jax.nn.log_softmax(reference), jax.nn.log_softmax(logits)
         kl = float(jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)))
@@ -137,17 +146,38 @@ def test_int8_model_equals_the_model_with_dequantized_weights(small_checkpoint):
     _, _, cfg, params = small_checkpoint
     tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (2, 24)))
     qcfg, qparams = quantize_params(params, cfg, "int8")
-    dequantized = jax.tree.map(lambda w: w.dequantize() if isinstance(w, QuantizedWeight) else w,
-                               qparams, is_leaf=lambda w: isinstance(w, QuantizedWeight))
-    np.testing.assert_allclose(np.asarray(Llama(qcfg).apply({"params": qparams}, tokens)),
-                               np.asarray(Llama(qcfg).apply({"params": dequantized}, tokens)),
-                               rtol=1e-4, atol=1e-5)
+    dequantized = jax.tree.map(
+        lambda w: w.dequantize() if isinstance(w, QuantizedWeight) else w,
+        qparams,
+        is_leaf=lambda w: isinstance(w, QuantizedWeight),
+    )
+    np.testing.assert_allclose(
+        np.asarray(Llama(qcfg).apply({"params": qparams}, tokens)),
+        np.asarray(Llama(qcfg).apply({"params": dequantized}, tokens)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_generate_cli_runs_quantized(small_checkpoint, capsys, mode):
     ckpt, tokenizer_path, _, _ = small_checkpoint
-    assert generate_lib.main(["--ckpt", str(ckpt), "--tokenizer", tokenizer_path, "--prompt",
-                              "the cat", "--max-new-tokens", "6", "--quant", mode]) == 0
+    assert (
+        generate_lib.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--tokenizer",
+                tokenizer_path,
+                "--prompt",
+                "the cat",
+                "--max-new-tokens",
+                "6",
+                "--quant",
+                mode,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("the cat") and out.endswith("\n")

@@ -16,14 +16,14 @@ from llama_jax.scaling.fit import bootstrap, fit_isoflop, fit_power_law, fit_sca
 from llama_jax.scaling.plan import model_for_size, plan_isoflop, write_plan
 
 # Known constants of the synthetic sweeps.
-ALPHA, A = 0.45, 2.5            # D*(C) = A C^alpha
+ALPHA, A = 0.45, 2.5  # D*(C) = A C^alpha
 LOSS_B, LOSS_BETA = 30.0, -0.06  # L*(C) = B C^beta
-CURVATURE = 0.08                 # loss - L* = CURVATURE (ln D - ln D*)^2
+CURVATURE = 0.08  # loss - L* = CURVATURE (ln D - ln D*)^2
 
 
 def synthetic_loss(budget, tokens, coefficient=A):
-    d_star = coefficient * budget ** ALPHA
-    return LOSS_B * budget ** LOSS_BETA + CURVATURE * (np.log(tokens) - np.log(d_star)) ** 2
+    d_star = coefficient * budget**ALPHA
+    return LOSS_B * budget**LOSS_BETA + CURVATURE * (np.log(tokens) - np.log(d_star)) ** 2
 
 
 def direct_flops_per_token(dim, layers, heads, kv_heads, head_dim, ffn, vocab, seq_len):
@@ -34,19 +34,20 @@ def direct_flops_per_token(dim, layers, heads, kv_heads, head_dim, ffn, vocab, s
 
 
 def test_planner_flops_match_the_direct_formula():
-    plan = plan_isoflop([1e12, 4e12], ["64x2", "256x4"], batch_size=16, seq_len=256,
-                        vocab_size=4096, min_steps=1)
+    plan = plan_isoflop(
+        [1e12, 4e12], ["64x2", "256x4"], batch_size=16, seq_len=256, vocab_size=4096, min_steps=1
+    )
     assert len(plan.runs) == 4
     for run in plan.runs:
-        if run.size == "64x2":   # 2 heads, 1 KV head, SwiGLU width 2/3 * 4 * 64 -> 192
+        if run.size == "64x2":  # 2 heads, 1 KV head, SwiGLU width 2/3 * 4 * 64 -> 192
             f = direct_flops_per_token(64, 2, 2, 1, 32, 192, 4096, 256)
-        else:                    # the tiny preset itself
+        else:  # the tiny preset itself
             f = direct_flops_per_token(256, 4, 8, 4, 32, 768, 4096, 256)
         assert run.flops_per_token == f
         assert run.steps == round(run.budget / (f * 16 * 256))
         assert run.tokens == run.steps * 16 * 256
         assert run.flops == f * run.tokens
-        assert abs(run.flops - run.budget) <= 0.5 * f * 16 * 256   # off by at most half a step
+        assert abs(run.flops - run.budget) <= 0.5 * f * 16 * 256  # off by at most half a step
     assert model_for_size("256x4", 4096) == model_preset("tiny")
 
 
@@ -63,26 +64,26 @@ def test_parabola_minima_and_power_laws_recover_known_constants():
     budgets = [1e12, 3e12, 1e13, 3e13, 1e14]
     groups = {}
     for budget in budgets:
-        d_star = A * budget ** ALPHA
-        tokens = d_star * np.array([0.2, 0.45, 1.1, 2.4, 5.0])   # not centred on the optimum
+        d_star = A * budget**ALPHA
+        tokens = d_star * np.array([0.2, 0.45, 1.1, 2.4, 5.0])  # not centred on the optimum
         losses = synthetic_loss(budget, tokens) + rng.normal(0, 2e-4, tokens.shape)
         groups[budget] = (tokens, losses)
     fit = fit_scaling(groups)
     for curve in fit.curves:
-        assert curve.optimal_tokens == pytest.approx(A * curve.budget ** ALPHA, rel=0.02)
-        assert curve.optimal_loss == pytest.approx(LOSS_B * curve.budget ** LOSS_BETA, rel=0.02)
+        assert curve.optimal_tokens == pytest.approx(A * curve.budget**ALPHA, rel=0.02)
+        assert curve.optimal_loss == pytest.approx(LOSS_B * curve.budget**LOSS_BETA, rel=0.02)
         assert curve.minimum_inside
     assert fit.tokens_law.exponent == pytest.approx(ALPHA, rel=0.02)
     assert fit.tokens_law.coefficient == pytest.approx(A, rel=0.02)
     assert fit.loss_law.exponent == pytest.approx(LOSS_BETA, rel=0.02)
-    assert fit.optimal_params(1e15) == pytest.approx(1e15 / (6 * A * 1e15 ** ALPHA), rel=0.02)
+    assert fit.optimal_params(1e15) == pytest.approx(1e15 / (6 * A * 1e15**ALPHA), rel=0.02)
     boot = bootstrap(groups, 1e15, samples=200)
     low, high = boot.interval(boot.alpha)
     assert low <= fit.tokens_law.exponent <= high and high - low < 0.05
 
 
 def test_power_law_is_exact_on_exact_data():
-    law = fit_power_law([1e10, 1e12, 1e14], [7.0 * c ** 0.3 for c in (1e10, 1e12, 1e14)])
+    law = fit_power_law([1e10, 1e12, 1e14], [7.0 * c**0.3 for c in (1e10, 1e12, 1e14)])
     assert law.exponent == pytest.approx(0.3, rel=1e-9)
     assert law.coefficient == pytest.approx(7.0, rel=1e-9)
 
@@ -110,7 +111,7 @@ def test_predict_cli_prints_the_direct_formula(capsys):
     assert main(["predict", "--flops", "3.8e25", "--alpha", "0.537", "--A", "0.299"]) == 0
     out = capsys.readouterr().out
     tokens, params = _number(out, "optimal tokens D*"), _number(out, "optimal parameters N*")
-    direct_tokens = 0.299 * 3.8e25 ** 0.537
+    direct_tokens = 0.299 * 3.8e25**0.537
     assert tokens == pytest.approx(direct_tokens, rel=1e-3)
     assert params == pytest.approx(3.8e25 / (6 * direct_tokens), rel=1e-3)
     # Llama 3: 402B parameters on 16.55T tokens; the rounded constants land within 5%.
@@ -134,7 +135,7 @@ def _write_sweep(directory, budgets, sizes, coefficient=A, skip=()):
 
 def test_fit_cli_reads_a_sweep_and_recovers_the_law(tmp_path, capsys):
     # A coefficient that puts D* = A C^alpha inside each budget's range of token counts.
-    coefficient = 5e5 / 2e12 ** ALPHA
+    coefficient = 5e5 / 2e12**ALPHA
     _write_sweep(tmp_path, [1e12, 2e12, 4e12], ["32x1", "64x2", "128x2", "192x3"], coefficient)
     assert main(["fit", str(tmp_path), "--bootstrap", "20"]) == 0
     out = capsys.readouterr().out
@@ -151,13 +152,16 @@ def test_fit_refuses_too_few_points():
         fit_isoflop(1e12, [1e5, 2e5, 4e5], [5.0, 5.2, 5.0])
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["predict", "--flops", "-1"], "positive number of FLOPs"),
-    (["predict", "--flops", "0"], "positive number of FLOPs"),
-    (["predict", "--flops", "1e20", "--A", "-2"], "positive A"),
-    (["plan", "--budgets", "1e12", "--sizes", "100x2"], "multiple of the head size"),
-    (["plan", "--budgets", "1e12", "-5"], "positive FLOPs"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["predict", "--flops", "-1"], "positive number of FLOPs"),
+        (["predict", "--flops", "0"], "positive number of FLOPs"),
+        (["predict", "--flops", "1e20", "--A", "-2"], "positive A"),
+        (["plan", "--budgets", "1e12", "--sizes", "100x2"], "multiple of the head size"),
+        (["plan", "--budgets", "1e12", "-5"], "positive FLOPs"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -170,8 +174,12 @@ def test_fit_cli_errors(tmp_path, capsys):
     assert "plan.json does not exist" in capsys.readouterr().err
     # Two finished runs per budget: no parabola anywhere.
     plan = plan_isoflop([1e12, 2e12], ["32x1", "64x2", "128x2"], min_steps=1)
-    _write_sweep(tmp_path, [1e12, 2e12], ["32x1", "64x2", "128x2"],
-                 skip={r.name for r in plan.runs if r.size == "128x2"})
+    _write_sweep(
+        tmp_path,
+        [1e12, 2e12],
+        ["32x1", "64x2", "128x2"],
+        skip={r.name for r in plan.runs if r.size == "128x2"},
+    )
     assert main(["fit", str(tmp_path), "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "a parabola needs at least 3" in err

@@ -60,9 +60,7 @@ def test_sentencepiece_llama_ids(sp_tokenizer):
     assert sp_tokenizer.encode("hi", bos=True, eos=True)[-1] == 2
     # Digits are split into single-digit pieces.
     ids = sp_tokenizer.encode("2024")
-    assert [
-        sp_tokenizer.decode([i]).strip() for i in ids if sp_tokenizer.decode([i]).strip()
-    ] == list("2024")
+    assert [sp_tokenizer.decode([i]).strip() for i in ids if sp_tokenizer.decode([i]).strip()] == list("2024")
 
 
 def test_tiktoken_special_tokens(tt_tokenizer):
@@ -159,9 +157,7 @@ def test_llama3_chat(tt_tokenizer):
         {"role": "user", "content": "bye"},
     ]
     chat = tok.encode_chat(dialog, add_generation_prompt=True)
-    sh, eh, eot = (
-        tok.token_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-    )
+    sh, eh, eot = (tok.token_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
 
     def header(role):
         return [sh] + tok.encode(role) + [eh] + tok.encode("\n\n")

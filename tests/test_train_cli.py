@@ -10,15 +10,18 @@ import pytest
 from llama_jax import train
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--exp", "llama9_1b"], "Unknown experiment 'llama9_1b'"),
-    (["train.stepz=3"], "Unknown override key 'train.stepz'. Did you mean 'train.steps'?"),
-    (["optim.peak_lr=fast"], "Bad override 'optim.peak_lr=fast'"),
-    (["mesh.data=3"], "do not divide the 8 devices"),
-    (["mesh.data=8", "train.batch_size=12"], "not divisible by the data-parallel size 8"),
-    (["train.seq_len=4096"], "longer than the model's max_seq_len=512"),
-    (["data.sources.0.path=/nonexistent/*.txt"], "No files match /nonexistent/*.txt"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--exp", "llama9_1b"], "Unknown experiment 'llama9_1b'"),
+        (["train.stepz=3"], "Unknown override key 'train.stepz'. Did you mean 'train.steps'?"),
+        (["optim.peak_lr=fast"], "Bad override 'optim.peak_lr=fast'"),
+        (["mesh.data=3"], "do not divide the 8 devices"),
+        (["mesh.data=8", "train.batch_size=12"], "not divisible by the data-parallel size 8"),
+        (["train.seq_len=4096"], "longer than the model's max_seq_len=512"),
+        (["data.sources.0.path=/nonexistent/*.txt"], "No files match /nonexistent/*.txt"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_exit_2(args, message, capsys, tmp_path):
     assert train.main(args + ["--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -38,10 +41,26 @@ def test_short_run_learns_and_writes_metrics(tmp_path):
     env = dict(os.environ, LLAMA_JAX_CACHE=str(tmp_path / "cache"))
     workdir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir), "train.steps=30",
-         "train.log_every=10", "train.eval_every=30", "train.eval_batches=2", "train.batch_size=8",
-         "train.seq_len=64", "train.sample_tokens=8", "optim.warmup_steps=5"],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "llama_jax.train",
+            "--workdir",
+            str(workdir),
+            "train.steps=30",
+            "train.log_every=10",
+            "train.eval_every=30",
+            "train.eval_batches=2",
+            "train.batch_size=8",
+            "train.seq_len=64",
+            "train.sample_tokens=8",
+            "optim.warmup_steps=5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]

@@ -13,8 +13,17 @@ from llama_jax.optim import make_optimizer
 from llama_jax.sharding import activation_sharding, make_mesh
 from llama_jax.train import compile_steps, create_train_state, global_batch
 
-MODEL = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=16, ffn_dim=128,
-                    vocab_size=256, max_seq_len=64, compute_dtype="float32")
+MODEL = ModelConfig(
+    dim=64,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=8,
+    head_dim=16,
+    ffn_dim=128,
+    vocab_size=256,
+    max_seq_len=64,
+    compute_dtype="float32",
+)
 
 
 def _batch(rng, batch=16, length=32, vocab=256):
@@ -24,23 +33,28 @@ def _batch(rng, batch=16, length=32, vocab=256):
     positions = np.where(segments == 1, np.arange(length), np.arange(length) - cut)
     loss_mask = (segments > 0).astype(np.float32)
     loss_mask[:2] = 0.0
-    return {"tokens": rng.integers(1, vocab, (batch, length)).astype(np.int32),
-            "positions": np.tile(positions.astype(np.int32), (batch, 1)),
-            "segment_ids": np.tile(segments.astype(np.int32), (batch, 1)),
-            "loss_mask": np.tile(loss_mask, (batch, 1))}
+    return {
+        "tokens": rng.integers(1, vocab, (batch, length)).astype(np.int32),
+        "positions": np.tile(positions.astype(np.int32), (batch, 1)),
+        "segment_ids": np.tile(segments.astype(np.int32), (batch, 1)),
+        "loss_mask": np.tile(loss_mask, (batch, 1)),
+    }
 
 
 def test_loss_matches_direct_formula():
     """Chunked, masked loss = mean over counted positions of -log softmax(logits)[next token]."""
     params = init_params(MODEL, jax.random.key(1))
     batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(0), batch=3).items()}
-    hidden = Llama(MODEL).apply({"params": params}, batch["tokens"], batch["positions"],
-                                batch["segment_ids"], return_hidden=True)
+    hidden = Llama(MODEL).apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True
+    )
     targets, weights = next_token_targets(batch)
     total, count = cross_entropy_sum(hidden, lm_head(params, MODEL), targets, weights, chunk=5)
 
-    logits = np.asarray(Llama(MODEL).apply({"params": params}, batch["tokens"], batch["positions"],
-                                           batch["segment_ids"]), np.float64)
+    logits = np.asarray(
+        Llama(MODEL).apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]),
+        np.float64,
+    )
     tokens, segments, mask = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "loss_mask"))
     expected, n = 0.0, 0
     for b in range(3):
@@ -55,10 +69,12 @@ def test_loss_matches_direct_formula():
 
 
 def _losses(mesh_cfg, devices, microbatches=1, steps=5):
-    exp = Experiment(model=MODEL, mesh=mesh_cfg,
-                     train=TrainConfig(steps=steps, batch_size=16, seq_len=32,
-                                       microbatches=microbatches, loss_chunk=16),
-                     optim=OptimConfig(peak_lr=1e-2, warmup_steps=2))
+    exp = Experiment(
+        model=MODEL,
+        mesh=mesh_cfg,
+        train=TrainConfig(steps=steps, batch_size=16, seq_len=32, microbatches=microbatches, loss_chunk=16),
+        optim=OptimConfig(peak_lr=1e-2, warmup_steps=2),
+    )
     mesh = make_mesh(exp.mesh, devices)
     optimizer, schedule = make_optimizer(exp.optim, steps)
     compiled = compile_steps(exp, optimizer, schedule, mesh)
@@ -77,20 +93,26 @@ def single_device():
     return _losses(MeshConfig(1, 1, 1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh_cfg,microbatches", [
-    (MeshConfig(data=8, fsdp=1, tensor=1), 1),
-    (MeshConfig(data=1, fsdp=8, tensor=1), 1),
-    (MeshConfig(data=1, fsdp=1, tensor=8), 1),
-    (MeshConfig(data=2, fsdp=2, tensor=2), 1),
-    (MeshConfig(data=2, fsdp=2, tensor=2), 2),
-], ids=["data8", "fsdp8", "tensor8", "2x2x2", "2x2x2-microbatch2"])
+@pytest.mark.parametrize(
+    "mesh_cfg,microbatches",
+    [
+        (MeshConfig(data=8, fsdp=1, tensor=1), 1),
+        (MeshConfig(data=1, fsdp=8, tensor=1), 1),
+        (MeshConfig(data=1, fsdp=1, tensor=8), 1),
+        (MeshConfig(data=2, fsdp=2, tensor=2), 1),
+        (MeshConfig(data=2, fsdp=2, tensor=2), 2),
+    ],
+    ids=["data8", "fsdp8", "tensor8", "2x2x2", "2x2x2-microbatch2"],
+)
 def test_sharded_training_matches_one_device(single_device, mesh_cfg, microbatches):
     assert len(jax.devices()) == 8
     reference, _ = single_device
     losses, state = _losses(mesh_cfg, jax.devices(), microbatches)
     assert reference[-1] < reference[0]  # it is learning, so the comparison means something
-    print(f"{mesh_cfg} microbatches={microbatches}: max relative loss difference "
-          f"{np.abs(losses / reference - 1).max():.1e}")
+    print(
+        f"{mesh_cfg} microbatches={microbatches}: max relative loss difference "
+        f"{np.abs(losses / reference - 1).max():.1e}"
+    )
     np.testing.assert_allclose(losses, reference, rtol=1e-4)
     # The parameters and the Adam moments really are split as the rules table says.
     wq = state.params["layers"]["attention"]["wq"]

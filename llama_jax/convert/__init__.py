@@ -15,6 +15,16 @@ from llama_jax.convert.hf import config_from_hf, config_to_hf, hf_tensor_mapping
 from llama_jax.convert.meta import config_from_meta, load_meta
 from llama_jax.convert.tree import TensorMapping
 
-__all__ = ["ConversionError", "TensorMapping", "config_from_hf", "config_from_meta",
-           "config_to_hf", "hf_tensor_mappings", "load_hf", "load_meta", "read_params",
-           "save_hf", "write_params"]
+__all__ = [
+    "ConversionError",
+    "TensorMapping",
+    "config_from_hf",
+    "config_from_meta",
+    "config_to_hf",
+    "hf_tensor_mappings",
+    "load_hf",
+    "load_meta",
+    "read_params",
+    "save_hf",
+    "write_params",
+]

@@ -12,5 +12,6 @@ class ConversionError(ValueError):
 def require_empty_destination(path: Path) -> None:
     """Conversions never overwrite: the destination must be absent or an empty directory."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConversionError(f"The destination {path} already exists and is not empty; choose a "
-                              "new directory.")
+        raise ConversionError(
+            f"The destination {path} already exists and is not empty; choose a new directory."
+        )

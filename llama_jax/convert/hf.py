@@ -29,9 +29,11 @@ def llama3_rope_scaling(rope: dict) -> RopeScaling:
     """Llama 3.1 scaling from a `rope_scaling` dict (Hugging Face and Meta spell it alike)."""
     try:
         return RopeScaling(
-            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
             high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
     except KeyError as missing:
         raise ConversionError(f"The rope_scaling entry lacks {missing}.") from None
 
@@ -39,14 +41,14 @@ def llama3_rope_scaling(rope: dict) -> RopeScaling:
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """A ModelConfig from a Hugging Face Llama config.json (transformers 4 or 5 style)."""
     if hf.get("model_type", "llama") != "llama":
-        raise ConversionError(f"config.json has model_type {hf.get('model_type')!r}; only "
-                              "'llama' checkpoints are supported.")
+        raise ConversionError(
+            f"config.json has model_type {hf.get('model_type')!r}; only 'llama' checkpoints are supported."
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ConversionError(f"config.json sets {flag}=true; Llama models have no biases.")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"config.json has hidden_act {hf['hidden_act']!r}; Llama uses "
-                              "'silu'.")
+        raise ConversionError(f"config.json has hidden_act {hf['hidden_act']!r}; Llama uses 'silu'.")
     # transformers 5 writes `rope_parameters` (theta inside); released checkpoints have
     # `rope_theta` and `rope_scaling`.
     rope = dict(hf.get("rope_parameters") or {})
@@ -59,18 +61,26 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     elif rope_type == "llama3":
         scaling = llama3_rope_scaling(rope)
     else:
-        raise ConversionError(f"config.json asks for RoPE scaling of type {rope_type!r}; only "
-                              "the default and Llama 3.1's 'llama3' type are supported.")
+        raise ConversionError(
+            f"config.json asks for RoPE scaling of type {rope_type!r}; only "
+            "the default and Llama 3.1's 'llama3' type are supported."
+        )
     try:
         n_heads = hf["num_attention_heads"]
         fields = dict(
-            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
-            rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+            ffn_dim=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
     except KeyError as missing:
         raise ConversionError(f"config.json lacks {missing}.") from None
     fields.update(overrides)
@@ -93,11 +103,15 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if scaling is None else {
-            "rope_type": "llama3", "factor": scaling.factor,
+        "rope_scaling": None
+        if scaling is None
+        else {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
             "low_freq_factor": scaling.low_freq_factor,
             "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position_embeddings},
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        },
         "tie_word_embeddings": cfg.tie_embeddings,
         "vocab_size": cfg.vocab_size,
         "attention_bias": False,
@@ -114,9 +128,10 @@ def hf_tensor_mappings(cfg: ModelConfig) -> list[TensorMapping]:
     """Every tensor of a Hugging Face LlamaForCausalLM with our path and shape for it."""
     d, f, v = cfg.dim, cfg.ffn_dim, cfg.vocab_size
     h, k, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    out = [TensorMapping("model.embed_tokens.weight", ("tok_embeddings",), (v, d), (v, d),
-                         linear=False),
-           TensorMapping("model.norm.weight", ("norm", "weight"), (d,), (d,), linear=False)]
+    out = [
+        TensorMapping("model.embed_tokens.weight", ("tok_embeddings",), (v, d), (v, d), linear=False),
+        TensorMapping("model.norm.weight", ("norm", "weight"), (d,), (d,), linear=False),
+    ]
     if not cfg.tie_embeddings:
         out.append(TensorMapping("lm_head.weight", ("output",), (v, d), (d, v)))
     per_layer = [
@@ -131,9 +146,10 @@ def hf_tensor_mappings(cfg: ModelConfig) -> list[TensorMapping]:
         ("post_attention_layernorm.weight", ("ffn_norm", "weight"), (d,), (d,)),
     ]
     for i in range(cfg.n_layers):
-        out += [TensorMapping(f"model.layers.{i}.{name}", path, hf_shape, shape, layer=i,
-                              linear=len(shape) > 1)
-                for name, path, hf_shape, shape in per_layer]
+        out += [
+            TensorMapping(f"model.layers.{i}.{name}", path, hf_shape, shape, layer=i, linear=len(shape) > 1)
+            for name, path, hf_shape, shape in per_layer
+        ]
     return out
 
 
@@ -145,13 +161,16 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
         files = {name: path / file for name, file in weight_map.items()}
         absent = sorted({file.name for file in files.values() if not file.is_file()})
         if absent:
-            raise ConversionError(f"{path} lacks {absent[0]}, a shard its "
-                                  "model.safetensors.index.json lists.")
+            raise ConversionError(
+                f"{path} lacks {absent[0]}, a shard its model.safetensors.index.json lists."
+            )
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ConversionError(f"No *.safetensors files in {path} (PyTorch .bin checkpoints are "
-                              "not supported; re-save them with safetensors).")
+        raise ConversionError(
+            f"No *.safetensors files in {path} (PyTorch .bin checkpoints are "
+            "not supported; re-save them with safetensors)."
+        )
     where = {}
     for file in files:
         with safe_open(file, framework="np") as handle:
@@ -170,8 +189,13 @@ def read_hf_config(path: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32", scan_layers: bool = True,
-            progress: bool | None = None) -> tuple[ModelConfig, dict]:
+def load_hf(
+    path: str | os.PathLike,
+    *,
+    param_dtype: str = "float32",
+    scan_layers: bool = True,
+    progress: bool | None = None,
+) -> tuple[ModelConfig, dict]:
     """Read a Hugging Face Llama directory into `(ModelConfig, params)` (numpy arrays).
 
     Tensors are read one at a time (with pread, not a memory map, so the file does not add to
@@ -188,18 +212,22 @@ def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32", scan_layer
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ConversionError(f"{path} lacks tensor {missing[0]}{more}.")
     tolerated = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    unexpected = sorted(n for n in where.keys() - expected - tolerated
-                        if not n.endswith(_IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in where.keys() - expected - tolerated if not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
-        raise ConversionError(f"{path} has tensor {unexpected[0]} that a Llama model with this "
-                              "config.json does not have.")
+        raise ConversionError(
+            f"{path} has tensor {unexpected[0]} that a Llama model with this config.json does not have."
+        )
 
     params = tree.allocate(cfg, mappings, tree.numpy_dtype(param_dtype))
     by_file: dict[Path, list[TensorMapping]] = {}
     for m in mappings:
         by_file.setdefault(where[m.hf_name], []).append(m)
-    with tqdm(total=len(mappings), desc=f"reading {path.name}", unit="tensor",
-              disable=(not progress) if progress is not None else None) as bar:
+    with tqdm(
+        total=len(mappings),
+        desc=f"reading {path.name}",
+        unit="tensor",
+        disable=(not progress) if progress is not None else None,
+    ) as bar:
         for file, file_mappings in by_file.items():
             with safe_open(file, framework="np", backend="pread") as handle:
                 for m in file_mappings:
@@ -207,7 +235,8 @@ def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32", scan_layer
                     if tuple(tensor.shape) != m.hf_shape:
                         raise ConversionError(
                             f"Tensor {m.hf_name} in {file.name} has shape {tuple(tensor.shape)}, "
-                            f"but config.json implies {m.hf_shape}.")
+                            f"but config.json implies {m.hf_shape}."
+                        )
                     m.copy_into(tree.slot(params, cfg, m), tensor)
                     del tensor
                     bar.update()
@@ -226,8 +255,7 @@ def parse_size(size: int | str) -> int:
     return int(float(number) * base ** " KMGT".index(prefix or " "))
 
 
-def _plan_shards(mappings: list[TensorMapping], itemsize: int,
-                 max_bytes: int) -> list[list[TensorMapping]]:
+def _plan_shards(mappings: list[TensorMapping], itemsize: int, max_bytes: int) -> list[list[TensorMapping]]:
     """Consecutive tensors grouped into files of at most `max_bytes` (a larger tensor alone)."""
     shards: list[list[TensorMapping]] = [[]]
     size = 0
@@ -241,9 +269,15 @@ def _plan_shards(mappings: list[TensorMapping], itemsize: int,
     return shards
 
 
-def save_hf(params: dict, cfg: ModelConfig, path: str | os.PathLike, *,
-            max_shard_size: int | str = "5GB", dtype: str | None = None,
-            progress: bool | None = None) -> Path:
+def save_hf(
+    params: dict,
+    cfg: ModelConfig,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: str | None = None,
+    progress: bool | None = None,
+) -> Path:
     """Write a Hugging Face Llama directory that `LlamaForCausalLM.from_pretrained` loads.
 
     config.json, safetensors files of at most `max_shard_size` and model.safetensors.index.json.
@@ -258,8 +292,12 @@ def save_hf(params: dict, cfg: ModelConfig, path: str | os.PathLike, *,
     shards = _plan_shards(mappings, dtype.itemsize, parse_size(max_shard_size))
     path.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
-    with tqdm(total=len(mappings), desc=f"writing {path.name}", unit="tensor",
-              disable=(not progress) if progress is not None else None) as bar:
+    with tqdm(
+        total=len(mappings),
+        desc=f"writing {path.name}",
+        unit="tensor",
+        disable=(not progress) if progress is not None else None,
+    ) as bar:
         for number, shard in enumerate(shards, start=1):
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}

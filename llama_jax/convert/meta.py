@@ -61,21 +61,21 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     within each head, rows (0, 1), (2, 3), ... are a rotation pair in Meta's layout; rotate-half
     pairs row j with row j + head_dim / 2."""
     rows, columns = weight.shape
-    return (weight.reshape(n_heads, rows // n_heads // 2, 2, columns)
-            .swapaxes(1, 2).reshape(rows, columns))
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, columns).swapaxes(1, 2).reshape(rows, columns)
 
 
 def _default_max_seq_len(params: dict, scaled: bool) -> int:
     """params.json does not record the context length; the family's, guessed from the version."""
     if scaled:
-        return 131072                                    # Llama 3.1 / 3.2
+        return 131072  # Llama 3.1 / 3.2
     if params.get("rope_theta", 10000.0) >= 500000.0:
-        return 8192                                      # Llama 3
-    return 2048 if params.get("vocab_size", -1) == -1 else 4096   # LLaMA 1 / Llama 2
+        return 8192  # Llama 3
+    return 2048 if params.get("vocab_size", -1) == -1 else 4096  # LLaMA 1 / Llama 2
 
 
-def config_from_meta(params: dict, vocab_size: int, *, rope_scaling_factor: float | None = None,
-                     **overrides) -> ModelConfig:
+def config_from_meta(
+    params: dict, vocab_size: int, *, rope_scaling_factor: float | None = None, **overrides
+) -> ModelConfig:
     """A ModelConfig from Meta's params.json; `vocab_size` comes from the embedding when
     params.json says -1 (LLaMA 1). `rope_scaling_factor` replaces the scaling factor
     (use_scaled_rope means Llama 3.1's factor 8; Llama 3.2 1B/3B used 32)."""
@@ -88,17 +88,25 @@ def config_from_meta(params: dict, vocab_size: int, *, rope_scaling_factor: floa
         else:
             scaling = None
         if scaling is not None and rope_scaling_factor is not None:
-            scaling = RopeScaling(rope_scaling_factor, scaling.low_freq_factor,
-                                  scaling.high_freq_factor,
-                                  scaling.original_max_position_embeddings)
+            scaling = RopeScaling(
+                rope_scaling_factor,
+                scaling.low_freq_factor,
+                scaling.high_freq_factor,
+                scaling.original_max_position_embeddings,
+            )
         fields = dict(
-            dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
-            n_kv_heads=params.get("n_kv_heads") or n_heads, head_dim=dim // n_heads,
+            dim=dim,
+            n_layers=params["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=params.get("n_kv_heads") or n_heads,
+            head_dim=dim // n_heads,
             ffn_dim=ffn_dim_for(dim, params["multiple_of"], params.get("ffn_dim_multiplier")),
             vocab_size=vocab_size,
             max_seq_len=params.get("max_seq_len") or _default_max_seq_len(params, bool(scaling)),
-            rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling,
-            norm_eps=float(params["norm_eps"]))
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            norm_eps=float(params["norm_eps"]),
+        )
     except KeyError as missing:
         raise ConversionError(f"params.json lacks {missing}.") from None
     fields.update(overrides)
@@ -116,8 +124,10 @@ def _shard_files(path: Path) -> list[Path]:
         raise ConversionError(f"No consolidated.NN.pth files in {path}.")
     for rank in range(max(numbered) + 1):
         if rank not in numbered:
-            raise ConversionError(f"{path} lacks consolidated.{rank:02d}.pth, one of the "
-                                  f"{max(numbered) + 1} model-parallel shards.")
+            raise ConversionError(
+                f"{path} lacks consolidated.{rank:02d}.pth, one of the "
+                f"{max(numbered) + 1} model-parallel shards."
+            )
     return [numbered[rank] for rank in sorted(numbered)]
 
 
@@ -135,19 +145,29 @@ def _merged(shards: list[dict], name: str, axis: int | None, expected: tuple[int
     merged = pieces[0] if axis is None else torch.cat(pieces, dim=axis)
     if tuple(merged.shape) != expected:
         # A whole fraction of the expected size is what a missing last shard looks like.
-        fraction = axis is not None and merged.shape[axis] < expected[axis] and (
-            expected[axis] % merged.shape[axis] == 0)
+        fraction = (
+            axis is not None
+            and merged.shape[axis] < expected[axis]
+            and (expected[axis] % merged.shape[axis] == 0)
+        )
         hint = f" across {len(shards)} shards (is a shard missing?)" if fraction else ""
-        raise ConversionError(f"Tensor {name} has shape {tuple(merged.shape)}{hint}, but "
-                              f"params.json implies {expected}.")
+        raise ConversionError(
+            f"Tensor {name} has shape {tuple(merged.shape)}{hint}, but params.json implies {expected}."
+        )
     if merged.dtype == torch.bfloat16:  # numpy has no bfloat16 for torch to hand over
         merged = merged.float()
     return merged.numpy()
 
 
-def load_meta(path: str | os.PathLike, *, param_dtype: str = "float32", scan_layers: bool = True,
-              rope_scaling_factor: float | None = None, max_seq_len: int | None = None,
-              progress: bool | None = None) -> tuple[ModelConfig, dict]:
+def load_meta(
+    path: str | os.PathLike,
+    *,
+    param_dtype: str = "float32",
+    scan_layers: bool = True,
+    rope_scaling_factor: float | None = None,
+    max_seq_len: int | None = None,
+    progress: bool | None = None,
+) -> tuple[ModelConfig, dict]:
     """Read a Meta checkpoint directory into `(ModelConfig, params)` (numpy arrays).
 
     Shards are memory-mapped and each weight is merged, permuted and written into preallocated
@@ -157,36 +177,42 @@ def load_meta(path: str | os.PathLike, *, param_dtype: str = "float32", scan_lay
     try:
         import torch
     except ImportError:
-        raise ConversionError("Reading Meta .pth checkpoints needs PyTorch: "
-                              "pip install torch (the CPU build is enough).") from None
+        raise ConversionError(
+            "Reading Meta .pth checkpoints needs PyTorch: pip install torch (the CPU build is enough)."
+        ) from None
     path = Path(path)
     params_file = path / "params.json"
     if not params_file.is_file():
         raise ConversionError(f"{path} is not a Meta checkpoint directory: no params.json.")
     meta_params = json.loads(params_file.read_text())
     files = _shard_files(path)
-    shards = [torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-              for file in files]
+    shards = [torch.load(file, map_location="cpu", mmap=True, weights_only=True) for file in files]
     if "tok_embeddings.weight" not in shards[0]:
         raise ConversionError(f"{files[0].name} lacks tensor tok_embeddings.weight.")
     vocab_size = meta_params.get("vocab_size", -1)
     if vocab_size <= 0:
         vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
-    overrides = dict(param_dtype=param_dtype, scan_layers=scan_layers,
-                     tie_embeddings="output.weight" not in shards[0])
+    overrides = dict(
+        param_dtype=param_dtype, scan_layers=scan_layers, tie_embeddings="output.weight" not in shards[0]
+    )
     if max_seq_len is not None:
         overrides["max_seq_len"] = max_seq_len
-    cfg = config_from_meta(meta_params, vocab_size, rope_scaling_factor=rope_scaling_factor,
-                           **overrides)
+    cfg = config_from_meta(meta_params, vocab_size, rope_scaling_factor=rope_scaling_factor, **overrides)
 
     mappings = hf_tensor_mappings(cfg)
     unexpected = sorted(shards[0].keys() - {meta_name(m)[0] for m in mappings} - _IGNORED)
     if unexpected:
-        raise ConversionError(f"{files[0].name} has tensor {unexpected[0]} that a Llama model "
-                              "with this params.json does not have.")
+        raise ConversionError(
+            f"{files[0].name} has tensor {unexpected[0]} that a Llama model "
+            "with this params.json does not have."
+        )
     params = tree.allocate(cfg, mappings, tree.numpy_dtype(param_dtype))
-    with tqdm(total=len(mappings), desc=f"reading {path.name}", unit="tensor",
-              disable=(not progress) if progress is not None else None) as bar:
+    with tqdm(
+        total=len(mappings),
+        desc=f"reading {path.name}",
+        unit="tensor",
+        disable=(not progress) if progress is not None else None,
+    ) as bar:
         for m in mappings:
             name, axis = meta_name(m)
             tensor = _merged(shards, name, axis, m.hf_shape)

@@ -22,11 +22,11 @@ class TensorMapping:
     """One Hugging Face tensor and where it lives in our parameter tree."""
 
     hf_name: str
-    path: tuple[str, ...]          # key path in the (per-layer) parameter tree
+    path: tuple[str, ...]  # key path in the (per-layer) parameter tree
     hf_shape: tuple[int, ...]
-    shape: tuple[int, ...]         # our shape
-    layer: int | None = None       # index along the stacked `layers` axis, if any
-    linear: bool = True            # a torch Linear weight ([out, in]) rather than a norm/embedding
+    shape: tuple[int, ...]  # our shape
+    layer: int | None = None  # index along the stacked `layers` axis, if any
+    linear: bool = True  # a torch Linear weight ([out, in]) rather than a norm/embedding
 
     def to_ours(self, tensor: np.ndarray) -> np.ndarray:
         """torch Linear weights are [out, in]; ours are [in, ...out]."""
@@ -82,8 +82,9 @@ def _leaf(params: dict, cfg: ModelConfig, mapping: TensorMapping):
     node = params
     for key in param_path(cfg, mapping):
         if not isinstance(node, dict) or key not in node:
-            raise ConversionError(f"The parameters lack {'/'.join(param_path(cfg, mapping))} "
-                                  f"(for {mapping.hf_name}).")
+            raise ConversionError(
+                f"The parameters lack {'/'.join(param_path(cfg, mapping))} (for {mapping.hf_name})."
+            )
         node = node[key]
     return node
 
@@ -99,8 +100,10 @@ def check_shapes(params: dict, cfg: ModelConfig, mappings: list[TensorMapping]) 
     for m in mappings:
         actual, expected = tuple(np.shape(_leaf(params, cfg, m))), _stored_shape(cfg, m)
         if actual != expected:
-            raise ConversionError(f"Parameter {'/'.join(param_path(cfg, m))} has shape {actual}, "
-                                  f"but the model config implies {expected}.")
+            raise ConversionError(
+                f"Parameter {'/'.join(param_path(cfg, m))} has shape {actual}, "
+                f"but the model config implies {expected}."
+            )
 
 
 def fetch(params: dict, cfg: ModelConfig, mapping: TensorMapping) -> np.ndarray:

@@ -21,9 +21,9 @@ PACKINGS = ("first_fit", "concat_then_split")
 # How the processes (hosts) of a multi-host job share the data.
 SPLITS = {
     "documents": "each process reads every process_count-th document and packs its own rows (fast; "
-                 "the batches depend on the number of processes)",
+    "the batches depend on the number of processes)",
     "rows": "every process reads and packs all the documents and keeps its own rows of each global "
-            "batch (each host tokenizes everything; the batches are the same on any number of hosts)",
+    "batch (each host tokenizes everything; the batches are the same on any number of hosts)",
 }
 
 
@@ -58,13 +58,13 @@ class SourceConfig:
         if not self.paths:
             raise ValueError("A data source needs at least one path.")
         if self.kind not in SOURCE_KINDS:
-            raise ValueError(
-                f"Unknown source kind {self.kind!r}; use one of {sorted(SOURCE_KINDS)}."
-            )
+            raise ValueError(f"Unknown source kind {self.kind!r}; use one of {sorted(SOURCE_KINDS)}.")
         try:  # overrides arrive untyped here: data.sources.0.weight=2
             object.__setattr__(self, "weight", float(self.weight))
         except (TypeError, ValueError):
-            raise ValueError(f"Source {self.display_name}: weight must be a number, got {self.weight!r}.") from None
+            raise ValueError(
+                f"Source {self.display_name}: weight must be a number, got {self.weight!r}."
+            ) from None
         if not self.weight > 0:
             raise ValueError(f"Source {self.display_name}: weight must be > 0.")
         if self.tokenized and self.kind != "arrayrecord":
@@ -151,9 +151,7 @@ class DataConfig:
     def from_dict(cls, config: Mapping[str, Any]) -> DataConfig:
         """Builds a DataConfig from plain dicts, e.g. an OmegaConf container."""
         config = dict(config)
-        config["sources"] = tuple(
-            SourceConfig(**dict(s)) for s in _as_sequence(config.get("sources", ()))
-        )
+        config["sources"] = tuple(SourceConfig(**dict(s)) for s in _as_sequence(config.get("sources", ())))
         return cls(**config)
 
 

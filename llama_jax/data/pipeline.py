@@ -26,7 +26,6 @@ with Orbax through Grain's checkpoint handler::
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from typing import Any
 
@@ -65,8 +64,9 @@ class DocumentEncoder:
                 sources_lib.COUNTERS.add(self.source.display_name, sources_lib.SKIPPED, f": {e}")
                 return None
             if not any(chat.assistant_mask):  # nothing to learn from
-                sources_lib.COUNTERS.add(self.source.display_name, sources_lib.SKIPPED,
-                                         ": a dialog without an assistant turn")
+                sources_lib.COUNTERS.add(
+                    self.source.display_name, sources_lib.SKIPPED, ": a dialog without an assistant turn"
+                )
                 return None
             tokens = np.asarray(chat.ids, np.int32)
             return {"tokens": tokens, "loss_mask": np.asarray(chat.assistant_mask, np.float32)}
@@ -99,9 +99,7 @@ class _SplitLongDocumentsIterator(grain.DatasetIterator):
         if length <= self._seq_len:
             return [document]
         starts = range(0, length, self._seq_len)
-        sources_lib.COUNTERS.add(
-            "pipeline", SPLIT, f" ({length} tokens, {len(starts)} rows)", logging.INFO
-        )
+        sources_lib.COUNTERS.add("pipeline", SPLIT, f" ({length} tokens, {len(starts)} rows)", logging.INFO)
         return [{k: v[s : s + self._seq_len] for k, v in document.items()} for s in starts]
 
     def _next_document(self) -> dict[str, np.ndarray]:

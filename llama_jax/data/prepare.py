@@ -152,9 +152,7 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
 def _totals(output: str, num_shards: int) -> dict[str, int]:
     totals = {"shards": num_shards, "documents": 0, "tokens": 0, "skipped": 0}
     for shard in range(num_shards):
-        path = os.path.join(
-            output, shard_name(shard, num_shards).replace(".array_record", ".stats.json")
-        )
+        path = os.path.join(output, shard_name(shard, num_shards).replace(".array_record", ".stats.json"))
         with open(path) as f:
             stats = json.load(f)
         for key in ("documents", "tokens", "skipped"):

@@ -252,9 +252,7 @@ class ParquetSource:
             except Exception as e:  # pyarrow raises several error types
                 raise ValueError(f"{path} is not a Parquet file ({e}).") from None
             if field not in metadata.schema.names:
-                raise ValueError(
-                    f"{path} has no column {field!r}; its columns: {metadata.schema.names}"
-                )
+                raise ValueError(f"{path} has no column {field!r}; its columns: {metadata.schema.names}")
             for group in range(metadata.num_row_groups):
                 self._groups.append((i, group))
                 first_rows.append(first_rows[-1] + metadata.row_group(group).num_rows)

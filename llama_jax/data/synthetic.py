@@ -38,9 +38,7 @@ def write_sentencepiece_model(directory: str, vocab_size: int = 320) -> str:
     corpus = os.path.join(directory, "sp_corpus.txt")
     with open(corpus, "w", encoding="utf-8") as f:
         f.write("\n".join(random_documents(2000, seed=1)))
-    return train_sentencepiece(
-        [corpus], os.path.join(directory, "sp"), vocab_size, num_threads=1, quiet=True
-    )
+    return train_sentencepiece([corpus], os.path.join(directory, "sp"), vocab_size, num_threads=1, quiet=True)
 
 
 def write_tiktoken_model(directory: str, num_ranks: int = 300) -> str:

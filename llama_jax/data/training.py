@@ -19,6 +19,7 @@ from llama_jax.data.pipeline import make_iterator
 from llama_jax.data.sources import expand_paths
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
+
 class DataError(ValueError):
     """Data that cannot be read or used; the message is one sentence for the user."""
 
@@ -34,7 +35,8 @@ class TrainingData:
 
 def cache_dir() -> Path:
     root = os.environ.get("LLAMA_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llama_jax")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llama_jax"
+    )
     return Path(root)
 
 
@@ -46,11 +48,15 @@ def cached_tokenizer(data: DataConfig, vocab_size: int, quiet: bool = False) -> 
     model = prefix.with_suffix(".model")
     if not model.exists():
         if not quiet:
-            print(f"Training a {vocab_size}-token SentencePiece tokenizer on {len(files)} files "
-                  f"(once; cached at {model})...", flush=True)
+            print(
+                f"Training a {vocab_size}-token SentencePiece tokenizer on {len(files)} files "
+                f"(once; cached at {model})...",
+                flush=True,
+            )
         tmp_prefix = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
-        trained = train_sentencepiece(files, str(tmp_prefix), vocab_size, input_sentence_size=200_000,
-                                      quiet=True)
+        trained = train_sentencepiece(
+            files, str(tmp_prefix), vocab_size, input_sentence_size=200_000, quiet=True
+        )
         os.replace(trained, model)  # atomic: a concurrent or killed run never sees half a file
         Path(str(tmp_prefix) + ".vocab").unlink(missing_ok=True)
     return str(model)
@@ -69,12 +75,19 @@ def _training_data(exp, quiet: bool) -> TrainingData:
     tokenizer_path = exp.data.tokenizer_path or cached_tokenizer(exp.data, exp.model.vocab_size, quiet)
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > exp.model.vocab_size:
-        raise DataError(f"The tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but "
-                        f"model.vocab_size is {exp.model.vocab_size}.")
+        raise DataError(
+            f"The tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but "
+            f"model.vocab_size is {exp.model.vocab_size}."
+        )
 
     def configure(data: DataConfig, seed: int) -> DataConfig:
-        return dataclasses.replace(data, tokenizer_path=tokenizer_path, seq_len=exp.train.seq_len,
-                                   batch_size=exp.train.batch_size // processes, seed=seed)
+        return dataclasses.replace(
+            data,
+            tokenizer_path=tokenizer_path,
+            seq_len=exp.train.seq_len,
+            batch_size=exp.train.batch_size // processes,
+            seed=seed,
+        )
 
     train_config = configure(exp.data, exp.data.seed or exp.train.seed)
     train = make_iterator(train_config, tokenizer)
@@ -83,5 +96,4 @@ def _training_data(exp, quiet: bool) -> TrainingData:
         eval_config = configure(exp.eval_data, exp.eval_data.seed)
         make_iterator(eval_config, tokenizer)  # fail now, not at the first evaluation
         eval_fn = lambda: make_iterator(eval_config, tokenizer)  # noqa: E731
-    return TrainingData(train=train, eval=eval_fn, tokenizer=tokenizer,
-                        sample_prompt=exp.train.sample_prompt)
+    return TrainingData(train=train, eval=eval_fn, tokenizer=tokenizer, sample_prompt=exp.train.sample_prompt)

@@ -46,8 +46,13 @@ class BadRecord(ValueError):
 
 def sft_source(path: str | Sequence[str], chat_template: str | None = None, name: str = "") -> SourceConfig:
     """The data source of an SFT run: JSONL conversations under `messages`."""
-    return SourceConfig(path if isinstance(path, str) else tuple(path), kind="jsonl", field="messages",
-                        chat_template=chat_template, name=name)
+    return SourceConfig(
+        path if isinstance(path, str) else tuple(path),
+        kind="jsonl",
+        field="messages",
+        chat_template=chat_template,
+        name=name,
+    )
 
 
 def special_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
@@ -108,13 +113,23 @@ def reply_message(value: Any, what: str) -> dict:
         value = value[0]
     if isinstance(value, str):
         return {"role": "assistant", "content": value}
-    if isinstance(value, Mapping) and value.get("role") == "assistant" and isinstance(value.get("content"), str):
+    if (
+        isinstance(value, Mapping)
+        and value.get("role") == "assistant"
+        and isinstance(value.get("content"), str)
+    ):
         return {"role": "assistant", "content": value["content"]}
     raise BadRecord(f"{what} is not a string or one assistant message")
 
 
-def encode_reply(tokenizer: Tokenizer, template: str, prompt: list[dict], reply: dict,
-                 special: frozenset[int], mask_special_tokens: bool) -> dict[str, np.ndarray]:
+def encode_reply(
+    tokenizer: Tokenizer,
+    template: str,
+    prompt: list[dict],
+    reply: dict,
+    special: frozenset[int],
+    mask_special_tokens: bool,
+) -> dict[str, np.ndarray]:
     """tokens, loss_mask and response_mask (see the module docstring) of prompt + reply."""
     try:
         chat = tokenizer.encode_chat(prompt + [reply], template=template)
@@ -133,8 +148,15 @@ def encode_reply(tokenizer: Tokenizer, template: str, prompt: list[dict], reply:
     return {"tokens": tokens, "loss_mask": loss_mask, "response_mask": response_mask}
 
 
-def encode_pair(tokenizer: Tokenizer, template: str, record: Any, *, seq_len: int,
-                special: frozenset[int], mask_special_tokens: bool = True) -> dict[str, Any]:
+def encode_pair(
+    tokenizer: Tokenizer,
+    template: str,
+    record: Any,
+    *,
+    seq_len: int,
+    special: frozenset[int],
+    mask_special_tokens: bool = True,
+) -> dict[str, Any]:
     """One preference record as {chosen_tokens, chosen_loss_mask, chosen_response_mask, rejected_...,
     margin}, or BadRecord."""
     prompt = prompt_messages(record)
@@ -153,8 +175,15 @@ def encode_pair(tokenizer: Tokenizer, template: str, record: Any, *, seq_len: in
     return pair
 
 
-def load_pairs(paths: Sequence[str], tokenizer: Tokenizer, template: str, *, seq_len: int,
-               mask_special_tokens: bool = True, name: str = "") -> list[dict]:
+def load_pairs(
+    paths: Sequence[str],
+    tokenizer: Tokenizer,
+    template: str,
+    *,
+    seq_len: int,
+    mask_special_tokens: bool = True,
+    name: str = "",
+) -> list[dict]:
     """Every usable preference pair of the JSONL files, in file order; raises ValueError if none."""
     name = name or paths[0]
     special = special_token_ids(tokenizer)
@@ -162,17 +191,28 @@ def load_pairs(paths: Sequence[str], tokenizer: Tokenizer, template: str, *, seq
     for where, record in read_jsonl(paths, name):
         seen += 1
         try:
-            pairs.append(encode_pair(tokenizer, template, record, seq_len=seq_len, special=special,
-                                     mask_special_tokens=mask_special_tokens))
+            pairs.append(
+                encode_pair(
+                    tokenizer,
+                    template,
+                    record,
+                    seq_len=seq_len,
+                    special=special,
+                    mask_special_tokens=mask_special_tokens,
+                )
+            )
         except BadRecord as err:
             COUNTERS.add(name, SKIPPED, f": {where}: {err}")
     if not pairs:
-        raise ValueError(f"{name} has no usable preference pairs ({seen} records; see the warnings "
-                         "above for why each was skipped)")
+        raise ValueError(
+            f"{name} has no usable preference pairs ({seen} records; see the warnings "
+            "above for why each was skipped)"
+        )
     skipped = seen - len(pairs)
     if skipped:
-        logging.getLogger("llama_jax.data").warning("%s: %d of %d preference records skipped.",
-                                                    name, skipped, seen)
+        logging.getLogger("llama_jax.data").warning(
+            "%s: %d of %d preference records skipped.", name, skipped, seen
+        )
     return pairs
 
 
@@ -234,9 +274,18 @@ def fill_to_multiple(pairs: list[dict], multiple: int) -> list[dict]:
     return pairs + [filler] * (-len(pairs) % multiple)
 
 
-def pair_batches(pairs: list[dict], *, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
-                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                 drop_remainder: bool = True):
+def pair_batches(
+    pairs: list[dict],
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+):
     """A checkpointable Grain iterator over batches of `batch_size` pairs (this process's share),
     reshuffled every epoch; arrays [batch_size, seq_len] and [batch_size]."""
     import grain

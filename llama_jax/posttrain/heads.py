@@ -26,9 +26,14 @@ class ScalarModel(nn.Module):
     def __call__(self, tokens, positions=None, segment_ids=None):
         hidden = Llama(self.cfg, name="backbone")(tokens, positions, segment_ids, return_hidden=True)
         dtype = jnp.dtype(self.cfg.param_dtype)
-        head = nn.Dense(1, dtype=jnp.float32, param_dtype=dtype, name="score",
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+        head = nn.Dense(
+            1,
+            dtype=jnp.float32,
+            param_dtype=dtype,
+            name="score",
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+        )
         return head(hidden.astype(jnp.float32))[..., 0]
 
 

@@ -40,8 +40,16 @@ def bradley_terry_loss(chosen, rejected, margin=0.0):
     return -jax.nn.log_sigmoid(difference - margin), (difference > 0).astype(jnp.float32)
 
 
-def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float, *,
-             chosen_nll=None, nll_coef: float = 0.0) -> dict:
+def dpo_loss(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta: float,
+    *,
+    chosen_nll=None,
+    nll_coef: float = 0.0,
+) -> dict:
     """DPO per pair, from sequence log-probabilities [B] (sums over the response tokens).
 
     The implicit rewards are beta * (log pi - log ref); the loss is -log sigmoid(reward margin),
@@ -54,8 +62,13 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     loss = -jax.nn.log_sigmoid(margin)
     if nll_coef:
         loss = loss + nll_coef * chosen_nll
-    return {"loss": loss, "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
-            "margin": margin, "accuracy": (margin > 0).astype(jnp.float32)}
+    return {
+        "loss": loss,
+        "chosen_reward": chosen_reward,
+        "rejected_reward": rejected_reward,
+        "margin": margin,
+        "accuracy": (margin > 0).astype(jnp.float32),
+    }
 
 
 # --- PPO (Llama 2) ------------------------------------------------------------------------------
@@ -103,8 +116,9 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
         advantage = delta + gamma * lam * continues * following
         return advantage, advantage
 
-    _, advantages = jax.lax.scan(step, jnp.zeros(rewards.shape[0], rewards.dtype),
-                                 (deltas.T, next_mask.T), reverse=True)
+    _, advantages = jax.lax.scan(
+        step, jnp.zeros(rewards.shape[0], rewards.dtype), (deltas.T, next_mask.T), reverse=True
+    )
     advantages = advantages.T * mask
     return advantages, (advantages + values) * mask
 
@@ -118,8 +132,10 @@ def ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip: float = 0.
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
-    stats = {"clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-             "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask)}
+    stats = {
+        "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask),
+    }
     return loss, stats
 
 
@@ -127,5 +143,4 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
     """0.5 * mean(max((V - R)^2, (V_clipped - R)^2)) over the masked tokens, with V_clipped the
     new value kept within `clip` of the value at rollout time."""
     clipped = old_values + jnp.clip(values - old_values, -clip, clip)
-    return 0.5 * masked_mean(jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns)),
-                             mask)
+    return 0.5 * masked_mean(jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns)), mask)

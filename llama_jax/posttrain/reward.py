@@ -50,20 +50,22 @@ class RewardModelScorer:
     def score_tokens(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         too_long = [len(s) for s in sequences if len(s) > self.cfg.max_seq_len]
         if too_long:
-            raise ScoringError(f"A sequence of {max(too_long)} tokens is longer than the reward model's "
-                               f"context of {self.cfg.max_seq_len}.")
+            raise ScoringError(
+                f"A sequence of {max(too_long)} tokens is longer than the reward model's "
+                f"context of {self.cfg.max_seq_len}."
+            )
         scores = []
         for start in range(0, len(sequences), self.batch_size):
-            rows = sequences[start:start + self.batch_size]
+            rows = sequences[start : start + self.batch_size]
             length = min(self.cfg.max_seq_len, self.bucket * math.ceil(max(map(len, rows)) / self.bucket))
             tokens = np.zeros((self.batch_size, length), np.int32)
             segment_ids = np.zeros((self.batch_size, length), np.int32)
-            segment_ids[len(rows):, 0] = 1  # filler rows: one token, ignored
+            segment_ids[len(rows) :, 0] = 1  # filler rows: one token, ignored
             for i, row in enumerate(rows):
-                tokens[i, :len(row)] = row
-                segment_ids[i, :len(row)] = 1
+                tokens[i, : len(row)] = row
+                segment_ids[i, : len(row)] = 1
             out = _reward_model_scores(self.params, tokens, segment_ids, cfg=self.cfg)
-            scores.append(np.asarray(out)[:len(rows)])
+            scores.append(np.asarray(out)[: len(rows)])
         return np.concatenate(scores).astype(np.float64)
 
     def __call__(self, records, prompt_ids, response_ids, texts) -> np.ndarray:
@@ -82,8 +84,9 @@ class FunctionScorer:
             try:
                 score = float(self.fn(record, text))
             except Exception as err:  # noqa: BLE001 - the user's code; report it in one sentence
-                raise ScoringError(f"The scoring function {self.name} failed on a response "
-                                   f"({type(err).__name__}: {err}).") from err
+                raise ScoringError(
+                    f"The scoring function {self.name} failed on a response ({type(err).__name__}: {err})."
+                ) from err
             if not math.isfinite(score):
                 raise ScoringError(f"The scoring function {self.name} returned {score}.")
             scores.append(score)
@@ -116,7 +119,9 @@ def load_function(spec: str) -> Callable:
                 sys.path.insert(0, "")  # the current directory, as `python -m` would have it
             module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - import errors of any kind in the user's module
-        raise ScoringError(f"Cannot import {module_name} for scoring ({type(err).__name__}: {err}).") from None
+        raise ScoringError(
+            f"Cannot import {module_name} for scoring ({type(err).__name__}: {err})."
+        ) from None
     fn = getattr(module, function, None)
     if not callable(fn):
         raise ScoringError(f"{module_name} has no function {function!r}.")
@@ -136,17 +141,21 @@ def load_reward_model(path: str, vocab_size: int | None = None) -> tuple[ModelCo
     if "score" not in params:
         raise ScoringError(f"{path} is a language model, not a reward model (no scalar head).")
     if vocab_size is not None and cfg.vocab_size != vocab_size:
-        raise ScoringError(f"The reward model {path} has a vocabulary of {cfg.vocab_size} tokens and the "
-                           f"policy one of {vocab_size}: they do not share a tokenizer.")
+        raise ScoringError(
+            f"The reward model {path} has a vocabulary of {cfg.vocab_size} tokens and the "
+            f"policy one of {vocab_size}: they do not share a tokenizer."
+        )
     return cfg, params
 
 
-def load_scorer(*, reward_model: str = "", score_fn: str = "", vocab_size: int | None = None,
-                batch_size: int = 16):
+def load_scorer(
+    *, reward_model: str = "", score_fn: str = "", vocab_size: int | None = None, batch_size: int = 16
+):
     """A RewardModelScorer or FunctionScorer; exactly one of the two must be given."""
     if bool(reward_model) == bool(score_fn):
-        raise ScoringError("Give either a reward model or a scoring function (module:function), not "
-                           "both or neither.")
+        raise ScoringError(
+            "Give either a reward model or a scoring function (module:function), not both or neither."
+        )
     if score_fn:
         return FunctionScorer(load_function(score_fn), score_fn)
     cfg, params = load_reward_model(reward_model, vocab_size)

@@ -41,8 +41,10 @@ def pair_batch_shapes(exp, batch_size: int) -> dict[str, tuple[tuple[int, ...], 
 
 def pair_batch_shardings(exp, mesh) -> dict[str, NamedSharding]:
     """Every array of a pair batch split over the data-parallel axes along its first axis."""
-    return {key: NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *[None] * (len(shape) - 1)))
-            for key, (shape, _) in pair_batch_shapes(exp, 1).items()}
+    return {
+        key: NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *[None] * (len(shape) - 1)))
+        for key, (shape, _) in pair_batch_shapes(exp, 1).items()
+    }
 
 
 def _both(batch, key):
@@ -74,17 +76,22 @@ def reward_model_loss(params, batch, frozen, exp):
     `posttrain.use_margin` (Llama 2)."""
     del frozen
     segment_ids = _both(batch, "segment_ids")
-    values = ScalarModel(exp.model).apply({"params": params}, _both(batch, "tokens"),
-                                          None, segment_ids)
+    values = ScalarModel(exp.model).apply({"params": params}, _both(batch, "tokens"), None, segment_ids)
     scores = last_token_values(values, segment_ids)
     n = batch["margin"].shape[0]
     chosen, rejected = scores[:n], scores[n:]
     margin = batch["margin"] if exp.posttrain.use_margin else 0.0
     losses, correct = bradley_terry_loss(chosen, rejected, margin)
     weight = batch["weight"]
-    return jnp.sum(losses * weight), jnp.sum(weight), {
-        "accuracy": jnp.sum(correct * weight), "chosen_score": jnp.sum(chosen * weight),
-        "rejected_score": jnp.sum(rejected * weight)}
+    return (
+        jnp.sum(losses * weight),
+        jnp.sum(weight),
+        {
+            "accuracy": jnp.sum(correct * weight),
+            "chosen_score": jnp.sum(chosen * weight),
+            "rejected_score": jnp.sum(rejected * weight),
+        },
+    )
 
 
 def dpo_batch_loss(params, batch, frozen, exp):
@@ -98,12 +105,22 @@ def dpo_batch_loss(params, batch, frozen, exp):
         reference_chosen, reference_rejected = batch["reference_chosen"], batch["reference_rejected"]
     else:
         reference_chosen, reference_rejected = jax.lax.stop_gradient(
-            response_log_probs(frozen, cfg, batch, chunk))
+            response_log_probs(frozen, cfg, batch, chunk)
+        )
     chosen_nll = mean_nll(log_probs[:n], _next(batch["chosen_loss_mask"]))
-    out = dpo_loss(sums[:n], sums[n:], reference_chosen, reference_rejected, settings.beta,
-                   chosen_nll=chosen_nll, nll_coef=settings.nll_coef)
+    out = dpo_loss(
+        sums[:n],
+        sums[n:],
+        reference_chosen,
+        reference_rejected,
+        settings.beta,
+        chosen_nll=chosen_nll,
+        nll_coef=settings.nll_coef,
+    )
     weight = batch["weight"]
-    metrics = {k: jnp.sum(out[k] * weight) for k in ("accuracy", "margin", "chosen_reward", "rejected_reward")}
+    metrics = {
+        k: jnp.sum(out[k] * weight) for k in ("accuracy", "margin", "chosen_reward", "rejected_reward")
+    }
     metrics["chosen_nll"] = jnp.sum(chosen_nll * weight)
     return jnp.sum(out["loss"] * weight), jnp.sum(weight), metrics
 

@@ -51,12 +51,12 @@ def predict(flops: float, alpha: float, coefficient: float) -> tuple[float, floa
 
     flops = check_flops(flops)
     if not (math.isfinite(alpha) and coefficient > 0 and math.isfinite(coefficient)):
-        raise ScalingError(f"The power law needs a finite alpha and a positive A, got alpha "
-                           f"{alpha:g} and A {coefficient:g}.")
+        raise ScalingError(
+            f"The power law needs a finite alpha and a positive A, got alpha {alpha:g} and A {coefficient:g}."
+        )
     tokens = float(PowerLaw(coefficient, alpha)(flops))
     if not (0 < tokens < math.inf):
-        raise ScalingError(f"A C^alpha overflows for C = {flops:g}, alpha {alpha:g}, "
-                           f"A {coefficient:g}.")
+        raise ScalingError(f"A C^alpha overflows for C = {flops:g}, alpha {alpha:g}, A {coefficient:g}.")
     return tokens, float(optimal_params(flops, tokens))
 
 
@@ -64,14 +64,21 @@ def cmd_predict(args) -> None:
     from llama_jax.scaling.report import pairs
 
     tokens, params = predict(args.flops, args.alpha, args.A)
-    rows = [("compute C", f"{args.flops:.4g} FLOPs"),
-            ("power law", f"D*(C) = {args.A:g} C^{args.alpha:g}"),
-            ("optimal tokens D*", f"{tokens:.4g} ({_si(tokens)})"),
-            ("optimal parameters N*", f"{params:.4g} ({_si(params)}) = C / (6 D*)")]
+    rows = [
+        ("compute C", f"{args.flops:.4g} FLOPs"),
+        ("power law", f"D*(C) = {args.A:g} C^{args.alpha:g}"),
+        ("optimal tokens D*", f"{tokens:.4g} ({_si(tokens)})"),
+        ("optimal parameters N*", f"{params:.4g} ({_si(params)}) = C / (6 D*)"),
+    ]
     if (args.flops, args.alpha, args.A) == (LLAMA3_FLOPS, LLAMA3_ALPHA, LLAMA3_A):
-        rows.append(("Llama 3 reports", f"{_si(LLAMA3_PARAMS)} parameters on {_si(LLAMA3_TOKENS)} "
-                                        f"tokens (tokens {tokens / LLAMA3_TOKENS - 1:+.1%}, "
-                                        f"parameters {params / LLAMA3_PARAMS - 1:+.1%}; see --help)"))
+        rows.append(
+            (
+                "Llama 3 reports",
+                f"{_si(LLAMA3_PARAMS)} parameters on {_si(LLAMA3_TOKENS)} "
+                f"tokens (tokens {tokens / LLAMA3_TOKENS - 1:+.1%}, "
+                f"parameters {params / LLAMA3_PARAMS - 1:+.1%}; see --help)",
+            )
+        )
     print(pairs(rows))
 
 
@@ -83,11 +90,14 @@ def cmd_plan(args) -> None:
     def given(value, default):
         return default if value is None else value
 
-    plan = plan_isoflop(args.budgets, given(args.sizes, defaults.DEFAULT_SIZES),
-                        batch_size=given(args.batch_size, defaults.DEFAULT_BATCH_SIZE),
-                        seq_len=given(args.seq_len, defaults.DEFAULT_SEQ_LEN),
-                        vocab_size=given(args.vocab_size, defaults.DEFAULT_VOCAB),
-                        min_steps=args.min_steps)
+    plan = plan_isoflop(
+        args.budgets,
+        given(args.sizes, defaults.DEFAULT_SIZES),
+        batch_size=given(args.batch_size, defaults.DEFAULT_BATCH_SIZE),
+        seq_len=given(args.seq_len, defaults.DEFAULT_SEQ_LEN),
+        vocab_size=given(args.vocab_size, defaults.DEFAULT_VOCAB),
+        min_steps=args.min_steps,
+    )
     print(plan_table(plan))
     if args.out:
         print(f"wrote {write_plan(plan, args.out)}")
@@ -99,8 +109,10 @@ def cmd_run(args) -> None:
 
     plan = read_plan(args.dir)
     losses = run_plan(plan, args.dir)
-    print(f"{len(losses)} runs finished in {args.dir}; fit them with "
-          f"`python -m llama_jax.scaling fit {args.dir}`")
+    print(
+        f"{len(losses)} runs finished in {args.dir}; fit them with "
+        f"`python -m llama_jax.scaling fit {args.dir}`"
+    )
 
 
 def cmd_fit(args) -> None:
@@ -115,8 +127,9 @@ def cmd_fit(args) -> None:
         print(f"not finished (left out): {', '.join(missing)}")
     if not groups:
         raise ScalingError(f"No run in {args.dir} has finished (a validation loss at its last step).")
-    target = check_flops(args.target_flops if args.target_flops is not None
-                         else 10 * max(groups), "--target-flops")
+    target = check_flops(
+        args.target_flops if args.target_flops is not None else 10 * max(groups), "--target-flops"
+    )
     fit, groups, notes = fit_scaling_where_possible(groups)
     for note in notes:
         print(f"left out: {note}")
@@ -128,8 +141,10 @@ def cmd_fit(args) -> None:
         from llama_jax.scaling.plots import plot_isoflops, plot_power_law
 
         out = Path(args.dir)
-        for path in (plot_isoflops(fit, out / "isoflops.png"),
-                     plot_power_law(fit, out / "power_law.png", target, boot)):
+        for path in (
+            plot_isoflops(fit, out / "isoflops.png"),
+            plot_power_law(fit, out / "power_law.png", target, boot),
+        ):
             print(f"wrote {path}")
 
 
@@ -137,65 +152,107 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llama_jax.scaling",
         description="Scaling laws as in Llama 3: plan an IsoFLOP sweep, run it, fit the "
-                    "compute-optimal tokens D*(C) = A C^alpha and predict for a larger budget.",
-        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+        "compute-optimal tokens D*(C) = A C^alpha and predict for a larger budget.",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plan = commands.add_parser(
-        "plan", help="the runs of an IsoFLOP sweep",
+        "plan",
+        help="the runs of an IsoFLOP sweep",
         description="For every budget and model size, the steps that spend the budget at "
-                    "6N + 12 L H Q T FLOPs per token (N: non-embedding parameters plus the LM "
-                    "head). Sizes are DIMxLAYERS members of the family grown from the tiny preset.")
-    plan.add_argument("--budgets", type=_number, nargs="+", required=True, metavar="C",
-                      help="compute budgets in FLOPs, e.g. 1e12 2e12 4e12")
-    plan.add_argument("--sizes", nargs="+", default=None, metavar="DIMxLAYERS",
-                      help="model sizes (default: plan.DEFAULT_SIZES, 8x1 16x1 32x1 64x1 96x1)")
+        "6N + 12 L H Q T FLOPs per token (N: non-embedding parameters plus the LM "
+        "head). Sizes are DIMxLAYERS members of the family grown from the tiny preset.",
+    )
+    plan.add_argument(
+        "--budgets",
+        type=_number,
+        nargs="+",
+        required=True,
+        metavar="C",
+        help="compute budgets in FLOPs, e.g. 1e12 2e12 4e12",
+    )
+    plan.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        metavar="DIMxLAYERS",
+        help="model sizes (default: plan.DEFAULT_SIZES, 8x1 16x1 32x1 64x1 96x1)",
+    )
     # Defaults of None stand for those of llama_jax/scaling/plan.py (not imported here: it loads
     # JAX, and `predict` should not wait for that).
-    plan.add_argument("--batch-size", type=int, default=None,
-                      help="sequences per step (default: plan.DEFAULT_BATCH_SIZE, 16)")
-    plan.add_argument("--seq-len", type=int, default=None,
-                      help="tokens per sequence (default: plan.DEFAULT_SEQ_LEN, 128)")
-    plan.add_argument("--vocab-size", type=int, default=None,
-                      help="the family's vocabulary (default: plan.DEFAULT_VOCAB, 512; tiny has "
-                           "4096); the first run trains a tokenizer of this size and caches it")
-    plan.add_argument("--min-steps", type=int, default=10,
-                      help="skip budget/size pairs with fewer steps (10)")
+    plan.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per step (default: plan.DEFAULT_BATCH_SIZE, 16)",
+    )
+    plan.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: plan.DEFAULT_SEQ_LEN, 128)"
+    )
+    plan.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="the family's vocabulary (default: plan.DEFAULT_VOCAB, 512; tiny has "
+        "4096); the first run trains a tokenizer of this size and caches it",
+    )
+    plan.add_argument(
+        "--min-steps", type=int, default=10, help="skip budget/size pairs with fewer steps (10)"
+    )
     plan.add_argument("--out", metavar="DIR", help="write DIR/plan.json for `run` and `fit`")
     plan.set_defaults(handler=cmd_plan)
 
-    run = commands.add_parser("run", help="train the runs of a plan (resumable)",
-                              description="Trains every run of DIR/plan.json in DIR/NAME on the "
-                                          "default corpus, skipping finished ones.")
+    run = commands.add_parser(
+        "run",
+        help="train the runs of a plan (resumable)",
+        description="Trains every run of DIR/plan.json in DIR/NAME on the "
+        "default corpus, skipping finished ones.",
+    )
     run.add_argument("dir", metavar="DIR")
     run.set_defaults(handler=cmd_run)
 
     fit = commands.add_parser(
-        "fit", help="fit a finished sweep",
+        "fit",
+        help="fit a finished sweep",
         description="Reads DIR/plan.json and each run's final validation loss from "
-                    "DIR/NAME/metrics.jsonl; fits a parabola in log tokens per budget, the power "
-                    "law D*(C) = A C^alpha over the minima (with a bootstrap), and L*(C) for the "
-                    "loss at the optimum; writes DIR/isoflops.png and DIR/power_law.png.")
+        "DIR/NAME/metrics.jsonl; fits a parabola in log tokens per budget, the power "
+        "law D*(C) = A C^alpha over the minima (with a bootstrap), and L*(C) for the "
+        "loss at the optimum; writes DIR/isoflops.png and DIR/power_law.png.",
+    )
     fit.add_argument("dir", metavar="DIR")
-    fit.add_argument("--target-flops", type=_number, default=None, metavar="C",
-                     help="predict for this budget (default: 10x the largest)")
-    fit.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                     help="bootstrap samples (default 1000; 0: none)")
+    fit.add_argument(
+        "--target-flops",
+        type=_number,
+        default=None,
+        metavar="C",
+        help="predict for this budget (default: 10x the largest)",
+    )
+    fit.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap samples (default 1000; 0: none)"
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--no-plots", action="store_true")
     fit.set_defaults(handler=cmd_fit)
 
     predict_parser = commands.add_parser(
-        "predict", help="optimal tokens and parameters for a budget",
+        "predict",
+        help="optimal tokens and parameters for a budget",
         description="D* = A C^alpha training tokens and N* = C / (6 D*) parameters (the 6ND "
-                    "approximation of training FLOPs). Defaults: Llama 3's constants.",
-        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    predict_parser.add_argument("--flops", type=_number, required=True, metavar="C",
-                                help="the compute budget in FLOPs, e.g. 3.8e25")
-    predict_parser.add_argument("--alpha", type=_number, default=LLAMA3_ALPHA,
-                                help=f"the exponent (default {LLAMA3_ALPHA}, Llama 3)")
-    predict_parser.add_argument("--A", type=_number, default=LLAMA3_A,
-                                help=f"the coefficient (default {LLAMA3_A}, Llama 3)")
+        "approximation of training FLOPs). Defaults: Llama 3's constants.",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict_parser.add_argument(
+        "--flops", type=_number, required=True, metavar="C", help="the compute budget in FLOPs, e.g. 3.8e25"
+    )
+    predict_parser.add_argument(
+        "--alpha", type=_number, default=LLAMA3_ALPHA, help=f"the exponent (default {LLAMA3_ALPHA}, Llama 3)"
+    )
+    predict_parser.add_argument(
+        "--A", type=_number, default=LLAMA3_A, help=f"the coefficient (default {LLAMA3_A}, Llama 3)"
+    )
     predict_parser.set_defaults(handler=cmd_predict)
     return parser
 

@@ -71,8 +71,9 @@ def fit_nll_line(flops: Sequence[float], nll: Sequence[float]) -> NllLine:
     return NllLine(float(intercept), float(slope))
 
 
-def fit_accuracy_sigmoid(nll: Sequence[float], accuracy: Sequence[float], floor: float,
-                         ceiling: float = 1.0) -> AccuracySigmoid:
+def fit_accuracy_sigmoid(
+    nll: Sequence[float], accuracy: Sequence[float], floor: float, ceiling: float = 1.0
+) -> AccuracySigmoid:
     """Step 2: the steepness and midpoint of the sigmoid, by least squares in accuracy (started
     from the straight line through the logits of the accuracies)."""
     from scipy.optimize import curve_fit
@@ -82,11 +83,9 @@ def fit_accuracy_sigmoid(nll: Sequence[float], accuracy: Sequence[float], floor:
     if nll.shape != accuracy.shape or nll.ndim != 1:
         raise ScalingError("NLLs and accuracies must be two lists of the same length.")
     if not 0 <= floor < ceiling <= 1:
-        raise ScalingError(f"The sigmoid needs 0 <= floor < ceiling <= 1, got {floor:g} and "
-                           f"{ceiling:g}.")
+        raise ScalingError(f"The sigmoid needs 0 <= floor < ceiling <= 1, got {floor:g} and {ceiling:g}.")
     if len(nll) < 3 or len(np.unique(nll)) < 2:
-        raise ScalingError("A sigmoid of accuracy against NLL needs at least 3 runs with "
-                           "different NLLs.")
+        raise ScalingError("A sigmoid of accuracy against NLL needs at least 3 runs with different NLLs.")
     if np.ptp(accuracy) == 0:
         raise ScalingError("Every run has the same accuracy; no sigmoid can be fitted.")
     # Start: logit((acc - floor) / (ceiling - floor)) = -steepness * (nll - midpoint).
@@ -94,7 +93,7 @@ def fit_accuracy_sigmoid(nll: Sequence[float], accuracy: Sequence[float], floor:
     slope, intercept = np.polyfit(nll, np.log(share / (1 - share)), 1)
     if slope < 0:
         start = (-slope, intercept / -slope)
-    else:   # accuracy not falling with NLL: start from a gentle slope through the middle
+    else:  # accuracy not falling with NLL: start from a gentle slope through the middle
         start = (1.0 / max(np.ptp(nll), 1e-6), float(np.median(nll)))
 
     def model(x, steepness, midpoint):
@@ -109,10 +108,18 @@ def fit_accuracy_sigmoid(nll: Sequence[float], accuracy: Sequence[float], floor:
     return AccuracySigmoid(float(steepness), float(midpoint), floor, ceiling)
 
 
-def fit_downstream(line_flops: Sequence[float], line_nll: Sequence[float],
-                   sigmoid_nll: Sequence[float], sigmoid_accuracy: Sequence[float], *,
-                   floor: float, ceiling: float = 1.0) -> DownstreamFit:
+def fit_downstream(
+    line_flops: Sequence[float],
+    line_nll: Sequence[float],
+    sigmoid_nll: Sequence[float],
+    sigmoid_accuracy: Sequence[float],
+    *,
+    floor: float,
+    ceiling: float = 1.0,
+) -> DownstreamFit:
     """Both steps. Llama 3 fits the line on compute-optimal models and the sigmoid on all the
     models it has, so the two steps take their own points."""
-    return DownstreamFit(fit_nll_line(line_flops, line_nll),
-                         fit_accuracy_sigmoid(sigmoid_nll, sigmoid_accuracy, floor, ceiling))
+    return DownstreamFit(
+        fit_nll_line(line_flops, line_nll),
+        fit_accuracy_sigmoid(sigmoid_nll, sigmoid_accuracy, floor, ceiling),
+    )

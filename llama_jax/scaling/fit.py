@@ -52,7 +52,7 @@ class IsoFlopCurve:
 
     @property
     def optimal_loss(self) -> float:
-        return self.c - self.b ** 2 / (4 * self.a)
+        return self.c - self.b**2 / (4 * self.a)
 
     @property
     def minimum_inside(self) -> bool:
@@ -61,14 +61,14 @@ class IsoFlopCurve:
 
     def loss(self, tokens):
         u = np.log(np.asarray(tokens, np.float64))
-        return self.a * u ** 2 + self.b * u + self.c
+        return self.a * u**2 + self.b * u + self.c
 
 
 @dataclasses.dataclass(frozen=True)
 class ScalingFit:
     curves: tuple[IsoFlopCurve, ...]
-    tokens_law: PowerLaw      # D*(C) = A C^alpha
-    loss_law: PowerLaw        # L*(C) = B C^beta
+    tokens_law: PowerLaw  # D*(C) = A C^alpha
+    loss_law: PowerLaw  # L*(C) = B C^beta
 
     def optimal_tokens(self, flops: float) -> float:
         return float(self.tokens_law(flops))
@@ -82,8 +82,8 @@ class ScalingFit:
 
 @dataclasses.dataclass(frozen=True)
 class Bootstrap:
-    alpha: np.ndarray         # per sample
-    coefficient: np.ndarray   # A per sample
+    alpha: np.ndarray  # per sample
+    coefficient: np.ndarray  # A per sample
     tokens_at_target: np.ndarray
     loss_at_target: np.ndarray
     requested: int
@@ -112,20 +112,21 @@ def fit_isoflop(budget: float, tokens: Sequence[float], losses: Sequence[float])
     tokens = np.asarray(tokens, np.float64)
     losses = np.asarray(losses, np.float64)
     if tokens.shape != losses.shape or tokens.ndim != 1:
-        raise ScalingError(f"Budget {budget:.3g}: tokens and losses must be two lists of the same "
-                           "length.")
+        raise ScalingError(f"Budget {budget:.3g}: tokens and losses must be two lists of the same length.")
     if len(np.unique(tokens)) < 3:
-        raise ScalingError(f"Budget {budget:.3g} has {len(np.unique(tokens))} distinct token "
-                           "counts; a parabola needs at least 3.")
+        raise ScalingError(
+            f"Budget {budget:.3g} has {len(np.unique(tokens))} distinct token "
+            "counts; a parabola needs at least 3."
+        )
     if not (np.all(tokens > 0) and np.all(np.isfinite(losses))):
-        raise ScalingError(f"Budget {budget:.3g} has a non-positive token count or a non-finite "
-                           "loss.")
+        raise ScalingError(f"Budget {budget:.3g} has a non-positive token count or a non-finite loss.")
     a, b, c = np.polyfit(np.log(tokens), losses, 2)
     if not a > 0:
-        raise ScalingError(f"The IsoFLOP curve of budget {budget:.3g} opens downwards (no minimum); "
-                           "its runs do not straddle the optimum.")
-    return IsoFlopCurve(budget, tuple(tokens.tolist()), tuple(losses.tolist()), float(a), float(b),
-                        float(c))
+        raise ScalingError(
+            f"The IsoFLOP curve of budget {budget:.3g} opens downwards (no minimum); "
+            "its runs do not straddle the optimum."
+        )
+    return IsoFlopCurve(budget, tuple(tokens.tolist()), tuple(losses.tolist()), float(a), float(b), float(c))
 
 
 def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
@@ -133,24 +134,27 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     if len(np.unique(x)) < 2:
-        raise ScalingError(f"A power law needs points at 2 or more distinct budgets, got "
-                           f"{len(np.unique(x))}.")
+        raise ScalingError(
+            f"A power law needs points at 2 or more distinct budgets, got {len(np.unique(x))}."
+        )
     if not (np.all(x > 0) and np.all(y > 0)):
         raise ScalingError("A power law needs positive values.")
     exponent, log_coefficient = np.polyfit(np.log(x), np.log(y), 1)
     return PowerLaw(float(math.exp(log_coefficient)), float(exponent))
 
 
-Groups = Mapping[float, tuple[Sequence[float], Sequence[float]]]   # budget -> (tokens, losses)
+Groups = Mapping[float, tuple[Sequence[float], Sequence[float]]]  # budget -> (tokens, losses)
 
 
 def fit_scaling(groups: Groups) -> ScalingFit:
     """Parabolas per budget, then D*(C) and L*(C) over their minima."""
     curves = tuple(fit_isoflop(budget, *groups[budget]) for budget in sorted(groups))
     budgets = [curve.budget for curve in curves]
-    return ScalingFit(curves,
-                      fit_power_law(budgets, [curve.optimal_tokens for curve in curves]),
-                      fit_power_law(budgets, [curve.optimal_loss for curve in curves]))
+    return ScalingFit(
+        curves,
+        fit_power_law(budgets, [curve.optimal_tokens for curve in curves]),
+        fit_power_law(budgets, [curve.optimal_loss for curve in curves]),
+    )
 
 
 def fit_scaling_where_possible(groups: Groups) -> tuple[ScalingFit, Groups, list[str]]:
@@ -166,17 +170,22 @@ def fit_scaling_where_possible(groups: Groups) -> tuple[ScalingFit, Groups, list
             notes.append(str(err))
     if len(used) < 2:
         first = f" (first problem: {notes[0].rstrip('.')})" if notes else ""
-        raise ScalingError(f"Only {len(used)} of {len(groups)} budgets give an IsoFLOP minimum and "
-                           f"the power law needs 2{first}.")
+        raise ScalingError(
+            f"Only {len(used)} of {len(groups)} budgets give an IsoFLOP minimum and "
+            f"the power law needs 2{first}."
+        )
     return fit_scaling(used), used, notes
 
 
-def bootstrap(groups: Groups, target_flops: float, samples: int = 1000, seed: int = 0,
-              max_redraws: int = 100) -> Bootstrap:
+def bootstrap(
+    groups: Groups, target_flops: float, samples: int = 1000, seed: int = 0, max_redraws: int = 100
+) -> Bootstrap:
     """Case bootstrap of the whole fit (see the module docstring)."""
     rng = np.random.default_rng(seed)
-    arrays = {budget: (np.asarray(tokens, np.float64), np.asarray(losses, np.float64))
-              for budget, (tokens, losses) in groups.items()}
+    arrays = {
+        budget: (np.asarray(tokens, np.float64), np.asarray(losses, np.float64))
+        for budget, (tokens, losses) in groups.items()
+    }
     alphas, coefficients, tokens_at_target, losses_at_target = [], [], [], []
     for _ in range(samples):
         curves = []
@@ -191,7 +200,7 @@ def bootstrap(groups: Groups, target_flops: float, samples: int = 1000, seed: in
                 except ScalingError:
                     continue
         if len(curves) < len(arrays):
-            continue   # a budget without any usable redraw: the sample is dropped
+            continue  # a budget without any usable redraw: the sample is dropped
         budgets = [c.budget for c in curves]
         tokens_law = fit_power_law(budgets, [c.optimal_tokens for c in curves])
         loss_law = fit_power_law(budgets, [c.optimal_loss for c in curves])
@@ -200,7 +209,11 @@ def bootstrap(groups: Groups, target_flops: float, samples: int = 1000, seed: in
         tokens_at_target.append(float(tokens_law(target_flops)))
         losses_at_target.append(float(loss_law(target_flops)))
     if not alphas:
-        raise ScalingError("No bootstrap sample could be fitted; the sweep needs more runs per "
-                           "budget.")
-    return Bootstrap(np.array(alphas), np.array(coefficients), np.array(tokens_at_target),
-                     np.array(losses_at_target), samples)
+        raise ScalingError("No bootstrap sample could be fitted; the sweep needs more runs per budget.")
+    return Bootstrap(
+        np.array(alphas),
+        np.array(coefficients),
+        np.array(tokens_at_target),
+        np.array(losses_at_target),
+        samples,
+    )

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from llama_jax.config import ModelConfig, ffn_dim_for, model_preset
-from llama_jax.metrics import flops_per_token   # 6N + 12 L H Q T, the figure MFU uses
+from llama_jax.metrics import flops_per_token  # 6N + 12 L H Q T, the figure MFU uses
 from llama_jax.scaling import ScalingError
 
 PLAN_FILE = "plan.json"
@@ -40,8 +40,21 @@ DEFAULT_VOCAB = 512
 DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN = 16, 128
 
 # Candidates for a single compute-optimal run (the check of a prediction), smallest first.
-LADDER = ("8x1", "16x1", "24x1", "32x1", "64x1", "96x1", "128x1", "160x1", "192x1", "256x1",
-          "320x1", "384x1", "512x1")
+LADDER = (
+    "8x1",
+    "16x1",
+    "24x1",
+    "32x1",
+    "64x1",
+    "96x1",
+    "128x1",
+    "160x1",
+    "192x1",
+    "256x1",
+    "320x1",
+    "384x1",
+    "512x1",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,22 +62,22 @@ class PlannedRun:
     """One training run of a sweep: a model size trained for `steps` steps at a budget."""
 
     name: str
-    budget: float            # the IsoFLOP budget this run belongs to, FLOPs
-    size: str                # DIMxLAYERS
+    budget: float  # the IsoFLOP budget this run belongs to, FLOPs
+    size: str  # DIMxLAYERS
     vocab_size: int
-    params: int              # N: non-embedding parameters plus the LM head
-    flops_per_token: float   # 6N + 12 L H Q T
+    params: int  # N: non-embedding parameters plus the LM head
+    flops_per_token: float  # 6N + 12 L H Q T
     steps: int
-    tokens: int              # steps x batch_size x seq_len
-    flops: float             # flops_per_token x tokens (the budget, up to rounding the steps)
+    tokens: int  # steps x batch_size x seq_len
+    flops: float  # flops_per_token x tokens (the budget, up to rounding the steps)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    batch_size: int          # sequences per step
+    batch_size: int  # sequences per step
     seq_len: int
     runs: tuple[PlannedRun, ...]
-    skipped: tuple[str, ...] = ()   # budget/size pairs left out, with the reason
+    skipped: tuple[str, ...] = ()  # budget/size pairs left out, with the reason
 
     @property
     def budgets(self) -> list[float]:
@@ -72,17 +85,19 @@ class Plan:
 
 
 def parse_size(size: str) -> tuple[int, int]:
-    """"128x2" -> (dim 128, 2 layers)."""
+    """ "128x2" -> (dim 128, 2 layers)."""
     match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", size)
     if not match:
         raise ScalingError(f"Model size {size!r} is not of the form DIMxLAYERS (e.g. 128x2).")
     dim, layers = int(match[1]), int(match[2])
     head_dim = model_preset("tiny").head_dim
-    narrow = 8 <= dim < head_dim and dim % 2 == 0   # one head as wide as the model
+    narrow = 8 <= dim < head_dim and dim % 2 == 0  # one head as wide as the model
     if layers <= 0 or not (narrow or (dim > 0 and dim % head_dim == 0)):
-        raise ScalingError(f"Model size {size!r} needs a positive number of layers and a width that "
-                           f"is a multiple of the head size {head_dim} (or an even width from 8 to "
-                           f"{head_dim - 2}, one head).")
+        raise ScalingError(
+            f"Model size {size!r} needs a positive number of layers and a width that "
+            f"is a multiple of the head size {head_dim} (or an even width from 8 to "
+            f"{head_dim - 2}, one head)."
+        )
     return dim, layers
 
 
@@ -97,9 +112,15 @@ def model_for_size(size: str, vocab_size: int | None = None) -> ModelConfig:
     head_dim = min(dim, tiny.head_dim)
     n_heads = dim // head_dim
     n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
-    return tiny.replace(dim=dim, n_layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                        head_dim=head_dim, ffn_dim=ffn_dim_for(dim, min(dim, 256)),
-                        vocab_size=vocab_size)
+    return tiny.replace(
+        dim=dim,
+        n_layers=layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        ffn_dim=ffn_dim_for(dim, min(dim, 256)),
+        vocab_size=vocab_size,
+    )
 
 
 def scaling_params(cfg: ModelConfig) -> int:
@@ -121,29 +142,52 @@ def check_budgets(budgets: Sequence[float]) -> list[float]:
     return sorted(set(budgets))
 
 
-def plan_run(budget: float, size: str, batch_size: int, seq_len: int, vocab_size: int,
-             name: str | None = None, min_steps: int = 1) -> PlannedRun:
+def plan_run(
+    budget: float,
+    size: str,
+    batch_size: int,
+    seq_len: int,
+    vocab_size: int,
+    name: str | None = None,
+    min_steps: int = 1,
+) -> PlannedRun:
     """The run of model `size` that spends `budget` FLOPs at `batch_size` x `seq_len` tokens a
     step (steps rounded to the nearest integer, at least `min_steps`)."""
     if batch_size < 1 or seq_len < 1:
-        raise ScalingError(f"The batch size and sequence length must be positive, got "
-                           f"{batch_size} and {seq_len}.")
+        raise ScalingError(
+            f"The batch size and sequence length must be positive, got {batch_size} and {seq_len}."
+        )
     cfg = model_for_size(size, vocab_size)
     if seq_len > cfg.max_seq_len:
-        raise ScalingError(f"The sequence length {seq_len} is longer than the family's context of "
-                           f"{cfg.max_seq_len}.")
+        raise ScalingError(
+            f"The sequence length {seq_len} is longer than the family's context of {cfg.max_seq_len}."
+        )
     per_token = flops_per_token(cfg, seq_len)
     tokens_per_step = batch_size * seq_len
     steps = max(min_steps, round(budget / (per_token * tokens_per_step)))
     tokens = steps * tokens_per_step
-    return PlannedRun(name=name or run_name(budget, size), budget=budget, size=size,
-                      vocab_size=vocab_size, params=scaling_params(cfg), flops_per_token=per_token,
-                      steps=steps, tokens=tokens, flops=per_token * tokens)
+    return PlannedRun(
+        name=name or run_name(budget, size),
+        budget=budget,
+        size=size,
+        vocab_size=vocab_size,
+        params=scaling_params(cfg),
+        flops_per_token=per_token,
+        steps=steps,
+        tokens=tokens,
+        flops=per_token * tokens,
+    )
 
 
-def plan_isoflop(budgets: Sequence[float], sizes: Sequence[str] | Mapping[float, Sequence[str]],
-                 *, batch_size: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN,
-                 vocab_size: int = DEFAULT_VOCAB, min_steps: int = 10) -> Plan:
+def plan_isoflop(
+    budgets: Sequence[float],
+    sizes: Sequence[str] | Mapping[float, Sequence[str]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    vocab_size: int = DEFAULT_VOCAB,
+    min_steps: int = 10,
+) -> Plan:
     """Every (budget, size) pair as a run, with the same sizes for every budget or, given a
     mapping, each budget's own (as Llama 3 chose them around each optimum). Pairs that would
     train fewer than `min_steps` steps are skipped (listed in `Plan.skipped`)."""
@@ -162,15 +206,19 @@ def plan_isoflop(budgets: Sequence[float], sizes: Sequence[str] | Mapping[float,
             else:
                 runs.append(run)
     if not runs:
-        raise ScalingError(f"No budget/size pair trains for at least {min_steps} steps; raise the "
-                           "budgets or use smaller models.")
+        raise ScalingError(
+            f"No budget/size pair trains for at least {min_steps} steps; raise the "
+            "budgets or use smaller models."
+        )
     return Plan(batch_size=batch_size, seq_len=seq_len, runs=tuple(runs), skipped=tuple(skipped))
 
 
-def nearest_size(flops_per_token_target: float, seq_len: int, vocab_size: int,
-                 sizes: Sequence[str] = LADDER) -> str:
+def nearest_size(
+    flops_per_token_target: float, seq_len: int, vocab_size: int, sizes: Sequence[str] = LADDER
+) -> str:
     """The size whose FLOPs per token is closest (in ratio) to the target: the model that
     trains on the optimal tokens D* with the budget C is the one of C / D* FLOPs per token."""
+
     def distance(size):
         per_token = flops_per_token(model_for_size(size, vocab_size), seq_len)
         return abs(math.log(per_token / flops_per_token_target))
@@ -181,8 +229,12 @@ def nearest_size(flops_per_token_target: float, seq_len: int, vocab_size: int,
 def write_plan(plan: Plan, directory: str | Path) -> Path:
     path = Path(directory) / PLAN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"batch_size": plan.batch_size, "seq_len": plan.seq_len,
-            "runs": [dataclasses.asdict(run) for run in plan.runs], "skipped": list(plan.skipped)}
+    body = {
+        "batch_size": plan.batch_size,
+        "seq_len": plan.seq_len,
+        "runs": [dataclasses.asdict(run) for run in plan.runs],
+        "skipped": list(plan.skipped),
+    }
     path.write_text(json.dumps(body, indent=1) + "\n")
     return path
 
@@ -190,12 +242,17 @@ def write_plan(plan: Plan, directory: str | Path) -> Path:
 def read_plan(directory: str | Path) -> Plan:
     path = Path(directory) / PLAN_FILE
     if not path.is_file():
-        raise ScalingError(f"{path} does not exist; write one with `python -m llama_jax.scaling "
-                           f"plan --out {directory}`.")
+        raise ScalingError(
+            f"{path} does not exist; write one with `python -m llama_jax.scaling plan --out {directory}`."
+        )
     try:
         body = json.loads(path.read_text())
         runs = tuple(PlannedRun(**run) for run in body["runs"])
-        return Plan(batch_size=int(body["batch_size"]), seq_len=int(body["seq_len"]), runs=runs,
-                    skipped=tuple(body.get("skipped", ())))
+        return Plan(
+            batch_size=int(body["batch_size"]),
+            seq_len=int(body["seq_len"]),
+            runs=runs,
+            skipped=tuple(body.get("skipped", ())),
+        )
     except (ValueError, KeyError, TypeError) as err:
         raise ScalingError(f"{path} is not a plan written by this tool ({err}).") from None

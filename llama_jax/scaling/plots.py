@@ -38,8 +38,15 @@ def plot_isoflops(fit: ScalingFit, path: str | Path) -> Path:
         grid = np.geomspace(min(low, curve.optimal_tokens), max(high, curve.optimal_tokens), 100)
         axes.plot(grid, curve.loss(grid), color=color, lw=1.2)
         axes.scatter(curve.tokens, curve.losses, color=color, s=22, label=f"{curve.budget:.2g} FLOPs")
-        axes.scatter([curve.optimal_tokens], [curve.optimal_loss], color=color, marker="*", s=160,
-                     edgecolor="black", zorder=3)
+        axes.scatter(
+            [curve.optimal_tokens],
+            [curve.optimal_loss],
+            color=color,
+            marker="*",
+            s=160,
+            edgecolor="black",
+            zorder=3,
+        )
     axes.set_xscale("log")
     axes.set_xlabel("training tokens")
     axes.set_ylabel("validation loss")
@@ -48,8 +55,13 @@ def plot_isoflops(fit: ScalingFit, path: str | Path) -> Path:
     return _save(plt, figure, path)
 
 
-def plot_power_law(fit: ScalingFit, path: str | Path, target_flops: float | None = None,
-                   boot: Bootstrap | None = None, actual: tuple[float, float] | None = None) -> Path:
+def plot_power_law(
+    fit: ScalingFit,
+    path: str | Path,
+    target_flops: float | None = None,
+    boot: Bootstrap | None = None,
+    actual: tuple[float, float] | None = None,
+) -> Path:
     """Optimal tokens against compute: the minima, the fitted power law extended to the target,
     the bootstrap's 90% band, and an actual run (FLOPs, tokens) if given."""
     plt = _pyplot()
@@ -58,20 +70,33 @@ def plot_power_law(fit: ScalingFit, path: str | Path, target_flops: float | None
     top = max([*budgets, target_flops or 0])
     grid = np.geomspace(min(budgets) / 2, top * 2, 100)
     law = fit.tokens_law
-    axes.plot(grid, law(grid), color="tab:blue",
-              label=f"D* = {law.coefficient:.3g} C^{law.exponent:.3f}")
+    axes.plot(grid, law(grid), color="tab:blue", label=f"D* = {law.coefficient:.3g} C^{law.exponent:.3f}")
     if boot is not None:
         samples = boot.coefficient[:, None] * grid[None, :] ** boot.alpha[:, None]
-        axes.fill_between(grid, *np.percentile(samples, [5, 95], axis=0), color="tab:blue",
-                          alpha=0.15, label="bootstrap 90%")
-    axes.scatter(budgets, [c.optimal_tokens for c in fit.curves], color="black", zorder=3,
-                 label="IsoFLOP minima")
+        axes.fill_between(
+            grid,
+            *np.percentile(samples, [5, 95], axis=0),
+            color="tab:blue",
+            alpha=0.15,
+            label="bootstrap 90%",
+        )
+    axes.scatter(
+        budgets, [c.optimal_tokens for c in fit.curves], color="black", zorder=3, label="IsoFLOP minima"
+    )
     if target_flops is not None:
-        axes.scatter([target_flops], [fit.optimal_tokens(target_flops)], marker="*", s=160,
-                     color="tab:red", zorder=3, label=f"prediction at {target_flops:.2g}")
+        axes.scatter(
+            [target_flops],
+            [fit.optimal_tokens(target_flops)],
+            marker="*",
+            s=160,
+            color="tab:red",
+            zorder=3,
+            label=f"prediction at {target_flops:.2g}",
+        )
     if actual is not None:
-        axes.scatter([actual[0]], [actual[1]], marker="x", s=80, color="tab:orange", zorder=4,
-                     label="check run")
+        axes.scatter(
+            [actual[0]], [actual[1]], marker="x", s=80, color="tab:orange", zorder=4, label="check run"
+        )
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel("compute C (FLOPs)")
@@ -81,10 +106,15 @@ def plot_power_law(fit: ScalingFit, path: str | Path, target_flops: float | None
     return _save(plt, figure, path)
 
 
-def plot_downstream(fit: DownstreamFit, path: str | Path, flops: Sequence[float],
-                    nll: Sequence[float], accuracy: Sequence[float],
-                    line_points: Sequence[int] = (), check: tuple[float, float, float] | None = None
-                    ) -> Path:
+def plot_downstream(
+    fit: DownstreamFit,
+    path: str | Path,
+    flops: Sequence[float],
+    nll: Sequence[float],
+    accuracy: Sequence[float],
+    line_points: Sequence[int] = (),
+    check: tuple[float, float, float] | None = None,
+) -> Path:
     """Left: task NLL against FLOPs with the line (its points filled). Right: accuracy against
     NLL with the sigmoid. `check` is a held-out run's (FLOPs, NLL, accuracy)."""
     plt = _pyplot()
@@ -101,8 +131,7 @@ def plot_downstream(fit: DownstreamFit, path: str | Path, flops: Sequence[float]
     right.scatter(nll, accuracy, color="black", label="runs")
     if check is not None:
         left.scatter([check[0]], [check[1]], marker="x", s=80, color="tab:orange", label="check run")
-        right.scatter([check[1]], [check[2]], marker="x", s=80, color="tab:orange",
-                      label="check run")
+        right.scatter([check[1]], [check[2]], marker="x", s=80, color="tab:orange", label="check run")
     left.set_xscale("log")
     left.set_xlabel("compute C (FLOPs)")
     left.set_ylabel("correct answer NLL per character")

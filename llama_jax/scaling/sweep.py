@@ -25,24 +25,37 @@ from llama_jax.scaling.plan import Plan, PlannedRun, model_for_size
 # Batches of the held-out split in the final validation loss: it reads the split in order, so a
 # few batches would be a few files; 64 x 16 x 128 tokens cost a second or two even at 1e13 FLOPs.
 EVAL_BATCHES = 64
-WARMUP_FRACTION = 0.1     # as `tiny`: 15 warmup steps of 150
+WARMUP_FRACTION = 0.1  # as `tiny`: 15 warmup steps of 150
 
 
-def experiment_for(run: PlannedRun, batch_size: int, seq_len: int,
-                   base: Experiment | None = None) -> Experiment:
+def experiment_for(
+    run: PlannedRun, batch_size: int, seq_len: int, base: Experiment | None = None
+) -> Experiment:
     """The Experiment that trains `run` (see the module docstring)."""
     base = base or Experiment()
-    train = dataclasses.replace(base.train, steps=run.steps, batch_size=batch_size,
-                                seq_len=seq_len, eval_every=run.steps, eval_batches=EVAL_BATCHES,
-                                log_every=min(10, run.steps), sample_tokens=0)
-    optim = dataclasses.replace(base.optim, warmup_steps=max(1, round(WARMUP_FRACTION * run.steps)),
-                                decay_steps=0)
+    train = dataclasses.replace(
+        base.train,
+        steps=run.steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        eval_every=run.steps,
+        eval_batches=EVAL_BATCHES,
+        log_every=min(10, run.steps),
+        sample_tokens=0,
+    )
+    optim = dataclasses.replace(
+        base.optim, warmup_steps=max(1, round(WARMUP_FRACTION * run.steps)), decay_steps=0
+    )
     # One checkpoint, at the end: enough to resume or to score the model afterwards.
     checkpoint = CheckpointConfig(every_steps=0, keep_last=1)
-    return base.replace(name=run.name, model=model_for_size(run.size, run.vocab_size),
-                        train=train, optim=optim, checkpoint=checkpoint,
-                        description=f"IsoFLOP run: {run.size} for {run.tokens:,} tokens, "
-                                    f"{run.flops:.3g} FLOPs")
+    return base.replace(
+        name=run.name,
+        model=model_for_size(run.size, run.vocab_size),
+        train=train,
+        optim=optim,
+        checkpoint=checkpoint,
+        description=f"IsoFLOP run: {run.size} for {run.tokens:,} tokens, {run.flops:.3g} FLOPs",
+    )
 
 
 def final_eval_loss(workdir: str | Path, steps: int) -> float | None:
@@ -55,7 +68,7 @@ def final_eval_loss(workdir: str | Path, steps: int) -> float | None:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue   # a line cut short by a kill
+            continue  # a line cut short by a kill
         if row.get("step") == steps and "eval_loss" in row:
             loss = float(row["eval_loss"])
     return loss
@@ -72,14 +85,19 @@ def train_run(run: PlannedRun, workdir: str | Path, batch_size: int, seq_len: in
     out = train(experiment_for(run, batch_size, seq_len), workdir, quiet=True)
     loss = out.get("eval_loss", final_eval_loss(workdir, run.steps))
     if loss is None:
-        raise ScalingError(f"Run {run.name} ended without a validation loss at step {run.steps}; "
-                           f"see {workdir / 'metrics.jsonl'}.")
+        raise ScalingError(
+            f"Run {run.name} ended without a validation loss at step {run.steps}; "
+            f"see {workdir / 'metrics.jsonl'}."
+        )
     return loss, out["state"].params
 
 
-def run_plan(plan: Plan, sweep_dir: str | Path,
-             after: Callable[[PlannedRun, Path, object], None] | None = None,
-             progress: bool = True) -> dict[str, float]:
+def run_plan(
+    plan: Plan,
+    sweep_dir: str | Path,
+    after: Callable[[PlannedRun, Path, object], None] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
     """Trains every unfinished run of `plan` in SWEEP/NAME; `after(run, workdir, params)` is
     called after each run trained here. Returns every run's final validation loss."""
     from tqdm import tqdm
