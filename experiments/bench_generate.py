@@ -38,7 +38,7 @@ def main():
     import torch
     import transformers
 
-    from llama_jax.config import model_preset
+    from llama_jax.config import SamplingConfig, model_preset
     from llama_jax.convert import load_hf
     from llama_jax.generate import generate
 
@@ -71,7 +71,7 @@ def main():
     rng = np.random.default_rng(0)
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = rng.integers(1, cfg.vocab_size, (batch, args.prompt))
-        ours = best_of(lambda: generate(params, cfg, prompts.tolist(), args.new_tokens))
+        ours = best_of(lambda: generate(params, cfg, prompts.tolist(), SamplingConfig(args.new_tokens)))
         ids = torch.as_tensor(prompts, dtype=torch.long)
 
         def hf():

@@ -20,7 +20,8 @@ from llama_jax.config import Experiment, MeshConfig, OptimConfig, TrainConfig, m
 from llama_jax.metrics import flops_per_token, measured_cpu_peak
 from llama_jax.optim import make_optimizer
 from llama_jax.sharding import activation_sharding, make_mesh
-from llama_jax.train import compile_steps, create_train_state, global_batch
+from llama_jax.stages.pretrain import Pretrain
+from llama_jax.steps import global_batch
 
 
 def batch_of(rng, batch, seq, vocab):
@@ -46,8 +47,8 @@ def time_steps(step, steps: int, repeats: int = 3) -> float:
 def bench_llama_jax(exp: Experiment, steps: int) -> float:
     mesh = make_mesh(exp.mesh, jax.devices()[:1])
     optimizer, schedule = make_optimizer(exp.optim, 1000)
-    compiled = compile_steps(exp, optimizer, schedule, mesh)
-    state, _ = create_train_state(exp, optimizer, mesh, jax.random.key(0))
+    compiled = Pretrain().compile(exp, optimizer, schedule, mesh)
+    state = Pretrain().create_state(exp, optimizer, mesh, jax.random.key(0))
     batch = global_batch(
         batch_of(np.random.default_rng(0), exp.train.batch_size, exp.train.seq_len, exp.model.vocab_size),
         compiled.batch_sharding,

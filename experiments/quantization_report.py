@@ -51,7 +51,7 @@ def train(token_docs, steps: int):
     opt_state = optimizer.init(params)
 
     def loss_fn(params, batch):
-        hidden = Llama(CFG).apply({"params": params}, batch["tokens"], return_hidden=True)
+        hidden = Llama(CFG).apply({"params": params}, batch["tokens"], method=Llama.hidden)
         total, count = cross_entropy_sum(hidden, lm_head(params, CFG), *next_token_targets(batch))
         return total / count
 

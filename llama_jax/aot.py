@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from llama_jax.attention import compiling_for
 from llama_jax.config import ConfigError, apply_overrides, list_experiments, load_experiment
@@ -90,7 +89,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     """Compiles exp's train step for `slices` x `topology`; returns the report as a dict."""
     from jax.experimental import topologies
 
-    from llama_jax.train import abstract_train_state, compile_steps
+    from llama_jax.stages.pretrain import Pretrain
 
     try:
         description = topologies.get_topology_desc(
@@ -109,20 +108,17 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
     optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
     start = time.perf_counter()
-    steps = compile_steps(exp, optimizer, schedule, mesh)
-    state = abstract_train_state(exp, optimizer, mesh, steps.state_shardings)
-    shape = (exp.train.batch_size, exp.train.seq_len)
+    stage, rules = Pretrain(), exp.mesh.rules  # the recipes compiled here are pretraining runs
+    shardings = stage.state_shardings(exp, optimizer, mesh)
+    steps = stage.compile(exp, optimizer, schedule, mesh, shardings)
+    state = stage.abstract_state(exp, optimizer, mesh, shardings)
+    batch_shardings = steps.batch_sharding
     batch = {
-        key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding)
-        for key, dtype in (
-            ("tokens", jnp.int32),
-            ("positions", jnp.int32),
-            ("segment_ids", jnp.int32),
-            ("loss_mask", jnp.float32),
-        )
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[key])
+        for key, (shape, dtype) in stage.batch_shapes(exp, exp.train.batch_size).items()
     }
     # The model's constraints resolve against this mesh; attention "auto" means the TPU's kernel.
-    with activation_sharding(mesh), compiling_for("tpu"):
+    with activation_sharding(mesh, rules), compiling_for("tpu"):
         lowered = steps.train_step.lower(state, batch)
         try:
             compiled = lowered.compile()
@@ -143,6 +139,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
                 "devices": len(devices),
                 "mesh": dict(mesh.shape),
                 "remat": exp.model.remat,
+                "rules": format_rules(rules),
                 "temp_bytes": temp,
                 "hbm_bytes": hbm,
                 "hbm_fraction": temp / hbm,
@@ -181,6 +178,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
         "devices": chips,
         "mesh": dict(mesh.shape),
         "remat": exp.model.remat,
+        "rules": format_rules(rules),
         "attention": attention_kernel,
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
@@ -199,6 +197,15 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     }
 
 
+def format_rules(rules) -> str:
+    """The logical-axis rules compiled with, as "batch->data+fsdp, embed->fsdp, length->-, ..."."""
+
+    def axes(value):
+        return "-" if value is None else "+".join(value) if isinstance(value, tuple) else value
+
+    return ", ".join(f"{name}->{axes(value)}" for name, value in rules)
+
+
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
     header = (
@@ -206,6 +213,7 @@ def format_report(r: dict) -> str:
         f"mesh {r['mesh']}, remat {r['remat']}"
         + (f", {r['attention']} attention" if "attention" in r else "")
     )
+    header += f"\n  rules: {r['rules']}"
     if "compiler_message" in r:
         return "\n".join(
             [

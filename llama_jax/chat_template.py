@@ -138,10 +138,17 @@ def encode_chat(
     tokenizer: Tokenizer,
     messages: Sequence[Message],
     *,
-    template: str,
+    template: str | None = None,
     add_generation_prompt: bool = False,
 ) -> ChatTokens:
-    """Encodes `messages` with the named template ("llama2" or "llama3")."""
+    """Token ids of a dialog with the named template ("llama2" or "llama3"; None: the one the
+    tokenizer's family was trained on) and which of them are assistant replies."""
+    template = template or default_template(tokenizer)
     if template not in TEMPLATES:
         raise ValueError(f"Unknown chat template {template!r}; use one of {sorted(TEMPLATES)}.")
     return TEMPLATES[template](tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+
+def default_template(tokenizer: Tokenizer) -> str:
+    """The chat format of the tokenizer's family: "llama2" (SentencePiece) or "llama3" (tiktoken)."""
+    return tokenizer.family

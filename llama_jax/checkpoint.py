@@ -24,24 +24,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llama_jax.config import CheckpointConfig, ModelConfig, model_config_from_dict
+from llama_jax.config import (
+    PARAMETER_SHAPE_FIELDS,
+    CheckpointConfig,
+    ModelConfig,
+    architecture_differences,
+    model_config_from_dict,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
-# ModelConfig fields that change the shapes or layout of the saved parameters.
-SHAPE_FIELDS = (
-    "dim",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "ffn_dim",
-    "vocab_size",
-    "tie_embeddings",
-    "scan_layers",
-    "param_dtype",
-)
+# ModelConfig fields that change the shapes or layout of the saved parameters: a resumed run
+# must share them (it may change, say, the RoPE scaling of a long-context phase).
+RESUME_FIELDS = PARAMETER_SHAPE_FIELDS + ("param_dtype",)
 
 
 class CheckpointError(ValueError):
@@ -151,10 +147,9 @@ class TrainCheckpointer:
             saved_model = saved["experiment"]["model"]
         except Exception:  # unreadable metadata is damage, which the restore itself reports
             return
-        ours = dataclasses.asdict(model)
-        differing = [k for k in SHAPE_FIELDS if saved_model.get(k) != ours[k]]
+        differing = architecture_differences(saved_model, model, RESUME_FIELDS)
         if differing:
-            changes = ", ".join(f"{k} {saved_model.get(k)} -> {ours[k]}" for k in differing)
+            changes = ", ".join(f"{k} {saved} -> {ours}" for k, saved, ours in differing)
             raise CheckpointError(
                 f"{self.directory} holds checkpoints of a different model ({changes}); "
                 "use another --workdir or the same model."

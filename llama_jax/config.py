@@ -13,6 +13,7 @@ import importlib.util
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +191,35 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# ModelConfig fields that fix the parameters' shapes: checkpoints that differ in one of them cannot
+# load into each other.
+PARAMETER_SHAPE_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_dim",
+    "vocab_size",
+    "tie_embeddings",
+    "scan_layers",
+)
+# ...and those that make the same parameters compute another function: a checkpoint must share
+# all of these with the experiment that starts from it.
+ARCHITECTURE_FIELDS = PARAMETER_SHAPE_FIELDS + ("rope_theta", "rope_scaling", "norm_eps")
+
+
+def architecture_differences(
+    found: ModelConfig | dict, expected: ModelConfig, fields: tuple[str, ...] = ARCHITECTURE_FIELDS
+) -> list[tuple[str, object, object]]:
+    """(field, found value, expected value) for each of `fields` where two models differ; `found`
+    may be a config's dict as stored beside a checkpoint. The one compatibility check."""
+    if dataclasses.is_dataclass(found):
+        found = dataclasses.asdict(found)
+    ours = dataclasses.asdict(expected)
+    return [(k, found.get(k), ours[k]) for k in fields if found.get(k) != ours[k]]
+
+
 def model_preset(name: str, **overrides) -> ModelConfig:
     """The `ModelConfig` of a published size, e.g. `model_preset("llama3_8b")`."""
     if name not in PRESETS:
@@ -203,6 +233,49 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 # Experiments: what to train, how, on which mesh. `experiments/NAME.py` files build these.
 
 
+# Logical axis -> mesh axis (or axes), the default of `mesh.rules`. Flax applies the rules in
+# order and never uses one mesh axis twice in an array, so in activations [batch, length, embed]
+# `embed` falls back to replicated because `batch` already took `fsdp`.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),  # parameters: FSDP shards the model dimension
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def _as_rules(rules) -> tuple:
+    """Rules as nested tuples (an override or a YAML file gives lists), checked for shape."""
+    out = []
+    for rule in rules:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"mesh.rules: {rule!r} is not a (logical axis, mesh axes) pair.")
+        axes = rule[1]
+        if isinstance(axes, (tuple, list)):
+            axes = tuple(axes)
+        elif axes is not None and not isinstance(axes, str):
+            raise ValueError(f"mesh.rules: the mesh axes of {rule[0]!r} must be a name, a list or None.")
+        out.append((rule[0], axes))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How a decoder picks tokens: generation, PPO rollouts, rejection sampling and the sample at
+    the end of a training run all take one of these (see generate.generate)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh sizes; -1 (at most one) takes all the devices the others leave."""
@@ -210,6 +283,12 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # Which mesh axes shard each logical axis the model names (see DEFAULT_RULES); an experiment
+    # overrides it to shard differently without touching model code.
+    rules: Any = DEFAULT_RULES
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", _as_rules(self.rules))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +322,11 @@ class TrainConfig:
     seed: int = 0
     sample_tokens: int = 48  # length of the sample printed at the end (0: none)
     sample_prompt: str = "def "
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The end-of-run sample: temperature 0.8, top-k 40."""
+        return SamplingConfig(max_new_tokens=self.sample_tokens, temperature=0.8, top_k=40)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +363,10 @@ class PPOConfig:
     whiten_scores: bool = True  # Llama 2 whitens the reward model's logits over the batch
     value_lr: float = 0.0  # the value model's peak lr (0: optim.peak_lr)
     eval_prompts: int = 0  # held-out prompts scored greedily at each eval (0: none)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
     def __post_init__(self):
         for name in ("max_new_tokens", "minibatch_size", "epochs"):
@@ -335,12 +423,20 @@ class Experiment:
     eval_data: DataConfig | None = STDLIB_EVAL  # held-out split, evaluated every train.eval_every
     # A post-training stage (SFT, reward model, DPO, PPO) and its settings; None: pretraining.
     posttrain: PosttrainConfig | None = None
+    # The stage that trains (a name in the trainer's registry); "": "pretrain", or posttrain.stage.
+    stage: str = ""
     # The hardware the recipe was sized for, e.g. "v5p-512"; informational until checked by AOT.
     target: str = "cpu"
     description: str = ""
 
     def replace(self, **changes) -> "Experiment":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def stage_name(self) -> str:
+        if self.stage:
+            return self.stage
+        return "pretrain" if self.posttrain is None else self.posttrain.stage
 
 
 class ConfigError(ValueError):

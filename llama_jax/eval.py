@@ -79,7 +79,7 @@ class ChoiceScores:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _score_batch(params, tokens, segment_ids, targets, weights, *, cfg):
     """Per row, the sum of weights * log p(target) [B]."""
-    hidden = Llama(cfg).apply({"params": params}, tokens, segment_ids=segment_ids, return_hidden=True)
+    hidden = Llama(cfg).apply({"params": params}, tokens, segment_ids=segment_ids, method=Llama.hidden)
     head = lm_head(params, cfg)
 
     def row(h, t, w):

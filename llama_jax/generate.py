@@ -3,8 +3,11 @@
     python -m llama_jax.generate (--ckpt DIR | --hf DIR) [--tokenizer FILE] --prompt "..." | --chat
                                  [--quant int8|fp8]
 
-    generate(params, cfg, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+    generate(params, cfg, prompts, SamplingConfig(max_new_tokens=64, temperature=0.7, top_p=0.9),
              stop_tokens=(), seed=0, on_token=None, prompt_bucket=1) -> list[list[int]]
+
+This is the one sampler: the CLI, PPO's rollouts, rejection sampling and the sample at the end of a
+training run all call `generate` with a `config.SamplingConfig`.
 
 Prompts of different lengths are left-padded to a common length (rounded up to a multiple of
 `prompt_bucket`, so that callers with many batches compile few shapes); the padding has segment
@@ -26,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from llama_jax.config import ModelConfig
-from llama_jax.model import Llama, init_cache
+from llama_jax.chat_template import encode_chat
+from llama_jax.config import ModelConfig, SamplingConfig
+from llama_jax.model import KVCache, Llama
 from llama_jax.quantize import MODES as QUANT_MODES
 from llama_jax.quantize import quantize_params
 
@@ -75,8 +79,10 @@ def _generate(
 ):
     batch, prompt_len = tokens.shape
     model = Llama(cfg)
-    cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache)
+    cache = KVCache.empty(cfg, batch, prompt_len + max_new_tokens)
+    logits, cache = model.apply(
+        {"params": params}, tokens, cache, positions, segment_ids, method=Llama.decode
+    )
 
     def is_stop(token):
         return jnp.any(token[:, None] == stop_tokens[None, :], axis=-1)
@@ -95,7 +101,12 @@ def _generate(
         step, cache, out, done, rng, last = state
         position = (prompt_lengths + step - 1)[:, None]
         logits, cache = model.apply(
-            {"params": params}, last[:, None], position, jnp.ones_like(last)[:, None], cache=cache
+            {"params": params},
+            last[:, None],
+            cache,
+            position,
+            jnp.ones_like(last)[:, None],
+            method=Llama.decode,
         )
         rng, key = jax.random.split(rng)
         token = sample_logits(logits[:, -1], key, temperature, top_k, top_p)
@@ -122,11 +133,8 @@ def generate(
     params,
     cfg: ModelConfig,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
+    sampling: SamplingConfig,
     *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     stop_tokens: Sequence[int] = (),
     seed: int = 0,
     on_token: Callable[[int, np.ndarray], None] | None = None,
@@ -135,6 +143,8 @@ def generate(
     """New tokens for each prompt (up to and including a stop token, if one comes)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("Every prompt needs at least one token.")
+    max_new_tokens, temperature = sampling.max_new_tokens, sampling.temperature
+    top_k, top_p = sampling.top_k, sampling.top_p
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -228,6 +238,10 @@ def load_model(ckpt: str | None, hf: str | None, tokenizer_path: str | None = No
     return cfg, params, tokenizer
 
 
+def _sampling(args) -> SamplingConfig:
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+
+
 def _chat(params, cfg, tokenizer, args) -> None:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chat; end with Ctrl-D.", file=sys.stderr)
@@ -238,16 +252,13 @@ def _chat(params, cfg, tokenizer, args) -> None:
             print(file=sys.stderr)
             return
         messages.append({"role": "user", "content": user})
-        prompt = tokenizer.encode_chat(messages, template=args.template, add_generation_prompt=True).ids
+        prompt = encode_chat(tokenizer, messages, template=args.template, add_generation_prompt=True).ids
         printer = _Printer(tokenizer, tokenizer.stop_ids)
         reply = generate(
             params,
             cfg,
             [prompt],
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
+            _sampling(args),
             stop_tokens=tokenizer.stop_ids,
             seed=args.seed,
             on_token=printer,
@@ -305,10 +316,7 @@ def main(argv=None) -> int:
             params,
             cfg,
             [prompt],
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
+            _sampling(args),
             stop_tokens=tokenizer.stop_ids,
             seed=args.seed,
             on_token=_Printer(tokenizer, tokenizer.stop_ids),

@@ -14,15 +14,20 @@ import jax.numpy as jnp
 from llama_jax.model import lm_logits
 
 
+def next_token(x):
+    """x[:, t + 1] at position t (the target of the prediction made there), 0 at the end. The
+    one next-token shift: targets, their masks and per-token log-probs all line up through it."""
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+
 def next_token_targets(batch):
     """(targets [B, T] int32, weights [B, T] fp32) for the batch's tokens, segments and mask."""
     tokens, segments = batch["tokens"], batch["segment_ids"]
-    same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
-    weights = batch["loss_mask"][:, 1:].astype(jnp.float32) * same_document
-    pad = jnp.zeros_like(weights[:, :1])
-    return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1), jnp.concatenate(
-        [weights, pad], axis=1
-    )
+    # Token t is a target where it is in the loss mask and in the same document as token t - 1.
+    continues = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
+    continues = jnp.pad(continues, ((0, 0), (1, 0)))
+    weights = next_token(batch["loss_mask"].astype(jnp.float32) * continues)
+    return next_token(tokens), weights
 
 
 def _chunk_size(length: int, chunk: int) -> int:

@@ -17,6 +17,7 @@ import argparse
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,73 @@ from llama_jax.quantize import QuantizedWeight
 ACTIVATION = ("batch", "length", "embed")
 HEADS = ("batch", "length", "heads", "head_dim")
 KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
-CACHE = ("layers", "batch", "length", "kv_heads", "head_dim")  # the KV cache, see init_cache
+CACHE = ("layers", "batch", "length", "kv_heads", "head_dim")  # KVCache keys and values
+
+
+@flax.struct.dataclass
+class KVCache:
+    """The decoder's key/value cache, preallocated for `max_len` positions of every layer.
+
+    keys, values  [n_layers, batch, max_len, n_kv_heads, head_dim]
+    segment_ids   [batch, max_len]: the segment id of every slot (0: empty or padding)
+    index         []: the next slot to write; every row writes at the same index
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+        dtype = cfg.dtype if dtype is None else dtype
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @staticmethod
+    def logical_axes() -> KVCache:
+        """The cache's logical axis names, field by field (for shardings)."""
+        P = jax.sharding.PartitionSpec
+        return KVCache(keys=P(*CACHE), values=P(*CACHE), segment_ids=P("batch", "length"), index=P())
+
+    def constrained(self) -> KVCache:
+        return self.replace(
+            keys=nn.with_logical_constraint(self.keys, CACHE),
+            values=nn.with_logical_constraint(self.values, CACHE),
+        )
+
+    def with_segments(self, segment_ids) -> KVCache:
+        """The slots from `index` on marked with the new chunk's segment ids."""
+        return self.replace(
+            segment_ids=jax.lax.dynamic_update_slice(
+                self.segment_ids, segment_ids.astype(jnp.int32), (0, self.index)
+            )
+        )
+
+    def write(self, layer, k, v) -> KVCache:
+        """k, v [B, T, K, D] written at (`layer`, index): only the new slice, in place inside
+        the decode loop, never a copy of the whole cache."""
+        at = (layer, 0, self.index, 0, 0)
+        return self.replace(
+            keys=jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), at),
+            values=jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), at),
+        )
+
+    def layer(self, layer, dtype):
+        """(keys, values) of one layer, [B, max_len, K, D] in `dtype`."""
+        return tuple(
+            jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype)
+            for c in (self.keys, self.values)
+        )
+
+    def advanced(self, length: int) -> KVCache:
+        return self.replace(index=self.index + length)
+
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -105,11 +172,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache=None, kv=None, layer=None):
-        """With a KV cache (`cache`: the shared write index and slot segment ids; `kv`: every
-        layer's (k, v) [L, B, S_max, K, D]; `layer`: this layer's index) the new keys and values
-        are written in place at (layer, index) and the queries attend to the layer's whole cache.
-        Returns (out, kv)."""
+    def __call__(self, x, cos, sin, segment_ids, cache: KVCache | None = None, layer=None):
+        """Self-attention of x [B, T, dim]; returns (out, cache). With a KV cache, this layer's new
+        keys and values are written at (`layer`, cache.index) and the queries attend to the
+        layer's whole cache (the slots' segment ids mask what is empty or another document)."""
         cfg, dtype = self.cfg, self.cfg.dtype
         init = nn.initializers.normal(cfg.init_std)
         wq = _weight(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
@@ -125,29 +191,23 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(_project(x, wk, dtype), KV_HEADS)
         v = nn.with_logical_constraint(_project(x, wv, dtype), KV_HEADS)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is None:
+        if cache is None:
             out = attention(q, k, v, segment_ids, implementation=cfg.attention)
         else:
-            # Only the new slice is written (in place inside the decode loop), not the whole cache.
-            kv = tuple(
-                jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache["index"], 0, 0))
-                for c, new in zip(kv, (k, v))
-            )
-            k_layer, v_layer = (
-                jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype) for c in kv
-            )
+            cache = cache.write(layer, k, v)
+            k_layer, v_layer = cache.layer(layer, dtype)
             out = attention(
                 q,
                 k_layer,
                 v_layer,
                 segment_ids,
-                cache["segment_ids"],
-                q_offset=cache["index"],
+                cache.segment_ids,
+                q_offset=cache.index,
                 implementation=cfg.attention,
             )
         out = nn.with_logical_constraint(out, HEADS)
         batch, length = out.shape[:2]
-        return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype), kv
+        return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype), cache
 
 
 class FeedForward(nn.Module):
@@ -168,39 +228,54 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer on the carry (x, kv cache or None), as nn.scan wants it:
+    """One pre-norm transformer layer on the carry (x, KV cache or None), as nn.scan wants it:
     returns (carry, None). `layer` is this layer's index into the cache."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, cos, sin, segment_ids, cache=None, layer=None):
-        x, kv = carry
-        attended, kv = Attention(self.cfg, name="attention")(
-            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, kv, layer
+    def __call__(self, carry, cos, sin, segment_ids, layer):
+        x, cache = carry
+        attended, cache = Attention(self.cfg, name="attention")(
+            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, layer
         )
         h = nn.with_logical_constraint(x + attended, ACTIVATION)
         out = h + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h))
-        return (nn.with_logical_constraint(out, ACTIVATION), kv), None
+        return (nn.with_logical_constraint(out, ACTIVATION), cache), None
 
 
 class Llama(nn.Module):
-    """`Llama(cfg).apply({"params": p}, tokens, positions, segment_ids) -> logits [B, T, vocab]`.
+    """The language model, with three entry points:
 
-    `positions` default to 0..T-1. `segment_ids` (0 = padding) number the documents packed in a
-    row; attention never crosses from one to another. Logits are fp32. With `return_hidden=True`
-    the final normed hidden states [B, T, dim] are returned instead (for losses that apply the
-    head chunk by chunk; see `lm_head`).
+        Llama(cfg).apply({"params": p}, tokens, positions, segment_ids)      -> logits [B, T, vocab]
+        ....apply(..., method=Llama.hidden)                                  -> hidden [B, T, dim]
+        ....apply({"params": p}, tokens, cache, positions, segment_ids,
+                  method=Llama.decode)                                       -> (logits, cache)
+
+    `positions` default to 0..T-1 (after the cache's filled slots when decoding). `segment_ids`
+    (0 = padding) number the documents packed in a row; attention never crosses from one to
+    another. Logits are fp32. `hidden` gives the final normed hidden states, for losses that apply
+    the head chunk by chunk (see `lm_head` and loss.py); `decode` writes the chunk's keys and
+    values into a `KVCache` and returns it with the logits.
     """
 
     cfg: ModelConfig
 
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        return self._forward(tokens, positions, segment_ids, None, with_head=True)
+
+    def hidden(self, tokens, positions=None, segment_ids=None):
+        return self._forward(tokens, positions, segment_ids, None, with_head=False)
+
+    def decode(self, tokens, cache: KVCache, positions=None, segment_ids=None):
+        return self._forward(tokens, positions, segment_ids, cache, with_head=True)
+
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None, return_hidden: bool = False):
+    def _forward(self, tokens, positions, segment_ids, cache: KVCache | None, *, with_head: bool):
         cfg = self.cfg
         batch, length = tokens.shape
         if positions is None:
-            start = 0 if cache is None else cache["index"]
+            start = 0 if cache is None else cache.index
             positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
         embeddings = _weight(
             self,
@@ -214,17 +289,10 @@ class Llama(nn.Module):
         x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(cfg.dtype), ACTIVATION)
         cos, sin = rotary_tables(positions, cfg)
 
-        shared, kv = None, None
-        if cache is not None:  # see init_cache: write this chunk at cache["index"]
+        if cache is not None:
             if segment_ids is None:
                 segment_ids = jnp.ones((batch, length), jnp.int32)
-            shared = {
-                "index": cache["index"],
-                "segment_ids": jax.lax.dynamic_update_slice(
-                    cache["segment_ids"], segment_ids.astype(jnp.int32), (0, cache["index"])
-                ),
-            }
-            kv = tuple(nn.with_logical_constraint(c, CACHE) for c in (cache["k"], cache["v"]))
+            cache = cache.constrained().with_segments(segment_ids)
 
         block = Block
         if cfg.remat != "none":
@@ -235,25 +303,18 @@ class Llama(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 4 + (0,),
+                in_axes=(nn.broadcast,) * 3 + (0,),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            (x, kv), _ = stack(cfg, name="layers")((x, kv), cos, sin, segment_ids, shared, layers)
+            (x, cache), _ = stack(cfg, name="layers")((x, cache), cos, sin, segment_ids, layers)
         else:
             for i in range(cfg.n_layers):
-                (x, kv), _ = block(cfg, name=f"layers_{i}")((x, kv), cos, sin, segment_ids, shared, layers[i])
+                (x, cache), _ = block(cfg, name=f"layers_{i}")((x, cache), cos, sin, segment_ids, layers[i])
 
         x = RMSNorm(cfg, name="norm")(x)
-        if cache is not None:
-            cache = {
-                "k": kv[0],
-                "v": kv[1],
-                "segment_ids": shared["segment_ids"],
-                "index": cache["index"] + length,
-            }
-        if return_hidden:
-            return x if cache is None else (x, cache)
+        if not with_head:
+            return x
         if cfg.tie_embeddings:
             head = embeddings.T
         else:
@@ -265,21 +326,12 @@ class Llama(nn.Module):
                 nn.initializers.normal(cfg.init_std),
             )
         logits = nn.with_logical_constraint(lm_logits(x, head), ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, cache)
+        return logits if cache is None else (logits, cache.advanced(length))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache for `max_len` positions: k, v [n_layers, batch, max_len, n_kv_heads,
-    head_dim], the segment id of every slot (0 = empty or padding) and the next write index.
-    `Llama(cfg).apply(..., cache=cache)` returns (logits, cache) with the chunk written in."""
-    dtype = cfg.dtype if dtype is None else dtype
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-    }
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty KV cache for `max_len` positions (see KVCache)."""
+    return KVCache.empty(cfg, batch, max_len, dtype)
 
 
 def lm_logits(hidden, head):

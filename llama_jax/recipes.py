@@ -163,8 +163,7 @@ def posttraining(
     cosine to `final_lr_ratio`. `data_path` holds chats (sft), preference pairs (rm, dpo) or
     prompts (ppo) as JSONL; `batch_size` counts sequences (sft), pairs (rm, dpo) or prompts (ppo).
     Paths are placeholders to override on the command line."""
-    from llama_jax.data.config import DataConfig, SourceConfig
-    from llama_jax.posttrain.data import sft_source
+    from llama_jax.data.config import DataConfig, SourceConfig, sft_source
 
     def source(path):
         return sft_source(path) if stage == "sft" else SourceConfig(path, kind="jsonl", field="prompt")

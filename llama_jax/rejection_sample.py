@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.chat_template import default_template, encode_chat
+from llama_jax.config import SamplingConfig
 from llama_jax.posttrain.reward import ScoringError, load_scorer
 
 
@@ -81,7 +83,7 @@ def run(args) -> dict:
     "skipped_bad"}."""
     from llama_jax.generate import generate, load_model
     from llama_jax.posttrain.data import load_prompts
-    from llama_jax.posttrain.stages import recorded_tokenizer
+    from llama_jax.posttrain.inputs import recorded_tokenizer
 
     if args.k < 1 or args.batch_prompts < 1 or args.max_new_tokens < 1:
         raise RejectionSamplingError("--k, --batch-prompts and --max-new-tokens must be at least 1.")
@@ -91,7 +93,7 @@ def run(args) -> dict:
     cfg, params, tokenizer = load_model(args.ckpt, args.hf, tokenizer_path)
     if "score" in params:
         raise RejectionSamplingError(f"{args.ckpt} is a reward model, not a policy to sample from.")
-    template = args.template or tokenizer.default_chat_template
+    template = args.template or default_template(tokenizer)
     scorer = load_scorer(
         reward_model=args.reward_model or "", score_fn=args.score or "", vocab_size=cfg.vocab_size
     )
@@ -108,7 +110,9 @@ def run(args) -> dict:
             counts["skipped_done"] += 1
             continue
         try:
-            ids = tokenizer.encode_chat(prompt["messages"], template=template, add_generation_prompt=True).ids
+            ids = encode_chat(
+                tokenizer, prompt["messages"], template=template, add_generation_prompt=True
+            ).ids
         except ValueError as err:
             print(f"warning: prompt {prompt['id']} skipped: {err}", file=sys.stderr)
             counts["skipped_bad"] += 1
@@ -132,10 +136,7 @@ def run(args) -> dict:
                 params,
                 cfg,
                 rows,
-                args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
+                SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
                 stop_tokens=tokenizer.stop_ids,
                 seed=_seed(args.seed, [p["id"] for p, _ in batch]),
                 prompt_bucket=32,

@@ -1,7 +1,8 @@
 """The device mesh and the one table that maps logical axis names to it.
 
-Model code names axes (`embed`, `heads`, ...); `LOGICAL_RULES` says which mesh axis shards each.
-Changing an experiment's parallelism changes its mesh sizes, never the model.
+Model code names axes (`embed`, `heads`, ...); the experiment's `mesh.rules` (default
+`config.DEFAULT_RULES`) say which mesh axes shard each. Changing an experiment's parallelism changes
+its mesh sizes or its rules, never the model.
 """
 
 from __future__ import annotations
@@ -13,25 +14,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax.config import MeshConfig
+from llama_jax.config import DEFAULT_RULES, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axis -> mesh axis (or axes). Flax applies the rules in order and never uses one mesh
-# axis twice in an array, so in activations [batch, length, embed] `embed` falls back to
-# replicated because `batch` already took `fsdp`.
-LOGICAL_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),  # parameters: FSDP shards the model dimension
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("norm", None),
-)
 
 
 class MeshError(ValueError):
@@ -79,8 +64,10 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
         ) from None
 
 
-def logical_to_spec(logical: PartitionSpec, shape, mesh: Mesh, rules=LOGICAL_RULES) -> PartitionSpec:
-    """The mesh PartitionSpec of an array; dims the mesh axes do not divide stay replicated."""
+def logical_to_spec(logical: PartitionSpec, shape, mesh: Mesh, rules=None) -> PartitionSpec:
+    """The mesh PartitionSpec of an array; dims the mesh axes do not divide stay replicated.
+    `rules`: by default those of the enclosing `activation_sharding` (else DEFAULT_RULES)."""
+    rules = rules if rules is not None else (nn.get_logical_axis_rules() or DEFAULT_RULES)
     spec = nn.logical_to_mesh_axes(tuple(logical), rules)
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -90,7 +77,7 @@ def logical_to_spec(logical: PartitionSpec, shape, mesh: Mesh, rules=LOGICAL_RUL
     return PartitionSpec(*fitted)
 
 
-def tree_shardings(abstract_tree, logical_specs, mesh: Mesh):
+def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a tree of shapes, given the matching tree of logical PartitionSpecs."""
     is_spec = lambda x: isinstance(x, PartitionSpec) or x is None  # noqa: E731
     specs = jax.tree.leaves(logical_specs, is_leaf=is_spec)
@@ -99,15 +86,17 @@ def tree_shardings(abstract_tree, logical_specs, mesh: Mesh):
         raise ValueError(f"{len(leaves)} arrays but {len(specs)} partition specs.")
     return treedef.unflatten(
         [
-            NamedSharding(mesh, logical_to_spec(spec or PartitionSpec(), leaf.shape, mesh))
+            NamedSharding(mesh, logical_to_spec(spec or PartitionSpec(), leaf.shape, mesh, rules))
             for leaf, spec in zip(leaves, specs)
         ]
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches [batch, length] split over the data-parallel axes (data and fsdp)."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
+    """Batches [batch, ...] split along their first axis as the rules shard `batch` (by default
+    over the data-parallel axes, data and fsdp)."""
+    batch_axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    return NamedSharding(mesh, PartitionSpec(batch_axes, *[None] * (ndim - 1)))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -128,7 +117,7 @@ def check_batch(batch_size: int, microbatches: int, mesh: Mesh) -> None:
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules=LOGICAL_RULES):
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
     """Inside, the model's `with_logical_constraint`s resolve against this mesh and table."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield

@@ -21,11 +21,7 @@ import binascii
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from llama_jax.chat_template import ChatTokens
+from collections.abc import Iterator, Sequence
 
 # The Llama 3 pre-tokenizer regex (the same as OpenAI's cl100k).
 LLAMA3_PATTERN = (
@@ -88,8 +84,8 @@ class Tokenizer(abc.ABC):
     pad_id: int | None
     # Ids at which generation stops.
     stop_ids: tuple[int, ...]
-    # "llama2" or "llama3": the chat format this tokenizer family was trained on.
-    default_chat_template: str
+    # "llama2" (SentencePiece) or "llama3" (tiktoken): the model family the tokenizer belongs to.
+    family: str
 
     @abc.abstractmethod
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
@@ -107,23 +103,6 @@ class Tokenizer(abc.ABC):
     def token_id(self, token: str) -> int:
         """Id of a special token or piece given by its text, e.g. "<|eot_id|>"."""
 
-    def encode_chat(
-        self,
-        messages: Sequence[Mapping[str, str]],
-        *,
-        template: str | None = None,
-        add_generation_prompt: bool = False,
-    ) -> ChatTokens:
-        """Token ids of a dialog and which of them are assistant replies."""
-        from llama_jax import chat_template  # pylint: disable=import-outside-toplevel
-
-        return chat_template.encode_chat(
-            self,
-            messages,
-            template=template or self.default_chat_template,
-            add_generation_prompt=add_generation_prompt,
-        )
-
     def __reduce__(self):
         # Grain worker processes rebuild the tokenizer from its file.
         return (type(self), (self.path,))
@@ -135,7 +114,7 @@ class Tokenizer(abc.ABC):
 class SentencePieceTokenizer(Tokenizer):
     """LLaMA 1/2 tokenizer: a SentencePiece model file."""
 
-    default_chat_template = "llama2"
+    family = "llama2"
 
     def __init__(self, path: str | os.PathLike):
         import sentencepiece  # pylint: disable=import-outside-toplevel
@@ -189,7 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
 class TiktokenTokenizer(Tokenizer):
     """Llama 3 tokenizer: tiktoken BPE ranks plus 256 special tokens."""
 
-    default_chat_template = "llama3"
+    family = "llama3"
 
     def __init__(self, path: str | os.PathLike):
         import tiktoken  # pylint: disable=import-outside-toplevel

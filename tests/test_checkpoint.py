@@ -18,7 +18,8 @@ from llama_jax.checkpoint import CheckpointError, TrainCheckpointer
 from llama_jax.config import CheckpointConfig, Experiment, MeshConfig, apply_overrides
 from llama_jax.optim import make_optimizer
 from llama_jax.sharding import make_mesh
-from llama_jax.train import abstract_train_state, create_train_state, train
+from llama_jax.stages.pretrain import Pretrain
+from llama_jax.train import train
 
 STEPS = 12
 
@@ -164,7 +165,9 @@ def test_data_position_from_another_process_count(trained, tmp_path):
     for process in range(2):
         (data_dir / f"process_{process}-of-2.json").write_text(json.dumps(state))
     checkpoints = TrainCheckpointer(workdir, exp.checkpoint)
-    target = abstract_train_state(exp, make_optimizer(exp.optim, exp.train.steps)[0], make_mesh(exp.mesh))
+    target = Pretrain().abstract_state(
+        exp, make_optimizer(exp.optim, exp.train.steps)[0], make_mesh(exp.mesh)
+    )
     data = training_data(exp, quiet=True).train
     assert checkpoints.restore_latest(target, data, model=exp.model)[1] == 8
     assert data.get_state() == state
@@ -188,13 +191,13 @@ def test_restore_onto_another_mesh(tmp_path):
     exp = apply_overrides(Experiment(), ["model.n_layers=2"])
     optimizer, _ = make_optimizer(exp.optim, exp.train.steps)
     one = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    state, _ = create_train_state(exp, optimizer, one, jax.random.key(3))
+    state = Pretrain().create_state(exp, optimizer, one, jax.random.key(3))
     checkpoints = TrainCheckpointer(tmp_path, CheckpointConfig(async_save=False))
     checkpoints.save(5, state, None, {"model": {}})
     checkpoints.close()
 
     eight = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices())
-    target = abstract_train_state(exp.replace(mesh=MeshConfig(1, 4, 2)), optimizer, eight)
+    target = Pretrain().abstract_state(exp.replace(mesh=MeshConfig(1, 4, 2)), optimizer, eight)
     restored, step = TrainCheckpointer(tmp_path, CheckpointConfig()).restore_latest(target)
     assert step == 5
     wq = restored.params["layers"]["attention"]["wq"]

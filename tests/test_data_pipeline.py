@@ -7,6 +7,7 @@ import grain
 import numpy as np
 import pytest
 
+from llama_jax.chat_template import encode_chat
 from llama_jax.data import COUNTERS, DataConfig, SourceConfig, make_iterator, pipeline, synthetic
 from llama_jax.tokenizer import load_tokenizer
 
@@ -144,7 +145,7 @@ def test_chat_source_masks_all_but_replies(tmp_path, tiktoken_tokenizer):
     path.write_text("\n".join(json.dumps({"messages": dialog}) for _ in range(3)) + "\n")
     source = SourceConfig(str(path), field="messages", chat_template="llama3")
     batch = next(make_iterator(make_config(source, batch_size=1, seq_len=256), tiktoken_tokenizer, 0, 1))
-    expected = tiktoken_tokenizer.encode_chat(dialog)
+    expected = encode_chat(tiktoken_tokenizer, dialog)
     tokens, mask = batch["tokens"][0], batch["loss_mask"][0]
     n = len(expected.ids)
     np.testing.assert_array_equal(tokens[:n], expected.ids)

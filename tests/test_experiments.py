@@ -17,7 +17,7 @@ from llama_jax.config import (
 )
 from llama_jax.optim import learning_rate_schedule, make_optimizer
 from llama_jax.sharding import make_mesh
-from llama_jax.train import state_shardings
+from llama_jax.train import stage_of
 
 POSTTRAINING = [name for name in list_experiments() if load_experiment(name).posttrain is not None]
 RECIPES = [name for name in list_experiments() if name != "tiny" and name not in POSTTRAINING]
@@ -58,7 +58,7 @@ def test_recipe_builds_abstractly_on_a_mesh(name):
     # Its whole TrainState gets shardings from the logical rules, without allocating anything.
     mesh = make_mesh(exp.mesh, jax.devices())
     optimizer, _ = make_optimizer(exp.optim, exp.train.steps)
-    shardings = state_shardings(exp, optimizer, mesh)
+    shardings = stage_of(exp).state_shardings(exp, optimizer, mesh)
     wq = shardings.params["layers"]["attention"]["wq"]  # [layers, embed, heads, head_dim]
     assert wq.spec[1] == ("fsdp" if mesh.shape["fsdp"] > 1 else None)
     assert wq.spec[2] == ("tensor" if mesh.shape["tensor"] > 1 else None)
@@ -70,7 +70,7 @@ def test_posttraining_builds_abstractly_on_a_mesh(name):
     exp = load_experiment(name)
     mesh = make_mesh(exp.mesh, jax.devices())
     optimizer, _ = make_optimizer(exp.optim, exp.train.steps)
-    params = state_shardings(exp, optimizer, mesh).params
+    params = stage_of(exp).state_shardings(exp, optimizer, mesh).params
     if exp.posttrain.stage == "rm":  # the backbone plus a scalar head, no LM head
         assert set(params) == {"backbone", "score"} and "output" not in params["backbone"]
     else:

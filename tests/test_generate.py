@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_hf_parity import VARIANTS as PARITY_VARIANTS
 
-from llama_jax.config import ModelConfig
+from llama_jax.config import ModelConfig, SamplingConfig
 from llama_jax.convert import load_hf
 from llama_jax.generate import GenerationError, generate
 from llama_jax.model import init_params
@@ -39,7 +39,7 @@ def test_greedy_matches_transformers(hf_model_dir, variant):
     cfg, params = load_hf(path)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (5, 11, 8)]
-    ours = generate(params, cfg, prompts, 24)
+    ours = generate(params, cfg, prompts, SamplingConfig(24))
     theirs = _hf_greedy(model, prompts, 24)
     assert ours == theirs
 
@@ -59,14 +59,14 @@ SMALL = ModelConfig(
 
 def test_stop_tokens_and_streaming():
     params = init_params(SMALL, jax.random.key(0))
-    free = generate(params, SMALL, [[1, 2, 3], [4, 5]], 12)
+    free = generate(params, SMALL, [[1, 2, 3], [4, 5]], SamplingConfig(12))
     stop = free[0][4]  # a token the first row emits at step 4
     streamed = []
     stopped = generate(
         params,
         SMALL,
         [[1, 2, 3], [4, 5]],
-        12,
+        SamplingConfig(12),
         stop_tokens=[stop],
         on_token=lambda step, tokens: streamed.append((step, tokens.tolist())),
     )
@@ -79,21 +79,26 @@ def test_stop_tokens_and_streaming():
 def test_sampling_is_seeded_and_respects_top_k():
     params = init_params(SMALL, jax.random.key(0))
     prompts = [[1, 2, 3]] * 4
-    a = generate(params, SMALL, prompts, 16, temperature=1.0, top_k=5, seed=7)
-    b = generate(params, SMALL, prompts, 16, temperature=1.0, top_k=5, seed=7)
-    c = generate(params, SMALL, prompts, 16, temperature=1.0, top_k=5, seed=8)
+    a = generate(params, SMALL, prompts, SamplingConfig(16, temperature=1.0, top_k=5), seed=7)
+    b = generate(params, SMALL, prompts, SamplingConfig(16, temperature=1.0, top_k=5), seed=7)
+    c = generate(params, SMALL, prompts, SamplingConfig(16, temperature=1.0, top_k=5), seed=8)
     assert a == b and a != c
     assert len({tuple(row) for row in a}) > 1  # rows of the batch sample independently
     # top_k=1 is greedy whatever the temperature; top_p tiny keeps only the most likely token.
-    greedy = generate(params, SMALL, prompts[:1], 16)
-    assert generate(params, SMALL, prompts[:1], 16, temperature=2.0, top_k=1, seed=3) == greedy
-    assert generate(params, SMALL, prompts[:1], 16, temperature=2.0, top_p=1e-6, seed=3) == greedy
+    greedy = generate(params, SMALL, prompts[:1], SamplingConfig(16))
+    assert (
+        generate(params, SMALL, prompts[:1], SamplingConfig(16, temperature=2.0, top_k=1), seed=3) == greedy
+    )
+    assert (
+        generate(params, SMALL, prompts[:1], SamplingConfig(16, temperature=2.0, top_p=1e-6), seed=3)
+        == greedy
+    )
 
 
 def test_prompt_longer_than_context_is_refused():
     params = init_params(SMALL, jax.random.key(0))
     with pytest.raises(GenerationError, match="exceed the model's context of 64 tokens"):
-        generate(params, SMALL, [[1] * 60], 10)
+        generate(params, SMALL, [[1] * 60], SamplingConfig(10))
 
 
 def test_sharded_generation_matches_one_device():
@@ -103,7 +108,7 @@ def test_sharded_generation_matches_one_device():
 
     params = init_params(SMALL, jax.random.key(0))
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
-    single = generate(params, SMALL, prompts, 10)
+    single = generate(params, SMALL, prompts, SamplingConfig(10))
     with activation_sharding(make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices())):
-        sharded = generate(params, SMALL, prompts, 10)
+        sharded = generate(params, SMALL, prompts, SamplingConfig(10))
     assert sharded == single

@@ -7,7 +7,7 @@ import pytest
 
 from llama_jax import generate as generate_lib
 from llama_jax.checkpoint import save_params
-from llama_jax.config import ModelConfig
+from llama_jax.config import ModelConfig, SamplingConfig
 from llama_jax.data.synthetic import write_sentencepiece_model
 from llama_jax.model import init_params
 from llama_jax.tokenizer import load_tokenizer
@@ -53,7 +53,11 @@ def test_prompt_streams_the_generated_text(model_and_tokenizer, capsys):
     out = capsys.readouterr().out
     tokenizer = load_tokenizer(tokenizer_path)
     expected = generate_lib.generate(
-        params, CFG, [tokenizer.encode("the cat", bos=True)], 12, stop_tokens=tokenizer.stop_ids
+        params,
+        CFG,
+        [tokenizer.encode("the cat", bos=True)],
+        SamplingConfig(12),
+        stop_tokens=tokenizer.stop_ids,
     )[0]
     expected_text = tokenizer.decode([t for t in expected if t not in tokenizer.stop_ids])
     assert out == "the cat" + expected_text + "\n"

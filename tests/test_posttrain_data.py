@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 
+from llama_jax.chat_template import encode_chat
 from llama_jax.data import COUNTERS, DataConfig, make_iterator, synthetic
 from llama_jax.data.sources import SKIPPED
 from llama_jax.posttrain import data as pdata
@@ -68,7 +69,7 @@ def test_sft_rows_are_packed_with_assistant_only_loss(tmp_path, tokenizers, temp
     for segment, dialog in zip((1, 2), DIALOGS[:2]):
         where = row["segment_ids"] == segment
         tokens, mask = row["tokens"][where], row["loss_mask"][where]
-        np.testing.assert_array_equal(tokens, tok.encode_chat(dialog, template=template).ids)
+        np.testing.assert_array_equal(tokens, encode_chat(tok, dialog, template=template).ids)
         assert row["positions"][where][0] == 0
         # The loss covers exactly the replies, each with the token that ends it.
         replies = [m["content"] for m in dialog if m["role"] == "assistant"]
@@ -114,7 +115,7 @@ def test_pair_masks_and_special_tokens(tokenizers, template, mask_special):
     end = tok.eot_id if template == "llama3" else tok.eos_id
     for side, reply in (("chosen", "42"), ("rejected", "41 ok")):
         tokens = pair[f"{side}_tokens"]
-        full = tok.encode_chat(PAIR["prompt"] + [{"role": "assistant", "content": reply}], template=template)
+        full = encode_chat(tok, PAIR["prompt"] + [{"role": "assistant", "content": reply}], template=template)
         np.testing.assert_array_equal(tokens, full.ids)
         loss, response = pair[f"{side}_loss_mask"], pair[f"{side}_response_mask"]
         # The loss mask: the reply and the token that ends it, nothing of the prompt.

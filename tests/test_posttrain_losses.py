@@ -9,7 +9,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.loss import token_log_probs
 from llama_jax.model import Llama, init_params, lm_head
 from llama_jax.posttrain import losses
-from llama_jax.posttrain.heads import ScalarModel, last_token_values, with_backbone
+from llama_jax.scalar_model import ScalarModel, last_token_values, with_backbone
 
 CFG = ModelConfig(
     dim=64,
@@ -45,7 +45,7 @@ def test_token_log_probs_match_log_softmax():
 
     @jax.jit
     def run(params):
-        hidden = Llama(CFG).apply({"params": params}, tokens, return_hidden=True)
+        hidden = Llama(CFG).apply({"params": params}, tokens, method=Llama.hidden)
         return (
             token_log_probs(hidden, lm_head(params, CFG), jnp.asarray(targets), chunk=5),
             Llama(CFG).apply({"params": params}, tokens),
@@ -207,7 +207,7 @@ def test_scalar_model_is_a_linear_head_on_the_llama_backbone():
     positions = np.tile(np.arange(10, dtype=np.int32), (2, 1))
     values = np.asarray(jax.jit(model.apply)({"params": params}, tokens, positions, segments))
     hidden = np.asarray(
-        jax.jit(lambda p: Llama(CFG).apply({"params": p}, tokens, positions, segments, return_hidden=True))(
+        jax.jit(lambda p: Llama(CFG).apply({"params": p}, tokens, positions, segments, method=Llama.hidden))(
             llama_params
         )
     )

@@ -25,8 +25,8 @@ from llama_jax.data import synthetic
 from llama_jax.data.config import DataConfig, SourceConfig
 from llama_jax.model import Llama, init_params
 from llama_jax.optim import make_optimizer
-from llama_jax.posttrain.heads import ScalarModel
 from llama_jax.posttrain.ppo import make_ppo_functions, rollout_batch
+from llama_jax.scalar_model import ScalarModel
 
 CFG = ModelConfig(
     dim=64,
@@ -57,7 +57,7 @@ def test_advantages_match_a_direct_computation():
         train=TrainConfig(seq_len=8, loss_chunk=4),
     )
     optimizer, schedule = make_optimizer(OptimConfig(), 10)
-    _, advantages, _ = make_ppo_functions(exp, CFG, optimizer, optimizer, schedule)
+    advantages, _ = make_ppo_functions(exp, CFG, optimizer, optimizer, schedule)
     policy, reference = (jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(i)) for i in (0, 1))
     value = jax.jit(
         lambda rng: nn.meta.unbox(ScalarModel(CFG).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])

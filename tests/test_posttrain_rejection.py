@@ -11,11 +11,11 @@ import pytest
 
 from llama_jax import rejection_sample
 from llama_jax.checkpoint import save_params
-from llama_jax.config import ModelConfig
+from llama_jax.config import ModelConfig, SamplingConfig
 from llama_jax.data import synthetic
 from llama_jax.model import init_params
-from llama_jax.posttrain.heads import ScalarModel, last_token_values
 from llama_jax.posttrain.reward import RewardModelScorer
+from llama_jax.scalar_model import ScalarModel, last_token_values
 
 CFG = ModelConfig(
     dim=64,
@@ -165,8 +165,8 @@ def test_bucketed_prompt_padding_does_not_change_generation():
 
     params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
-    plain = generate(params, CFG, prompts, 6)
-    assert generate(params, CFG, prompts, 6, prompt_bucket=32) == plain
+    plain = generate(params, CFG, prompts, SamplingConfig(6))
+    assert generate(params, CFG, prompts, SamplingConfig(6), prompt_bucket=32) == plain
 
 
 def test_a_scoring_file_may_define_dataclasses(tmp_path):

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from llama_jax import tokenizer as tokenizer_lib
+from llama_jax.chat_template import encode_chat
 from llama_jax.data import synthetic
 from llama_jax.tokenizer import (
     SentencePieceTokenizer,
@@ -156,7 +157,7 @@ def test_llama3_chat(tt_tokenizer):
         {"role": "assistant", "content": " hello there \n"},
         {"role": "user", "content": "bye"},
     ]
-    chat = tok.encode_chat(dialog, add_generation_prompt=True)
+    chat = encode_chat(tok, dialog, add_generation_prompt=True)
     sh, eh, eot = (tok.token_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
 
     def header(role):
@@ -185,7 +186,7 @@ def test_llama2_chat(sp_tokenizer):
         {"role": "assistant", "content": " hello there "},
         {"role": "user", "content": "bye"},
     ]
-    chat = tok.encode_chat(dialog)
+    chat = encode_chat(tok, dialog)
     # Meta strips the merged system + user text, so the space before "hi" stays.
     first = "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n hi [/INST] hello there "
     expected = [1] + tok.encode(first) + [2] + [1] + tok.encode("[INST] bye [/INST]")
@@ -201,13 +202,13 @@ def test_llama2_chat(sp_tokenizer):
 
 def test_chat_bad_dialogs(sp_tokenizer, tt_tokenizer):
     with pytest.raises(ValueError, match="alternate"):
-        sp_tokenizer.encode_chat([{"role": "assistant", "content": "x"}])
+        encode_chat(sp_tokenizer, [{"role": "assistant", "content": "x"}])
     with pytest.raises(ValueError, match="content"):
-        tt_tokenizer.encode_chat([{"role": "user"}])
+        encode_chat(tt_tokenizer, [{"role": "user"}])
     with pytest.raises(ValueError, match="at least one"):
-        tt_tokenizer.encode_chat([])
+        encode_chat(tt_tokenizer, [])
     with pytest.raises(ValueError, match="Unknown chat template"):
-        tt_tokenizer.encode_chat([{"role": "user", "content": "x"}], template="chatml")
+        encode_chat(tt_tokenizer, [{"role": "user", "content": "x"}], template="chatml")
 
 
 # --- training CLI -----------------------------------------------------------

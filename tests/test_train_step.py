@@ -11,7 +11,8 @@ from llama_jax.loss import cross_entropy_sum, next_token_targets
 from llama_jax.model import Llama, init_params, lm_head
 from llama_jax.optim import make_optimizer
 from llama_jax.sharding import activation_sharding, make_mesh
-from llama_jax.train import compile_steps, create_train_state, global_batch
+from llama_jax.stages.pretrain import Pretrain
+from llama_jax.steps import global_batch
 
 MODEL = ModelConfig(
     dim=64,
@@ -46,7 +47,7 @@ def test_loss_matches_direct_formula():
     params = init_params(MODEL, jax.random.key(1))
     batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(0), batch=3).items()}
     hidden = Llama(MODEL).apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], method=Llama.hidden
     )
     targets, weights = next_token_targets(batch)
     total, count = cross_entropy_sum(hidden, lm_head(params, MODEL), targets, weights, chunk=5)
@@ -77,8 +78,8 @@ def _losses(mesh_cfg, devices, microbatches=1, steps=5):
     )
     mesh = make_mesh(exp.mesh, devices)
     optimizer, schedule = make_optimizer(exp.optim, steps)
-    compiled = compile_steps(exp, optimizer, schedule, mesh)
-    state, _ = create_train_state(exp, optimizer, mesh, jax.random.key(0))
+    compiled = Pretrain().compile(exp, optimizer, schedule, mesh)
+    state = Pretrain().create_state(exp, optimizer, mesh, jax.random.key(0))
     losses = []
     with activation_sharding(mesh):
         for _ in range(steps):  # one batch, over and over: the loss must fall

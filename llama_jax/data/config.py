@@ -172,3 +172,14 @@ STDLIB_EVAL = DataConfig(
     sources=(SourceConfig(os.path.join(_STDLIB, "[t-z]*.py"), kind="text", name="python-stdlib[t-z]"),),
     shuffle=False,
 )
+
+
+def sft_source(path: str | Sequence[str], chat_template: str | None = None, name: str = "") -> SourceConfig:
+    """The data source of an SFT run: JSONL conversations under `messages`."""
+    return SourceConfig(
+        path if isinstance(path, str) else tuple(path),
+        kind="jsonl",
+        field="messages",
+        chat_template=chat_template,
+        name=name,
+    )

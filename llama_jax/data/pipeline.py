@@ -32,6 +32,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from llama_jax.chat_template import encode_chat
 from llama_jax.data import sources as sources_lib
 from llama_jax.data.config import DataConfig, SourceConfig
 from llama_jax.tokenizer import Tokenizer, load_tokenizer
@@ -59,7 +60,7 @@ class DocumentEncoder:
             return None
         if self.source.chat_template is not None:
             try:
-                chat = self.tokenizer.encode_chat(document, template=self.source.chat_template)
+                chat = encode_chat(self.tokenizer, document, template=self.source.chat_template)
             except ValueError as e:
                 sources_lib.COUNTERS.add(self.source.display_name, sources_lib.SKIPPED, f": {e}")
                 return None

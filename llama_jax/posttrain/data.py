@@ -32,7 +32,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from llama_jax.data.config import SourceConfig
+from llama_jax.chat_template import encode_chat
+from llama_jax.data.config import SourceConfig, sft_source  # noqa: F401 - part of this module's API
 from llama_jax.data.pipeline import _shuffle
 from llama_jax.data.sources import COUNTERS, SKIPPED, expand_paths
 from llama_jax.tokenizer import Tokenizer
@@ -42,17 +43,6 @@ PAIR_SIDES = ("chosen", "rejected")
 
 class BadRecord(ValueError):
     """A record that cannot be used; the message says why (it is counted, not raised to the user)."""
-
-
-def sft_source(path: str | Sequence[str], chat_template: str | None = None, name: str = "") -> SourceConfig:
-    """The data source of an SFT run: JSONL conversations under `messages`."""
-    return SourceConfig(
-        path if isinstance(path, str) else tuple(path),
-        kind="jsonl",
-        field="messages",
-        chat_template=chat_template,
-        name=name,
-    )
 
 
 def special_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
@@ -132,7 +122,7 @@ def encode_reply(
 ) -> dict[str, np.ndarray]:
     """tokens, loss_mask and response_mask (see the module docstring) of prompt + reply."""
     try:
-        chat = tokenizer.encode_chat(prompt + [reply], template=template)
+        chat = encode_chat(tokenizer, prompt + [reply], template=template)
     except ValueError as err:
         raise BadRecord(str(err).rstrip(".")) from None
     tokens = np.asarray(chat.ids, np.int32)

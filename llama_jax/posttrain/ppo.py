@@ -18,28 +18,32 @@ with held-out prompts, `eval_score` of greedy responses); checkpoints hold a `PP
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
-from llama_jax.checkpoint import TrainCheckpointer
+from llama_jax.chat_template import encode_chat
 from llama_jax.config import ConfigError, Experiment, ModelConfig
-from llama_jax.data.training import DataError
-from llama_jax.metrics import MetricsWriter
-from llama_jax.model import Llama
+from llama_jax.data.sources import COUNTERS, SKIPPED
+from llama_jax.data.training import DataError, TrainingData
+from llama_jax.generate import generate
+from llama_jax.loss import next_token
+from llama_jax.model import Llama, init_params
 from llama_jax.optim import make_optimizer
+from llama_jax.posttrain import inputs as inputs_lib
 from llama_jax.posttrain import losses
-from llama_jax.posttrain.heads import ScalarModel, last_token_values
-from llama_jax.posttrain.steps import _next, next_token_log_probs
-from llama_jax.sharding import MeshError, activation_sharding, data_parallel_size, make_mesh, tree_shardings
+from llama_jax.posttrain.data import load_prompts
+from llama_jax.posttrain.reward import RewardModelScorer, ScoringError, load_scorer
+from llama_jax.posttrain.stages import ChatStage
+from llama_jax.posttrain.steps import next_token_log_probs
+from llama_jax.scalar_model import ScalarModel, from_llama
+from llama_jax.sharding import MeshError, activation_sharding, data_parallel_size
+from llama_jax.steps import abstract_state, state_shardings
+from llama_jax.trainer import Run, register_stage
 
 
 @flax.struct.dataclass
@@ -72,19 +76,15 @@ def _values(params, cfg, batch):
 
 
 def make_ppo_functions(exp: Experiment, value_cfg: ModelConfig, policy_opt, value_opt, schedule):
-    """(score_rollouts, advantages, update): the jitted pieces of an iteration.
+    """(advantages, update): the jitted pieces of an iteration.
 
     Per-token arrays are indexed by the position that predicts the token (t predicts t + 1), so
-    the mask of the actions is `_next(response_mask)` and V_t is the value model at position t."""
+    the mask of the actions is `next_token(response_mask)` and V_t is the value model at position t."""
     cfg, settings, chunk = exp.model, exp.posttrain.ppo, exp.train.loss_chunk
 
     @jax.jit
-    def reward_model_scores(rm_params, batch):
-        return last_token_values(_values(rm_params, value_cfg, batch), batch["segment_ids"])
-
-    @jax.jit
     def advantages(params, reference, value_params, batch, scores):
-        mask = _next(batch["response_mask"])
+        mask = next_token(batch["response_mask"])
         log_probs = next_token_log_probs(params, cfg, batch["tokens"], batch["segment_ids"], chunk)
         ref_log_probs = next_token_log_probs(reference, cfg, batch["tokens"], batch["segment_ids"], chunk)
         values = _values(value_params, value_cfg, batch)
@@ -143,27 +143,16 @@ def make_ppo_functions(exp: Experiment, value_cfg: ModelConfig, policy_opt, valu
             "value_grad_norm": optax.tree.norm(v_grads),
         }
 
-    return reward_model_scores, advantages, update
-
-
-def _shardings(module: nn.Module, optimizer, mesh):
-    """(params, opt_state) shardings of `module` from its parameters' logical axes."""
-
-    def init_boxed(rng):
-        params = module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-        return params, optimizer.init(params)
-
-    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    return tree_shardings(nn.meta.unbox(boxed), nn.get_partition_spec(boxed), mesh)
+    return advantages, update
 
 
 def _prompt_ids(prompts, tokenizer, template, max_prompt_len, name):
-    from llama_jax.data.sources import COUNTERS, SKIPPED
-
     kept = []
     for prompt in prompts:
         try:
-            ids = tokenizer.encode_chat(prompt["messages"], template=template, add_generation_prompt=True).ids
+            ids = encode_chat(
+                tokenizer, prompt["messages"], template=template, add_generation_prompt=True
+            ).ids
         except ValueError as err:
             COUNTERS.add(name, SKIPPED, f": prompt {prompt['id']}: {err}")
             continue
@@ -179,7 +168,7 @@ def _prompt_ids(prompts, tokenizer, template, max_prompt_len, name):
     return kept
 
 
-def _check(exp: Experiment, mesh) -> None:
+def check_ppo(exp: Experiment, mesh) -> None:
     settings = exp.posttrain.ppo
     if jax.process_count() > 1:
         raise ConfigError("PPO runs on one host for now (its rollouts are generated on one process).")
@@ -204,31 +193,10 @@ def _check(exp: Experiment, mesh) -> None:
         raise ConfigError("PPO needs exactly one of posttrain.reward_model and posttrain.score_fn.")
 
 
-def train_ppo(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> dict:
-    """Runs PPO, resuming from WORKDIR/checkpoints if it can; returns the last logged metrics and
-    the final `state` (a PPOState)."""
-    from llama_jax.generate import generate
-    from llama_jax.posttrain.data import load_prompts
-    from llama_jax.posttrain.reward import FunctionScorer, ScoringError, load_function, load_reward_model
-    from llama_jax.posttrain.stages import load_checkpoint_params, resolve_tokenizer
-    from llama_jax.tokenizer import load_tokenizer
-
-    workdir = Path(workdir)
-    mesh = make_mesh(exp.mesh)
-    _check(exp, mesh)
-    settings, ppo = exp.posttrain, exp.posttrain.ppo
-    exp = resolve_tokenizer(exp, quiet)
-    tokenizer = load_tokenizer(exp.data.tokenizer_path)
-    if tokenizer.vocab_size > exp.model.vocab_size:
-        raise DataError(
-            f"The tokenizer {exp.data.tokenizer_path} has {tokenizer.vocab_size} tokens but "
-            f"model.vocab_size is {exp.model.vocab_size}."
-        )
-    template = settings.chat_template or tokenizer.default_chat_template
-    say = (lambda *a: None) if quiet else tqdm.write
-
-    # Prompts: the training file, and held-out ones (eval_data, or the first ppo.eval_prompts).
-    name = exp.data.sources[0].display_name
+def _load_prompts(exp: Experiment, tokenizer, template) -> tuple[list[dict], list[dict]]:
+    """(training prompts, held-out prompts), tokenized: the training file, and eval_data's or
+    the first ppo.eval_prompts of a seeded order of the training file."""
+    ppo, name = exp.posttrain.ppo, exp.data.sources[0].display_name
     max_prompt_len = exp.train.seq_len - ppo.max_new_tokens
     try:
         prompts = load_prompts([p for s in exp.data.sources for p in s.paths], name)
@@ -250,210 +218,186 @@ def train_ppo(exp: Experiment, workdir: str | Path, *, quiet: bool = False) -> d
         raise DataError(
             f"{name} has no prompt that fits in train.seq_len - ppo.max_new_tokens = {max_prompt_len} tokens."
         )
+    return prompts, eval_prompts
 
-    # Models: policy, frozen reference, value model, and the reward (a model or a function).
-    policy_module = Llama(exp.model)
-    if settings.init_from:
-        host_policy = load_checkpoint_params(settings.init_from, exp.model, "init_from checkpoint")
-    else:  # tests: a random start
-        host_policy = jax.device_get(
-            nn.meta.unbox(
-                policy_module.init(jax.random.key(exp.train.seed), jnp.zeros((1, 1), jnp.int32))["params"]
-            )
-        )
+
+def _models(exp: Experiment):
+    """(host policy, host reference, value model config, host value model, scorer). The value
+    model starts from the reward model (Llama 2), or from the policy with a zero head."""
+    settings = exp.posttrain
+    host_policy = inputs_lib.initial_params(exp)
+    if host_policy is None:  # tests: a random start
+        host_policy = jax.device_get(init_params(exp.model, jax.random.key(exp.train.seed)))
     host_reference = (
-        load_checkpoint_params(settings.reference, exp.model, "reference checkpoint")
+        inputs_lib.load_checkpoint_params(settings.reference, exp.model, "reference checkpoint")
         if settings.reference
         else host_policy
     )
     try:
-        if settings.reward_model:
-            value_cfg, rm_params = load_reward_model(settings.reward_model, exp.model.vocab_size)
-            if value_cfg.max_seq_len < exp.train.seq_len:
+        scorer = load_scorer(
+            reward_model=settings.reward_model, score_fn=settings.score_fn, vocab_size=exp.model.vocab_size
+        )
+        if isinstance(scorer, RewardModelScorer):
+            if scorer.cfg.max_seq_len < exp.train.seq_len:
                 raise ScoringError(
-                    f"The reward model's context ({value_cfg.max_seq_len}) is shorter "
+                    f"The reward model's context ({scorer.cfg.max_seq_len}) is shorter "
                     f"than train.seq_len={exp.train.seq_len}."
                 )
-            host_value = jax.tree.map(lambda x: np.asarray(x, np.dtype(value_cfg.param_dtype)), rm_params)
-            scorer = None
+            value_cfg = scorer.cfg
+            host_value = jax.tree.map(lambda x: np.asarray(x, np.dtype(value_cfg.param_dtype)), scorer.params)
         else:
-            value_cfg, rm_params = exp.model, None
-            host_value = {
-                "backbone": {k: v for k, v in host_policy.items() if k != "output"},
-                "score": {
-                    "kernel": np.zeros((exp.model.dim, 1), np.float32),
-                    "bias": np.zeros((1,), np.float32),
-                },
-            }
-            scorer = FunctionScorer(load_function(settings.score_fn), settings.score_fn)
+            value_cfg, host_value = exp.model, from_llama(host_policy, exp.model)
     except ScoringError as err:
         raise ConfigError(str(err)) from None
+    return host_policy, host_reference, value_cfg, host_value, scorer
 
-    updates_per_iteration = ppo.epochs * exp.train.batch_size // ppo.minibatch_size
-    policy_opt, schedule = make_optimizer(exp.optim, exp.train.steps * updates_per_iteration)
-    value_optim = dataclasses.replace(exp.optim, peak_lr=ppo.value_lr or exp.optim.peak_lr)
-    value_opt, _ = make_optimizer(value_optim, exp.train.steps * updates_per_iteration)
-    policy_sh, policy_opt_sh = _shardings(policy_module, policy_opt, mesh)
-    value_sh, value_opt_sh = _shardings(ScalarModel(value_cfg), value_opt, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = PPOState(
-        step=replicated,
-        params=policy_sh,
-        opt_state=policy_opt_sh,
-        value_params=value_sh,
-        value_opt_state=value_opt_sh,
-    )
-    reference = jax.device_put(host_reference, policy_sh)
-    rm_params = (
-        None
-        if rm_params is None
-        else jax.device_put(
-            jax.tree.map(lambda x: np.asarray(x, np.dtype(value_cfg.param_dtype)), rm_params), value_sh
+
+@register_stage("ppo")
+class PPO(ChatStage):
+    """Each step of the loop is one PPO iteration: rollouts, scores, advantages, updates."""
+
+    unit = "iteration"
+    latest_metrics = ()  # every metric is averaged over the iterations logged
+
+    def check(self, exp: Experiment, mesh) -> None:
+        check_ppo(exp, mesh)
+
+    def start(self, exp: Experiment, mesh, quiet: bool = False) -> Run:
+        exp, tokenizer, template = inputs_lib.tokenizer_and_template(exp, quiet)
+        prompts, eval_prompts = _load_prompts(exp, tokenizer, template)
+        host_policy, host_reference, value_cfg, host_value, scorer = _models(exp)
+        ppo = exp.posttrain.ppo
+        updates_per_iteration = ppo.epochs * exp.train.batch_size // ppo.minibatch_size
+        total_updates = exp.train.steps * updates_per_iteration
+        policy_opt, schedule = make_optimizer(exp.optim, total_updates)
+        value_optim = dataclasses.replace(exp.optim, peak_lr=ppo.value_lr or exp.optim.peak_lr)
+        value_opt, _ = make_optimizer(value_optim, total_updates)
+        rules = exp.mesh.rules
+        policy = state_shardings(Llama(exp.model), policy_opt, mesh, rules)
+        value = state_shardings(ScalarModel(value_cfg), value_opt, mesh, rules)
+        shardings = PPOState(
+            step=policy.step,
+            params=policy.params,
+            opt_state=policy.opt_state,
+            value_params=value.params,
+            value_opt_state=value.opt_state,
         )
-    )
-    reward_model_scores, advantages_fn, update = make_ppo_functions(
-        exp, value_cfg, policy_opt, value_opt, schedule
-    )
+        if isinstance(scorer, RewardModelScorer):  # scored on the mesh, sharded as the value model
+            scorer.params = jax.device_put(host_value, value.params)
+        functions = make_ppo_functions(exp, value_cfg, policy_opt, value_opt, schedule)
 
-    def fresh_state(policy, value):
-        return PPOState(
-            step=jnp.zeros((), jnp.int32),
-            params=policy,
-            opt_state=policy_opt.init(policy),
-            value_params=value,
-            value_opt_state=value_opt.init(value),
+        def fresh_state(policy_params, value_params):
+            return PPOState(
+                step=jnp.zeros((), jnp.int32),
+                params=policy_params,
+                opt_state=policy_opt.init(policy_params),
+                value_params=value_params,
+                value_opt_state=value_opt.init(value_params),
+            )
+
+        def init_state():
+            with activation_sharding(mesh, rules):
+                init = jax.jit(
+                    fresh_state, in_shardings=(policy.params, value.params), out_shardings=shardings
+                )
+                return init(host_policy, host_value)
+
+        iterations = PPOIterations(
+            exp, tokenizer, prompts, eval_prompts, scorer, functions, schedule, updates_per_iteration
+        )
+        iterations.reference = jax.device_put(host_reference, policy.params)
+        data = TrainingData(None, None, tokenizer, exp.train.sample_prompt, chat_template=template)
+        settings = exp.posttrain
+        return Run(
+            exp=exp,
+            abstract_state=abstract_state(lambda: fresh_state(host_policy, host_value), shardings),
+            init_state=init_state,
+            step=iterations.step,
+            evaluate=iterations.evaluate if eval_prompts else None,
+            sample=self._sampler(exp, data),
+            tokenizer_path=exp.data.tokenizer_path,
+            summary=(
+                f"PPO, {exp.train.steps} iterations of {exp.train.batch_size} prompts, "
+                f"{updates_per_iteration} updates each; {len(prompts)} prompts, {len(eval_prompts)} held out; "
+                f"reward from {settings.reward_model or settings.score_fn}"
+            ),
+            progress=lambda last: {"score": f"{last['score']:.3f}", "kl": f"{last['kl']:.3f}"},
         )
 
-    checkpoints = TrainCheckpointer(workdir, exp.checkpoint)
-    experiment_json = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
-    restored = None
-    with activation_sharding(mesh):
-        if exp.checkpoint.resume:
-            shapes = jax.eval_shape(fresh_state, host_policy, host_value)
-            target = jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh
-            )
-            restored = checkpoints.restore_latest(target, None, model=exp.model)
-        if restored is None:
-            state = jax.jit(fresh_state, in_shardings=(policy_sh, value_sh), out_shardings=state_sh)(
-                host_policy, host_value
-            )
-        else:
-            state, restored_step = restored
-            say(f"resumed from {checkpoints.directory / str(restored_step)}")
-    del host_policy, host_value, host_reference
-    start = int(state.step)
-    if start >= exp.train.steps:
-        say(f"{exp.name}: already trained to iteration {start}; nothing to do.")
-        checkpoints.close()
-        return {"state": state}
 
-    def score(batch_prompts, responses, batch):
-        if rm_params is not None:
-            return np.asarray(reward_model_scores(rm_params, batch))
-        stops = set(tokenizer.stop_ids)
-        texts = [tokenizer.decode([t for t in r if t not in stops]).strip() for r in responses]
-        records = [{**p["record"], "messages": p["messages"]} for p in batch_prompts]
-        return scorer(records, [p["ids"] for p in batch_prompts], responses, texts)
+class PPOIterations:
+    """One PPO iteration on the host: rollouts with the shared sampler, scores, then the jitted
+    advantages and minibatch updates."""
 
-    def rollouts(params, batch_prompts, seed, temperature):
+    def __init__(self, exp, tokenizer, prompts, eval_prompts, scorer, functions, schedule, updates):
+        self.exp, self.tokenizer, self.scorer = exp, tokenizer, scorer
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.advantages, self.update = functions
+        self.schedule, self.updates_per_iteration = schedule, updates
+        self.reference = None  # the frozen reference's parameters, on the mesh
+
+    def prompts_for(self, iteration: int) -> list[dict]:
+        """The iteration's prompts: positions iteration*B .. of the seeded passes over the prompts."""
+        exp, chosen = self.exp, []
+        for position in range(iteration * exp.train.batch_size, (iteration + 1) * exp.train.batch_size):
+            epoch, index = divmod(position, len(self.prompts))
+            order = np.random.default_rng([exp.train.seed, epoch]).permutation(len(self.prompts))
+            chosen.append(self.prompts[order[index]])
+        return chosen
+
+    def rollouts(self, params, batch_prompts, seed: int, sampling):
+        exp, tokenizer = self.exp, self.tokenizer
+        prompt_ids = [p["ids"] for p in batch_prompts]
         responses = generate(
             params,
             exp.model,
-            [p["ids"] for p in batch_prompts],
-            ppo.max_new_tokens,
-            temperature=temperature,
-            top_k=ppo.top_k,
-            top_p=ppo.top_p,
+            prompt_ids,
+            sampling,
             stop_tokens=tokenizer.stop_ids,
             seed=seed,
-            prompt_bucket=max_prompt_len,
+            prompt_bucket=exp.train.seq_len - sampling.max_new_tokens,
         )
-        batch = rollout_batch([p["ids"] for p in batch_prompts], responses, exp.train.seq_len)
+        batch = rollout_batch(prompt_ids, responses, exp.train.seq_len)
+        stops = set(tokenizer.stop_ids)
+        texts = [tokenizer.decode([t for t in r if t not in stops]).strip() for r in responses]
+        records = [{**p["record"], "messages": p["messages"]} for p in batch_prompts]
         try:
-            scores = score(batch_prompts, responses, batch)
+            scores = self.scorer(records, prompt_ids, responses, texts)
         except ScoringError as err:
             raise ConfigError(str(err)) from None
         return batch, responses, np.asarray(scores, np.float32)
 
-    def evaluate(params) -> float:
-        total = 0.0
-        for i in range(0, len(eval_prompts), exp.train.batch_size):
-            chunk = eval_prompts[i : i + exp.train.batch_size]
-            _, _, scores = rollouts(params, chunk, 0, 0.0)
+    def step(self, state: PPOState, iteration: int):
+        exp, ppo = self.exp, self.exp.posttrain.ppo
+        batch, responses, scores = self.rollouts(
+            state.params, self.prompts_for(iteration), exp.train.seed * 1_000_003 + iteration, ppo.sampling
+        )
+        data, stats = self.advantages(
+            state.params, self.reference, state.value_params, batch, jnp.asarray(scores)
+        )
+        rng = np.random.default_rng([exp.train.seed, iteration, 1])
+        update_metrics = []
+        for _ in range(ppo.epochs):
+            order = rng.permutation(exp.train.batch_size)
+            for i in range(0, exp.train.batch_size, ppo.minibatch_size):
+                rows = order[i : i + ppo.minibatch_size]
+                state, metrics = self.update(state, {k: v[rows] for k, v in data.items()})
+                update_metrics.append(metrics)
+        state = state.replace(step=state.step + 1)
+        fetched = jax.device_get(update_metrics)
+        return state, {
+            "score": float(np.mean(scores)),
+            "response_length": float(np.mean([len(r) for r in responses])),
+            **{k: float(v) for k, v in jax.device_get(stats).items()},
+            **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]},
+            "lr": float(self.schedule((iteration + 1) * self.updates_per_iteration - 1)),
+        }
+
+    def evaluate(self, state: PPOState) -> dict[str, float]:
+        """The mean score of greedy responses to the held-out prompts."""
+        greedy = dataclasses.replace(self.exp.posttrain.ppo.sampling, temperature=0.0)
+        total, size = 0.0, self.exp.train.batch_size
+        for i in range(0, len(self.eval_prompts), size):
+            _, _, scores = self.rollouts(state.params, self.eval_prompts[i : i + size], 0, greedy)
             total += float(np.sum(scores))
-        return total / len(eval_prompts)
-
-    def prompts_for(iteration: int) -> list[dict]:
-        """The iteration's prompts: positions iteration*B .. of the seeded passes over the prompts."""
-        chosen = []
-        for position in range(iteration * exp.train.batch_size, (iteration + 1) * exp.train.batch_size):
-            epoch, index = divmod(position, len(prompts))
-            order = np.random.default_rng([exp.train.seed, epoch]).permutation(len(prompts))
-            chosen.append(prompts[order[index]])
-        return chosen
-
-    say(
-        f"{exp.name}: PPO, {exp.train.steps} iterations of {exp.train.batch_size} prompts, "
-        f"{updates_per_iteration} updates each; {len(prompts)} prompts, {len(eval_prompts)} held out; "
-        f"reward from {settings.reward_model or settings.score_fn}; workdir {workdir}"
-    )
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    writer.drop_after(start)
-    (workdir / "experiment.json").write_text(json.dumps(experiment_json, indent=1))
-    bar = tqdm(
-        total=exp.train.steps,
-        initial=start,
-        desc=exp.name,
-        unit="it",
-        disable=quiet or None,
-        dynamic_ncols=True,
-    )
-    last: dict = {}
-    window: list[dict] = []
-    every = exp.checkpoint.every_steps
-    with activation_sharding(mesh):
-        for iteration in range(start, exp.train.steps):
-            batch_prompts = prompts_for(iteration)
-            batch, responses, scores = rollouts(
-                state.params, batch_prompts, exp.train.seed * 1_000_003 + iteration, ppo.temperature
-            )
-            data, stats = advantages_fn(
-                state.params, reference, state.value_params, batch, jnp.asarray(scores)
-            )
-            rng = np.random.default_rng([exp.train.seed, iteration, 1])
-            update_metrics = []
-            for _ in range(ppo.epochs):
-                order = rng.permutation(exp.train.batch_size)
-                for i in range(0, exp.train.batch_size, ppo.minibatch_size):
-                    rows = order[i : i + ppo.minibatch_size]
-                    state, metrics = update(state, {k: v[rows] for k, v in data.items()})
-                    update_metrics.append(metrics)
-            state = state.replace(step=state.step + 1)
-            fetched = jax.device_get(update_metrics)
-            row = {
-                "score": float(np.mean(scores)),
-                "response_length": float(np.mean([len(r) for r in responses])),
-                **{k: float(v) for k, v in jax.device_get(stats).items()},
-                **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]},
-                "lr": float(schedule((iteration + 1) * updates_per_iteration - 1)),
-            }
-            window.append(row)
-            done = iteration + 1
-            if done % exp.train.log_every == 0 or done == exp.train.steps:
-                last = {k: float(np.mean([w[k] for w in window])) for k in window[-1]}
-                writer.write(done, last)
-                bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
-                window = []
-            if eval_prompts and (done % exp.train.eval_every == 0 or done == exp.train.steps):
-                last["eval_score"] = evaluate(state.params)
-                writer.write(done, {"eval_score": last["eval_score"]})
-                say(f"iteration {done}: eval score {last['eval_score']:.4f}")
-            bar.update()
-            if (every and done % every == 0) or done == exp.train.steps:
-                checkpoints.save(done, state, None, experiment_json)
-    bar.close()
-    checkpoints.close()
-    writer.close()
-    last["state"] = state
-    return last
+        return {"eval_score": total / len(self.eval_prompts)}

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.posttrain.heads import ScalarModel, last_token_values
+from llama_jax.scalar_model import ScalarModel, last_token_values
 
 
 class ScoringError(ValueError):

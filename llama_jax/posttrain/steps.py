@@ -1,4 +1,4 @@
-"""The loss of one batch for the reward-model and DPO stages, in the form `train.py`'s step wants:
+"""The loss of one batch for the reward-model and DPO stages, in the form `steps.py`'s step wants:
 `loss(params, batch, frozen) -> (loss_sum, count, metric_sums)`; the step sums them over
 microbatches and divides by `count` (the number of pairs) once.
 
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from llama_jax.loss import token_log_probs
+from llama_jax.loss import next_token, token_log_probs
 from llama_jax.model import Llama, lm_head
-from llama_jax.posttrain.heads import ScalarModel, last_token_values
 from llama_jax.posttrain.losses import bradley_terry_loss, dpo_loss, masked_sum, mean_nll
+from llama_jax.scalar_model import ScalarModel, last_token_values
+from llama_jax.sharding import batch_sharding
 
 SIDE_KEYS = ("tokens", "segment_ids", "loss_mask", "response_mask")
 REFERENCE_KEYS = ("reference_chosen", "reference_rejected")
@@ -40,9 +41,9 @@ def pair_batch_shapes(exp, batch_size: int) -> dict[str, tuple[tuple[int, ...], 
 
 
 def pair_batch_shardings(exp, mesh) -> dict[str, NamedSharding]:
-    """Every array of a pair batch split over the data-parallel axes along its first axis."""
+    """Every array of a pair batch split along its rows as the rules shard `batch`."""
     return {
-        key: NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *[None] * (len(shape) - 1)))
+        key: batch_sharding(mesh, exp.mesh.rules, len(shape))
         for key, (shape, _) in pair_batch_shapes(exp, 1).items()
     }
 
@@ -51,22 +52,17 @@ def _both(batch, key):
     return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
 
 
-def _next(x):
-    """x[:, t + 1] at position t (the target of the prediction made there), 0 at the end."""
-    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
-
-
 def next_token_log_probs(params, cfg, tokens, segment_ids, chunk: int):
     """log p(tokens[:, t + 1]) at every position t, [B, T] (garbage where the target is padding:
-    weigh with `_next(mask)`)."""
-    hidden = Llama(cfg).apply({"params": params}, tokens, None, segment_ids, return_hidden=True)
-    return token_log_probs(hidden, lm_head(params, cfg), _next(tokens), chunk)
+    weigh with `next_token(mask)`)."""
+    hidden = Llama(cfg).apply({"params": params}, tokens, None, segment_ids, method=Llama.hidden)
+    return token_log_probs(hidden, lm_head(params, cfg), next_token(tokens), chunk)
 
 
 def response_log_probs(params, cfg, batch, chunk: int):
     """(chosen, rejected) sums of log p over each response's DPO mask, [B] each."""
     log_probs = next_token_log_probs(params, cfg, _both(batch, "tokens"), _both(batch, "segment_ids"), chunk)
-    sums = masked_sum(log_probs, _next(_both(batch, "response_mask")))
+    sums = masked_sum(log_probs, next_token(_both(batch, "response_mask")))
     n = batch["margin"].shape[0]
     return sums[:n], sums[n:]
 
@@ -100,14 +96,14 @@ def dpo_batch_loss(params, batch, frozen, exp):
     cfg, settings, chunk = exp.model, exp.posttrain, exp.train.loss_chunk
     n = batch["margin"].shape[0]
     log_probs = next_token_log_probs(params, cfg, _both(batch, "tokens"), _both(batch, "segment_ids"), chunk)
-    sums = masked_sum(log_probs, _next(_both(batch, "response_mask")))
+    sums = masked_sum(log_probs, next_token(_both(batch, "response_mask")))
     if frozen is None:
         reference_chosen, reference_rejected = batch["reference_chosen"], batch["reference_rejected"]
     else:
         reference_chosen, reference_rejected = jax.lax.stop_gradient(
             response_log_probs(frozen, cfg, batch, chunk)
         )
-    chosen_nll = mean_nll(log_probs[:n], _next(batch["chosen_loss_mask"]))
+    chosen_nll = mean_nll(log_probs[:n], next_token(batch["chosen_loss_mask"]))
     out = dpo_loss(
         sums[:n],
         sums[n:],
@@ -123,7 +119,3 @@ def dpo_batch_loss(params, batch, frozen, exp):
     }
     metrics["chosen_nll"] = jnp.sum(chosen_nll * weight)
     return jnp.sum(out["loss"] * weight), jnp.sum(weight), metrics
-
-
-def pair_loss_fn(exp):
-    return reward_model_loss if exp.posttrain.stage == "rm" else dpo_batch_loss

@@ -3,7 +3,7 @@ token) or a value model (one value per token).
 
 Parameters: {"backbone": <the Llama tree without `output`>, "score": {"kernel": [dim, 1], "bias": [1]}},
 so a converted or trained Llama checkpoint's parameters load into the backbone as they are
-(`with_backbone`). The head starts at zero: a fresh reward model scores every sequence 0.
+(`from_llama`, `with_backbone`). The head starts at zero: a fresh reward model scores every sequence 0.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
@@ -24,7 +25,7 @@ class ScalarModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None):
-        hidden = Llama(self.cfg, name="backbone")(tokens, positions, segment_ids, return_hidden=True)
+        hidden = Llama(self.cfg, name="backbone").hidden(tokens, positions, segment_ids)
         dtype = jnp.dtype(self.cfg.param_dtype)
         head = nn.Dense(
             1,
@@ -47,8 +48,22 @@ def last_token_values(values, segment_ids):
 def with_backbone(params, llama_params):
     """`params` of a ScalarModel with its backbone replaced by a Llama's parameters (whose LM head,
     `output`, the scalar model does not use)."""
-    backbone = {k: v for k, v in llama_params.items() if k != "output"}
+    backbone = _backbone(llama_params)
     expected = jax.tree.structure(params["backbone"])
     if jax.tree.structure(backbone) != expected:
         raise ValueError("The checkpoint's parameter tree does not match the model's backbone.")
     return {**params, "backbone": backbone}
+
+
+def from_llama(llama_params, cfg: ModelConfig):
+    """ScalarModel parameters from a Llama's (host arrays): its backbone and a zero head, so that
+    the new reward or value model scores every sequence 0. The one Llama-to-reward-model builder."""
+    dtype = np.dtype(cfg.param_dtype)
+    return {
+        "backbone": _backbone(llama_params),
+        "score": {"kernel": np.zeros((cfg.dim, 1), dtype), "bias": np.zeros((1,), dtype)},
+    }
+
+
+def _backbone(llama_params):
+    return {k: v for k, v in llama_params.items() if k != "output"}

@@ -1,0 +1,193 @@
+"""The pure functions of a training run: the TrainState, one optimizer step and one evaluation
+step, compiled once with explicit shardings, and the global batches they take.
+
+    loss(params, batch, frozen) -> (loss_sum, count, metric_sums)    # a stage's objective
+    train_step(state, batch[, frozen]) -> (state, metrics)           # make_train_step(loss, ...)
+
+Losses are sums over the batch's tokens (or pairs); the step adds them up over microbatches and
+divides by the count once, so the gradient is the same however the batch is split. `frozen` are
+parameters every step reads but never trains (DPO's online reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llama_jax.sharding import activation_sharding, tree_shardings
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    microbatches: int = 1,
+    count_name: str = "target_tokens",
+) -> Callable:
+    """A pure `train_step(state, batch, frozen=None) -> (state, metrics)`: gradients of `loss_fn`
+    summed over `microbatches` slices of the batch, one optimizer update."""
+
+    def loss_and_aux(params, batch, frozen):
+        loss_sum, count, metric_sums = loss_fn(params, batch, frozen)
+        return loss_sum, (count, metric_sums)
+
+    grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch, frozen=None):
+        if microbatches == 1:
+            (loss_sum, (count, sums)), grads = grad_fn(state.params, batch, frozen)
+        else:
+            # Row i goes to microbatch i % microbatches, so each device's rows spread evenly.
+            split = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1),
+                batch,
+            )
+
+            def accumulate(total, micro):
+                return jax.tree.map(jnp.add, total, grad_fn(state.params, micro, frozen)), None
+
+            shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], split), frozen)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            ((loss_sum, (count, sums)), grads), _ = jax.lax.scan(accumulate, zeros, split)
+        # Sum over tokens, then one division: the same gradient however the batch is split.
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
+        metrics = {
+            "loss": loss_sum / count,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+            count_name: count,
+            **{name: value / count for name, value in sums.items()},
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def _init_params(module: nn.Module, rng):
+    """Parameters still wrapped with their logical axis names."""
+    return module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def _fresh_state(module: nn.Module, optimizer, rng, params=None) -> TrainState:
+    if params is None:
+        params = nn.meta.unbox(_init_params(module, rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def state_shardings(module: nn.Module, optimizer, mesh, rules) -> TrainState:
+    """Shardings of the whole TrainState of `module`, from its parameters' logical axes."""
+
+    def init_boxed(rng):
+        params = _init_params(module, rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    boxed = jax.eval_shape(lambda: init_boxed(jax.random.key(0)))  # traced: no device needed
+    return tree_shardings(nn.meta.unbox(boxed), nn.get_partition_spec(boxed), mesh, rules)
+
+
+def abstract_state(init: Callable[[], Any], shardings):
+    """The state `init()` makes, as jax.ShapeDtypeStructs carrying their shardings (a restore
+    target); `init` is traced, never run."""
+    shapes = jax.eval_shape(init)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_train_state(module: nn.Module, optimizer, shardings) -> TrainState:
+    return abstract_state(lambda: _fresh_state(module, optimizer, jax.random.key(0)), shardings)
+
+
+def create_train_state(module: nn.Module, optimizer, mesh, rules, rng, shardings, params=None) -> TrainState:
+    """A fresh TrainState, initialised directly into its shardings (never whole on one host); from
+    host `params` (e.g. a checkpoint's) instead of a random init if given."""
+    with activation_sharding(mesh, rules):
+        if params is None:
+            return jax.jit(lambda rng: _fresh_state(module, optimizer, rng), out_shardings=shardings)(rng)
+        return jax.jit(
+            lambda p: _fresh_state(module, optimizer, None, p),
+            in_shardings=(shardings.params,),
+            out_shardings=shardings,
+        )(params)
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+    """jit-wrapped train and eval steps and the shardings they were compiled for."""
+
+    train_step: Callable  # (state, batch[, frozen]) -> (state, metrics)
+    eval_step: Callable  # (params, batch[, frozen]) -> (loss_sum, count, metric_sums)
+    state_shardings: Any
+    batch_sharding: Any  # one NamedSharding for every array, or a dict of them by key
+
+
+def compile_steps(
+    loss_fn: LossFn,
+    optimizer,
+    schedule,
+    state_shardings: TrainState,
+    batch_sharding,
+    *,
+    microbatches: int = 1,
+    count_name: str = "target_tokens",
+    frozen: bool = False,
+) -> CompiledSteps:
+    """Train and eval steps of `loss_fn` with explicit in/out shardings. With `frozen`, both take
+    frozen parameters as a last argument, sharded as the trained ones."""
+    frozen_shardings = (state_shardings.params,) if frozen else ()
+    train_step = jax.jit(
+        make_train_step(loss_fn, optimizer, schedule, microbatches, count_name),
+        in_shardings=(state_shardings, batch_sharding, *frozen_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        lambda params, batch, frozen=None: loss_fn(params, batch, frozen),
+        in_shardings=(state_shardings.params, batch_sharding, *frozen_shardings),
+    )
+    return CompiledSteps(train_step, eval_step, state_shardings, batch_sharding)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding) -> Batch:
+    """This process's rows of the batch, as global arrays on the mesh (`sharding`: one for every
+    array, or a dict of them by key)."""
+    return {
+        key: jax.make_array_from_process_local_data(
+            sharding[key] if isinstance(sharding, dict) else sharding, np.asarray(value)
+        )
+        for key, value in local.items()
+    }
+
+
+def evaluate(steps: CompiledSteps, params, batches, n_batches: int | None, frozen=()) -> dict[str, float]:
+    """{"eval_loss": ..., "eval_METRIC": ...} over `n_batches` batches (None: all of them)."""
+    total, count, sums = 0.0, 0.0, {}
+    for _, local in zip(range(n_batches) if n_batches is not None else iter(int, 1), batches):
+        loss_sum, n, metric_sums = steps.eval_step(params, global_batch(local, steps.batch_sharding), *frozen)
+        total, count = total + float(loss_sum), count + float(n)
+        for name, value in metric_sums.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    count = max(count, 1.0)
+    return {"eval_loss": total / count, **{f"eval_{name}": value / count for name, value in sums.items()}}

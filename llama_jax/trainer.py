@@ -1,0 +1,452 @@
+"""The one training loop, and the protocol of the stages it runs.
+
+    Trainer(exp, workdir, get_stage(exp.stage_name)).run() -> last logged metrics and the state
+
+A stage (pretraining, SFT, reward model, DPO, PPO, or one defined in an experiment file) is a
+small `Stage` object found by name in a registry (`register_stage`). It says what the run trains
+(its model, loss, batches and their shardings, its data, tokens per step) and hands the loop a
+`Run`: the state to start from, one step, evaluation and the end-of-run sample. The loop owns
+everything else, the same for every stage: resume, the step loop, the metrics window and MFU, the
+evaluation cadence, checkpoints, SIGTERM and preemption, the sample. It never imports a stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from llama_jax import steps as steps_lib
+from llama_jax.checkpoint import TrainCheckpointer
+from llama_jax.config import ConfigError, Experiment
+from llama_jax.data.training import TrainingData, training_data
+from llama_jax.generate import generate
+from llama_jax.loss import cross_entropy_sum, next_token_targets
+from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_second
+from llama_jax.model import Llama, count_params, lm_head
+from llama_jax.optim import make_optimizer
+from llama_jax.sharding import MeshError, activation_sharding, batch_sharding, check_batch, make_mesh
+
+
+@dataclasses.dataclass
+class StageInputs:
+    """What a run needs besides its compiled steps: its data, the parameters to start from if not
+    a random init, and the frozen parameters every step takes (DPO's online reference)."""
+
+    data: TrainingData
+    initial_params: Any = None
+    frozen: Any = None
+
+
+@dataclasses.dataclass
+class Run:
+    """A stage ready to train: what the loop drives."""
+
+    exp: Experiment  # as the stage resolved it (e.g. with its tokenizer path)
+    abstract_state: Any  # the state's shapes and shardings: the restore target
+    init_state: Callable[[], Any]  # a fresh state, on the mesh
+    step: Callable[[Any, int], tuple[Any, dict]]  # (state, step index) -> (state, metrics)
+    data_iterator: Any = None  # saved with each checkpoint (a Grain iterator), or None
+    evaluate: Callable[[Any], dict[str, float]] | None = None  # state -> {"eval_...": value}
+    sample: Callable[[Any], str] | None = None  # state -> the text printed at the end
+    tokens_per_step: int = 0
+    flops_per_step: float = 0.0  # 0: no throughput or MFU
+    tokenizer_path: str | None = None  # recorded in experiment.json for later stages
+    summary: str = ""  # the line printed at the start ("": parameters, mesh, tokens per step)
+    progress: Callable[[dict], dict] | None = None  # logged metrics -> progress-bar fields
+
+
+class Stage:
+    """One kind of training run. Subclass it, decorate with `@register_stage("name")` and set
+    `Experiment(stage="name")`; override what differs from pretraining (by default: Llama, next-
+    token text batches, the experiment's data). A stage whose step is not one optimizer update
+    of a loss (PPO) overrides `start` and returns its own `Run`."""
+
+    name: ClassVar[str] = ""
+    unit: ClassVar[str] = "step"  # what one step of the loop is called
+    count_name: ClassVar[str] = "target_tokens"  # what a step's loss is averaged over (not logged)
+    latest_metrics: ClassVar[tuple[str, ...]] = ("grad_norm", "lr")  # logged as of the last step
+
+    def module(self, exp: Experiment) -> nn.Module:
+        """The network the stage trains."""
+        return Llama(exp.model)
+
+    def loss(self, exp: Experiment) -> steps_lib.LossFn:
+        """`loss(params, batch, frozen) -> (loss_sum, count, metric_sums)`, sums over the batch."""
+        raise NotImplementedError(f"The {self.name} stage defines no loss.")
+
+    def batch_shapes(self, exp: Experiment, batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{key: (shape, dtype)} of a batch of `batch_size` rows."""
+        shape = (batch_size, exp.train.seq_len)
+        return {
+            "tokens": (shape, jnp.int32),
+            "positions": (shape, jnp.int32),
+            "segment_ids": (shape, jnp.int32),
+            "loss_mask": (shape, jnp.float32),
+        }
+
+    def batch_shardings(self, exp: Experiment, mesh) -> dict:
+        """Every array of a batch split along its rows as the rules shard `batch`."""
+        return {
+            key: batch_sharding(mesh, exp.mesh.rules, len(shape))
+            for key, (shape, _) in self.batch_shapes(exp, 1).items()
+        }
+
+    def tokens_per_step(self, exp: Experiment) -> int:
+        return exp.train.batch_size * exp.train.seq_len
+
+    def check(self, exp: Experiment, mesh) -> None:
+        """Bad configurations stop here, before anything compiles."""
+        check_training(exp, mesh)
+
+    def prepare(self, exp: Experiment, mesh, param_shardings, quiet: bool) -> tuple[Experiment, StageInputs]:
+        """(exp as resolved, the run's inputs): by default the experiment's text data."""
+        return exp, StageInputs(training_data(exp, quiet=quiet))
+
+    def eval_batches(self, exp: Experiment) -> int | None:
+        """Batches per evaluation (None: the whole held-out iterator)."""
+        return exp.train.eval_batches
+
+    def sample_prompt(self, exp: Experiment, data: TrainingData) -> list[int] | None:
+        """Token ids of the end-of-run sample's prompt (None: no sample)."""
+        return data.tokenizer.encode(data.sample_prompt, bos=True)
+
+    # --- the state and the compiled steps (also what aot.py and the tests build on) ---------
+
+    def state_shardings(self, exp: Experiment, optimizer, mesh) -> steps_lib.TrainState:
+        return steps_lib.state_shardings(self.module(exp), optimizer, mesh, exp.mesh.rules)
+
+    def abstract_state(self, exp: Experiment, optimizer, mesh, shardings=None) -> steps_lib.TrainState:
+        shardings = shardings or self.state_shardings(exp, optimizer, mesh)
+        return steps_lib.abstract_train_state(self.module(exp), optimizer, shardings)
+
+    def create_state(self, exp, optimizer, mesh, rng, shardings=None, params=None) -> steps_lib.TrainState:
+        shardings = shardings or self.state_shardings(exp, optimizer, mesh)
+        return steps_lib.create_train_state(
+            self.module(exp), optimizer, mesh, exp.mesh.rules, rng, shardings, params
+        )
+
+    def compile(
+        self, exp, optimizer, schedule, mesh, shardings=None, frozen=False
+    ) -> steps_lib.CompiledSteps:
+        """The jitted train and eval steps of the stage's loss, with explicit shardings."""
+        return steps_lib.compile_steps(
+            self.loss(exp),
+            optimizer,
+            schedule,
+            shardings or self.state_shardings(exp, optimizer, mesh),
+            self.batch_shardings(exp, mesh),
+            microbatches=exp.train.microbatches,
+            count_name=self.count_name,
+            frozen=frozen,
+        )
+
+    def start(self, exp: Experiment, mesh, quiet: bool = False) -> Run:
+        """The run of a loss-based stage: one jitted optimizer step per batch of its data."""
+        optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
+        shardings = self.state_shardings(exp, optimizer, mesh)
+        exp, inputs = self.prepare(exp, mesh, shardings.params, quiet)
+        frozen = () if inputs.frozen is None else (inputs.frozen,)
+        compiled = self.compile(exp, optimizer, schedule, mesh, shardings, frozen=bool(frozen))
+        data = inputs.data
+
+        def step(state, index):
+            batch = steps_lib.global_batch(next(data.train), compiled.batch_sharding)
+            return compiled.train_step(state, batch, *frozen)
+
+        def evaluate(state):
+            batches = data.eval()
+            return steps_lib.evaluate(compiled, state.params, batches, self.eval_batches(exp), frozen)
+
+        flops = flops_per_token(exp.model, exp.train.seq_len) * self.tokens_per_step(exp)
+        return Run(
+            exp=exp,
+            abstract_state=self.abstract_state(exp, optimizer, mesh, shardings),
+            init_state=lambda: self.create_state(
+                exp, optimizer, mesh, jax.random.key(exp.train.seed), shardings, inputs.initial_params
+            ),
+            step=step,
+            data_iterator=data.train,
+            evaluate=evaluate if data.eval is not None else None,
+            sample=self._sampler(exp, data),
+            tokens_per_step=self.tokens_per_step(exp),
+            # A frozen reference's forward pass adds a third of a training step's FLOPs.
+            flops_per_step=flops * (4 / 3 if frozen else 1),
+            tokenizer_path=data.tokenizer.path if data.tokenizer is not None else None,
+        )
+
+    def _sampler(self, exp: Experiment, data: TrainingData) -> Callable[[Any], str] | None:
+        if not exp.train.sample_tokens or data.tokenizer is None:
+            return None
+        prompt = self.sample_prompt(exp, data)
+        if prompt is None:
+            return None
+        chat = data.chat_template is not None  # a chat model stops at the end of its reply
+
+        def sample(state) -> str:
+            stops = data.tokenizer.stop_ids if chat else ()
+            ids = generate(
+                state.params, exp.model, [prompt], exp.train.sampling, stop_tokens=stops, seed=exp.train.seed
+            )
+            reply = [t for t in ids[0] if t not in set(stops)]
+            return f"{data.sample_prompt}{data.tokenizer.decode(reply)!s}"
+
+        return sample
+
+
+def text_loss(exp: Experiment) -> steps_lib.LossFn:
+    """The next-token loss of a text batch, the LM head applied chunk by chunk (see loss.py)."""
+    cfg = exp.model
+
+    def loss(params, batch, frozen):
+        del frozen
+        hidden = Llama(cfg).apply(
+            {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], method=Llama.hidden
+        )
+        targets, weights = next_token_targets(batch)
+        loss_sum, count = cross_entropy_sum(
+            hidden, lm_head(params, cfg), targets, weights, exp.train.loss_chunk
+        )
+        return loss_sum, count, {}
+
+    return loss
+
+
+def check_training(exp: Experiment, mesh) -> None:
+    """The checks every loss-based stage shares: lengths, step counts, the batch on the mesh."""
+    if exp.train.seq_len > exp.model.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={exp.train.seq_len} is longer than the model's max_seq_len={exp.model.max_seq_len}."
+        )
+    if exp.train.steps < 1 or exp.train.log_every < 1:
+        raise ConfigError("train.steps and train.log_every must be at least 1.")
+    check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
+    if exp.train.batch_size % jax.process_count():
+        raise MeshError(
+            f"train.batch_size={exp.train.batch_size} does not split evenly over "
+            f"{jax.process_count()} processes."
+        )
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+_STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(name: str):
+    """Class decorator: the stage that `Experiment(stage=name)` (or posttrain.stage) runs. A later
+    registration of the same name replaces the earlier one (an experiment file loaded again)."""
+
+    def register(cls: type[Stage]) -> type[Stage]:
+        cls.name = name
+        _STAGES[name] = cls
+        return cls
+
+    return register
+
+
+def get_stage(name: str) -> Stage:
+    if name not in _STAGES:
+        known = ", ".join(sorted(_STAGES)) or "none"
+        raise ConfigError(f"Unknown stage {name!r}; the registered stages are {known}.")
+    return _STAGES[name]()
+
+
+def registered_stages() -> list[str]:
+    return sorted(_STAGES)
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Turns SIGTERM into "finish this step, save, exit" (on pods, JAX's preemption sync point)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        from jax._src import distributed
+
+        # With the distributed runtime up, JAX's own preemption service owns SIGTERM.
+        if distributed.global_state.client is None and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        from jax.experimental import multihost_utils
+
+        return self.requested or multihost_utils.reached_preemption_sync_point(step)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """Runs one experiment with one stage, resuming from WORKDIR/checkpoints if it can."""
+
+    def __init__(self, exp: Experiment, workdir: str | Path, stage: Stage, *, quiet: bool = False):
+        self.exp, self.workdir, self.stage, self.quiet = exp, Path(workdir), stage, quiet
+        self.speak = not quiet and jax.process_index() == 0  # one process speaks for the job
+        self.say = tqdm.write if self.speak else (lambda *a: None)
+
+    def run(self) -> dict:
+        """Trains to train.steps; returns the last logged metrics (with the evaluation's, if any)
+        and the final `state`."""
+        mesh = make_mesh(self.exp.mesh)
+        self.stage.check(self.exp, mesh)
+        run = self.stage.start(self.exp, mesh, quiet=self.quiet)
+        exp, unit = run.exp, self.stage.unit
+        checkpoints = TrainCheckpointer(self.workdir, exp.checkpoint)
+        record = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
+        if run.tokenizer_path is not None:  # the tokenizer used, so that a later stage finds it
+            record["data"]["tokenizer_path"] = run.tokenizer_path
+        state = self._restore_or_start(run, checkpoints)
+        start = int(state.step)
+        if start >= exp.train.steps:
+            self.say(
+                f"{exp.name}: already trained to {unit} {start} (train.steps={exp.train.steps}); "
+                f"nothing to do. Use another --workdir to start afresh."
+            )
+            checkpoints.close()
+            return {"state": state}
+        self.say(f"{exp.name}: {run.summary or self._summary(run, mesh)}; workdir {self.workdir}")
+        writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
+        writer.drop_after(start)  # steps after the checkpoint will be logged again
+        if jax.process_index() == 0:
+            (self.workdir / "experiment.json").write_text(json.dumps(record, indent=1))
+        with activation_sharding(mesh, exp.mesh.rules), StopRequest() as stop:
+            state, last = self._loop(run, state, start, checkpoints, writer, record, stop)
+        checkpoints.close()  # waits for the last write
+        writer.close()
+        # Every process takes part in sampling (the parameters span them all); one prints.
+        if run.sample is not None and not self.quiet and int(state.step) == exp.train.steps:
+            self.say(f"sample: {run.sample(state)}")
+        last["state"] = state
+        return last
+
+    def _restore_or_start(self, run: Run, checkpoints: TrainCheckpointer):
+        if run.exp.checkpoint.resume:
+            restored = checkpoints.restore_latest(run.abstract_state, run.data_iterator, model=run.exp.model)
+            if restored is not None:
+                state, step = restored
+                self.say(f"resumed from {checkpoints.directory / str(step)}")
+                return state
+        return run.init_state()
+
+    def _summary(self, run: Run, mesh) -> str:
+        exp, devices = run.exp, jax.devices()
+        peak, peak_source = peak_flops_per_second()
+        return (
+            f"{count_params(exp.model) / 1e6:,.1f}M parameters, mesh {dict(mesh.shape)} on "
+            f"{len(devices)} {devices[0].platform} device(s), {run.tokens_per_step:,} tokens/step, "
+            f"{exp.train.steps} steps; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})"
+        )
+
+    def _loop(self, run: Run, state, start: int, checkpoints, writer, record, stop):
+        exp = run.exp
+        bar = tqdm(
+            total=exp.train.steps,
+            initial=start,
+            desc=exp.name,
+            unit=self.stage.unit,
+            disable=not self.speak or None,
+            dynamic_ncols=True,
+        )
+        last: dict = {}
+        window = Window(self.stage, run)
+        every = exp.checkpoint.every_steps
+        for step in range(start, exp.train.steps):
+            state, metrics = run.step(state, step)
+            window.add(metrics, first=step == start)
+            done = step + 1
+            if done % exp.train.log_every == 0 or done == exp.train.steps:
+                last = window.flush()
+                writer.write(done, last)
+                bar.set_postfix(**window.progress(last))
+            if run.evaluate is not None and (done % exp.train.eval_every == 0 or done == exp.train.steps):
+                evaluated = run.evaluate(state)
+                last.update(evaluated)
+                writer.write(done, evaluated)
+                summary = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in evaluated.items())
+                self.say(f"{self.stage.unit} {done}: {summary}")
+                window.restart_clock()  # evaluation time is not training throughput
+            bar.update()
+            if stop.should_stop(done):
+                checkpoints.save(done, state, run.data_iterator, record, wait=True)
+                self.say(
+                    f"stopping at {self.stage.unit} {done} on request; saved {checkpoints.directory / str(done)}"
+                )
+                break
+            if (every and done % every == 0) or done == exp.train.steps:
+                checkpoints.save(done, state, run.data_iterator, record)
+        bar.close()
+        return state, last
+
+
+class Window:
+    """The metrics of the steps since the last log line: averaged (the stage's `latest_metrics`
+    as of the last step), with throughput and MFU from the steps timed in it."""
+
+    def __init__(self, stage: Stage, run: Run):
+        self.stage, self.run = stage, run
+        self.peak = peak_flops_per_second()[0] if run.flops_per_step else 0.0
+        self.metrics: list = []
+        self.timed_steps, self.started = 0, time.perf_counter()
+
+    def add(self, metrics, first: bool) -> None:
+        self.metrics.append(metrics)
+        self.timed_steps += 1
+        if first:  # the first step carries the compile: not timed
+            jax.block_until_ready(metrics)
+            self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.timed_steps, self.started = 0, time.perf_counter()
+
+    def flush(self) -> dict:
+        fetched = jax.device_get(self.metrics)
+        latest, skip = self.stage.latest_metrics, self.stage.count_name
+        names = [n for n in ("loss", "grad_norm", "lr") if n in fetched[-1]]
+        names += [n for n in self.metrics[-1] if n not in names and n != skip]
+        last = {
+            name: float(fetched[-1][name]) if name in latest else float(np.mean([m[name] for m in fetched]))
+            for name in names
+        }
+        if self.timed_steps and self.run.flops_per_step:
+            elapsed = time.perf_counter() - self.started
+            tokens_per_s = self.timed_steps * self.run.tokens_per_step / elapsed
+            last.update(
+                tokens_per_s=tokens_per_s,
+                step_time_s=elapsed / self.timed_steps,
+                mfu=tokens_per_s * self.run.flops_per_step / self.run.tokens_per_step / self.peak,
+            )
+        self.metrics = []
+        self.restart_clock()
+        return last
+
+    def progress(self, last: dict) -> dict:
+        if self.run.progress is not None:
+            return self.run.progress(last)
+        if "mfu" not in last:
+            return {"loss": f"{last['loss']:.3f}"} if "loss" in last else {}
+        return {
+            "loss": f"{last['loss']:.3f}",
+            "tok_s": f"{last['tokens_per_s']:,.0f}",
+            "mfu": f"{last['mfu']:.1%}",
+        }
