@@ -1,4 +1,4 @@
-"""llama1_13b: the LLaMA 1 pretraining recipe (REFERENCE.md), FSDP over a v5p-128 slice."""
+"""llama1_13b: the LLaMA 1 pretraining recipe (docs/reference.md, "Recipes"), FSDP over a v5p-128 slice."""
 
 from llama_jax.recipes import llama1
 

@@ -1,4 +1,4 @@
-"""llama2_70b: the Llama 2 pretraining recipe (REFERENCE.md), FSDP over a v5p-512 slice."""
+"""llama2_70b: the Llama 2 pretraining recipe (docs/reference.md, "Recipes"), FSDP over a v5p-512 slice."""
 
 from llama_jax.recipes import llama2
 

@@ -1,4 +1,4 @@
-"""llama3_70b: the Llama 3 pretraining recipe (REFERENCE.md) at 8K context, FSDP over a v5p-512 slice."""
+"""llama3_70b: the Llama 3 pretraining recipe (docs/reference.md, "Recipes") at 8K context, FSDP over a v5p-512 slice."""
 
 from llama_jax.recipes import llama3
 

@@ -1,4 +1,4 @@
-"""llama3_8b_dpo: DPO as in Llama 3 (REFERENCE.md): beta 0.1, lr 1e-5, formatting and special
+"""llama3_8b_dpo: DPO as in Llama 3 (docs/reference.md, "Post-training"): beta 0.1, lr 1e-5, formatting and special
 tokens masked from both responses, plus 0.2 x the chosen response's NLL; the frozen reference is
 the SFT model, its log-probs computed once up front (posttrain.reference_logprobs=online: every
 step). Reports implicit-reward margins and accuracies. Batch and steps are our choice.

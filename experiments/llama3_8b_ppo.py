@@ -1,4 +1,4 @@
-"""llama3_8b_ppo: PPO as in Llama 2 (REFERENCE.md) on Llama 3 8B (Llama 3 itself dropped PPO for
+"""llama3_8b_ppo: PPO as in Llama 2 (docs/reference.md, "Post-training") on Llama 3 8B (Llama 3 itself dropped PPO for
 DPO): reward = whitened reward-model score - 0.01 x KL(policy || reference), clip 0.2, lr 1e-6;
 512 prompts per iteration, one step per minibatch of 64; GAE (gamma 1, lambda 0.95); the value
 model starts from the reward model. Prompts are `{"prompt": ...}` JSONL.

@@ -1,5 +1,5 @@
 """llama3_8b_sft: supervised fine-tuning of Llama 3 8B on chat JSONL (`{"messages": [...]}`), loss
-on the assistant replies only, conversations packed with document masking. REFERENCE.md: lr 1e-5,
+on the assistant replies only, conversations packed with document masking. docs/reference.md, "Post-training": lr 1e-5,
 8.5K-9K steps; the batch (64 packed rows of 8K tokens) and warmup are our choice.
 
     python -m llama_jax.train --exp=llama3_8b_sft posttrain.init_from=CKPT \\

@@ -1,6 +1,6 @@
 """Model configuration and the presets of every published Llama size.
 
-A preset is a fact about the family (REFERENCE.md); what to train it on, with which mesh and
+A preset is a fact about the family (docs/reference.md, "Architectures"); what to train it on, with which mesh and
 recipe, is an experiment and lives in `experiments/`.
 """
 
@@ -157,7 +157,7 @@ def _llama(
 _L31 = RopeScaling(factor=8.0)
 _L32 = RopeScaling(factor=32.0)
 
-# The columns follow REFERENCE.md: dim, layers, heads, kv heads, multiple_of, ffn multiplier,
+# The columns follow docs/reference.md, "Architectures": dim, layers, heads, kv heads, multiple_of, ffn multiplier,
 # vocab, context, rope theta, norm eps.
 PRESETS: dict[str, ModelConfig] = {
     "llama1_7b": _llama(4096, 32, 32, 32, 256, None, 32000, 2048, 1e4, 1e-6),
@@ -376,7 +376,7 @@ class PPOConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PosttrainConfig:
-    """A post-training stage (REFERENCE.md, "Post-training"). Paths name a parameters checkpoint
+    """A post-training stage (docs/reference.md, "Post-training"). Paths name a parameters checkpoint
     (`checkpoint.save_params`) or a training workdir (its newest checkpoint)."""
 
     stage: str = "sft"  # one of POSTTRAIN_STAGES

@@ -1,6 +1,6 @@
 """Throughput and MFU, and where metrics go: metrics.jsonl and TensorBoard event files.
 
-MFU = tokens/s x (6N + 12 L H Q T) / peak (PaLM appendix B; REFERENCE.md), with N the
+MFU = tokens/s x (6N + 12 L H Q T) / peak (PaLM appendix B; docs/reference.md, "MFU"), with N the
 non-embedding parameters plus the LM head.
 """
 

@@ -122,7 +122,7 @@ def _weight(module: nn.Module, name: str, shape, axes, init):
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """Inverse frequencies [head_dim / 2], with Llama 3.1 scaling (REFERENCE.md) if given."""
+    """Inverse frequencies [head_dim / 2], with Llama 3.1 scaling (docs/reference.md, "RoPE scaling") if given."""
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / np.float32(theta) ** exponents).astype(np.float32)
     if scaling is None:

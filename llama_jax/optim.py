@@ -1,6 +1,6 @@
 """The optimizer of the Llama recipes: AdamW, global-norm clipping, and the learning-rate schedule.
 
-Schedule (REFERENCE.md): linear warmup to `peak_lr`; cosine decay to `final_lr_ratio * peak_lr`
+Schedule (docs/reference.md, "Recipes"): linear warmup to `peak_lr`; cosine decay to `final_lr_ratio * peak_lr`
 at `decay_steps` (LLaMA 1/2: 10%; Llama 3: 1%); the floor until the last `anneal_steps`, which go
 linearly to zero (Llama 3's annealing).
 """

@@ -1,4 +1,4 @@
-"""The published pretraining and post-training recipes (REFERENCE.md) as Experiment builders.
+"""The published pretraining and post-training recipes (docs/reference.md, "Recipes") as Experiment builders.
 
 `experiments/llama2_70b.py` and its siblings call `pretraining(...)` with the paper's numbers; the
 arithmetic from tokens to steps and sequences lives here once.
@@ -135,7 +135,7 @@ def llama3(
     )
 
 
-# --- post-training (REFERENCE.md, "Post-training") ----------------------------------------------
+# --- post-training (docs/reference.md, "Post-training") ----------------------------------------------
 
 
 def posttraining(

@@ -48,7 +48,7 @@ def test_recipe_builds_abstractly_on_a_mesh(name):
     exp = load_experiment(name)
     tokens_per_step = exp.train.batch_size * exp.train.seq_len
     family = name.split("_")[0]
-    # REFERENCE.md: batch in tokens, context, optimizer constants.
+    # docs/reference.md, "Recipes": batch in tokens, context, optimizer constants.
     expected_batch = 16 * 2**20 if name == "llama3_1_405b" else 4 * 2**20
     assert tokens_per_step == expected_batch
     assert exp.train.seq_len == {"llama1": 2048, "llama2": 4096, "llama3": 8192}[family]

@@ -12,7 +12,7 @@ from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig, RopeScaling, ffn_dim_for, model_preset
 from llama_jax.model import Llama, count_params, init_params, param_logical_axes, rope_frequencies
 
-# REFERENCE.md: (dim, layers, heads, kv heads, head_dim, ffn, vocab, seq, theta, eps, tied, params).
+# docs/reference.md, "Architectures": (dim, layers, heads, kv heads, head_dim, ffn, vocab, seq, theta, eps, tied, params).
 REFERENCE = {
     "llama1_7b": (4096, 32, 32, 32, 128, 11008, 32000, 2048, 1e4, 1e-6, False, 6.74e9),
     "llama1_13b": (5120, 40, 40, 40, 128, 13824, 32000, 2048, 1e4, 1e-6, False, 13.02e9),

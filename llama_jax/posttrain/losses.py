@@ -1,4 +1,4 @@
-"""The post-training objectives as pure functions of arrays (REFERENCE.md, "Post-training").
+"""The post-training objectives as pure functions of arrays (docs/reference.md, "Post-training").
 
 Per-token arrays are [B, T] with a float `mask` [B, T] (1 on the tokens that count); per-sequence
 arrays are [B]. Functions that return one value per example leave the reduction to the caller, so

@@ -1,7 +1,7 @@
 """The FLOPs model and the IsoFLOP planner.
 
 Training FLOPs per token are `llama_jax.metrics.flops_per_token`: 6N + 12 L H Q T (PaLM appendix
-B, REFERENCE.md), with N the non-embedding parameters plus the LM head, so a run of D tokens costs
+B, docs/reference.md, "Scaling laws"), with N the non-embedding parameters plus the LM head, so a run of D tokens costs
 C = flops_per_token x D. For each compute budget C and each model size the planner gives the number
 of steps that spends C at a fixed batch: an IsoFLOP sweep trades parameters for tokens.
 
