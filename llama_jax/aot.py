@@ -117,40 +117,55 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
         key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[key])
         for key, (shape, dtype) in stage.batch_shapes(exp, exp.train.batch_size).items()
     }
+    report = {
+        "experiment": exp.name,
+        "topology": topology.name,
+        "slices": slices,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "remat": exp.model.remat,
+        "rules": format_rules(rules),
+    }
     # The model's constraints resolve against this mesh; attention "auto" means the TPU's kernel.
     with activation_sharding(mesh, rules), compiling_for("tpu"):
         lowered = steps.train_step.lower(state, batch)
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as err:
-            # The TPU compiler refuses a program that cannot fit; report its figure.
-            match = re.search(
-                r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM "
-                r"\(([\d.]+)G\)",
-                str(err),
-            )
-            if not match:
+            refusal = _refusal(err)
+            if refusal is None:
                 raise
-            temp, hbm = (float(g) * GIB for g in match.groups())
-            return {
-                "experiment": exp.name,
-                "topology": topology.name,
-                "slices": slices,
-                "devices": len(devices),
-                "mesh": dict(mesh.shape),
-                "remat": exp.model.remat,
-                "rules": format_rules(rules),
-                "temp_bytes": temp,
-                "hbm_bytes": hbm,
-                "hbm_fraction": temp / hbm,
-                "fits": False,
-                "compile_seconds": time.perf_counter() - start,
-                "compiler_message": str(err).splitlines()[0][:300],
-            }
+            return {**report, **refusal, "compile_seconds": time.perf_counter() - start}
     compile_seconds = time.perf_counter() - start
+    return {
+        **report,
+        **_measured(exp, topology, slices, devices, lowered, compiled),
+        "compile_seconds": compile_seconds,
+    }
+
+
+def _refusal(err) -> dict | None:
+    """The TPU compiler refuses a program that cannot fit: its figures, or None for another error."""
+    match = re.search(
+        r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
+        str(err),
+    )
+    if not match:
+        return None
+    temp, hbm = (float(g) * GIB for g in match.groups())
+    return {
+        "temp_bytes": temp,
+        "hbm_bytes": hbm,
+        "hbm_fraction": temp / hbm,
+        "fits": False,
+        "compiler_message": str(err).splitlines()[0][:300],
+    }
+
+
+def _measured(exp, topology: Topology, slices: int, devices, lowered, compiled) -> dict:
+    """Memory per device, fit, and the step time and MFU the compiler's cost analysis implies."""
     # Pallas kernels lower to Mosaic custom calls: this says whether splash attention is in the step.
     attention_kernel = "splash" if "tpu_custom_call" in lowered.as_text() else "xla"
-
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -172,13 +187,6 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
     mfu = compiler_flops / compiler_seconds / peak_per_device if compiler_seconds > 0 else float("nan")
     step_seconds = model_flops / chips / (mfu * peak_per_device)
     return {
-        "experiment": exp.name,
-        "topology": topology.name,
-        "slices": slices,
-        "devices": chips,
-        "mesh": dict(mesh.shape),
-        "remat": exp.model.remat,
-        "rules": format_rules(rules),
         "attention": attention_kernel,
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
@@ -193,7 +201,6 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
         "model_flops_per_step": model_flops,
         "estimated_step_seconds": step_seconds,
         "estimated_mfu": mfu,
-        "compile_seconds": compile_seconds,
     }
 
 

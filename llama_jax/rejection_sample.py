@@ -78,6 +78,28 @@ def _seed(base: int, ids: list[str]) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def _prompts_to_sample(prompts, already, tokenizer, template, max_new_tokens: int, cfg):
+    """(prompt, chat ids) of the prompts still to sample, and the counts of those skipped."""
+    todo, counts = [], {"written": 0, "skipped_done": 0, "skipped_long": 0, "skipped_bad": 0}
+    for prompt in prompts:
+        if prompt["id"] in already:
+            counts["skipped_done"] += 1
+            continue
+        try:
+            ids = encode_chat(
+                tokenizer, prompt["messages"], template=template, add_generation_prompt=True
+            ).ids
+        except ValueError as err:
+            print(f"warning: prompt {prompt['id']} skipped: {err}", file=sys.stderr)
+            counts["skipped_bad"] += 1
+            continue
+        if len(ids) + max_new_tokens > cfg.max_seq_len:
+            counts["skipped_long"] += 1
+            continue
+        todo.append((prompt, ids))
+    return todo, counts
+
+
 def run(args) -> dict:
     """Samples, scores and writes; returns counts {"written", "skipped_done", "skipped_long",
     "skipped_bad"}."""
@@ -103,24 +125,7 @@ def run(args) -> dict:
         raise RejectionSamplingError(str(err).rstrip(".") + ".") from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    already = done_ids(out)
-    todo, counts = [], {"written": 0, "skipped_done": 0, "skipped_long": 0, "skipped_bad": 0}
-    for prompt in prompts:
-        if prompt["id"] in already:
-            counts["skipped_done"] += 1
-            continue
-        try:
-            ids = encode_chat(
-                tokenizer, prompt["messages"], template=template, add_generation_prompt=True
-            ).ids
-        except ValueError as err:
-            print(f"warning: prompt {prompt['id']} skipped: {err}", file=sys.stderr)
-            counts["skipped_bad"] += 1
-            continue
-        if len(ids) + args.max_new_tokens > cfg.max_seq_len:
-            counts["skipped_long"] += 1
-            continue
-        todo.append((prompt, ids))
+    todo, counts = _prompts_to_sample(prompts, done_ids(out), tokenizer, template, args.max_new_tokens, cfg)
     if counts["skipped_long"]:
         print(
             f"warning: {counts['skipped_long']} prompts skipped: with --max-new-tokens "

@@ -157,7 +157,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_plan, _add_run, _add_fit, _add_predict):
+        add(commands)
+    return parser
 
+
+def _add_plan(commands) -> None:
     plan = commands.add_parser(
         "plan",
         help="the runs of an IsoFLOP sweep",
@@ -204,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", metavar="DIR", help="write DIR/plan.json for `run` and `fit`")
     plan.set_defaults(handler=cmd_plan)
 
+
+def _add_run(commands) -> None:
     run = commands.add_parser(
         "run",
         help="train the runs of a plan (resumable)",
@@ -213,6 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("dir", metavar="DIR")
     run.set_defaults(handler=cmd_run)
 
+
+def _add_fit(commands) -> None:
     fit = commands.add_parser(
         "fit",
         help="fit a finished sweep",
@@ -236,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-plots", action="store_true")
     fit.set_defaults(handler=cmd_fit)
 
+
+def _add_predict(commands) -> None:
     predict_parser = commands.add_parser(
         "predict",
         help="optimal tokens and parameters for a budget",
@@ -254,7 +265,6 @@ def _parser() -> argparse.ArgumentParser:
         "--A", type=_number, default=LLAMA3_A, help=f"the coefficient (default {LLAMA3_A}, Llama 3)"
     )
     predict_parser.set_defaults(handler=cmd_predict)
-    return parser
 
 
 def main(argv=None) -> int:
