@@ -1,10 +1,10 @@
 """Llama 2 and Llama 3 chat formats as token ids plus an assistant mask.
 
 The mask is 1 on the tokens of assistant replies, including the token that
-ends the reply (``<|eot_id|>`` for Llama 3, EOS ``</s>`` for Llama 2), so a
+ends the reply (`<|eot_id|>` for Llama 3, EOS `</s>` for Llama 2), so a
 model fine-tuned on it learns to stop; headers, prompts and BOS are 0.
 
-Both follow Meta's reference ``chat_completion`` code token for token.
+Both follow Meta's reference `chat_completion` code token for token.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def encode_llama3_chat(
     *,
     add_generation_prompt: bool = False,
 ) -> ChatTokens:
-    """``<|begin_of_text|>`` then, per message, header + stripped content + eot.
+    """`<|begin_of_text|>` then, per message, header + stripped content + eot.
 
     With `add_generation_prompt`, ends with an empty assistant header for the
     model to complete.
@@ -89,11 +89,11 @@ def encode_llama2_chat(
     *,
     add_generation_prompt: bool = False,
 ) -> ChatTokens:
-    """``<s>[INST] {user} [/INST] {answer} </s>`` per turn, as Meta's llama 2.
+    """`<s>[INST] {user} [/INST] {answer} </s>` per turn, as Meta's llama 2.
 
-    An optional leading system message is wrapped in ``<<SYS>>`` into the first
+    An optional leading system message is wrapped in `<<SYS>>` into the first
     user message. A dialog that ends with a user message ends with
-    ``<s>[INST] {user} [/INST]``, the prompt for the reply, whatever
+    `<s>[INST] {user} [/INST]`, the prompt for the reply, whatever
     `add_generation_prompt` says (Llama 2 has no separate reply header).
     """
     del add_generation_prompt

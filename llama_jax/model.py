@@ -65,9 +65,12 @@ class KVCache:
         return KVCache(keys=P(*CACHE), values=P(*CACHE), segment_ids=P("batch", "length"), index=P())
 
     def constrained(self) -> KVCache:
+        """The cache's arrays constrained to their logical axes (sharded as the rules say)."""
+        axes = self.logical_axes()
         return self.replace(
-            keys=nn.with_logical_constraint(self.keys, CACHE),
-            values=nn.with_logical_constraint(self.values, CACHE),
+            keys=nn.with_logical_constraint(self.keys, tuple(axes.keys)),
+            values=nn.with_logical_constraint(self.values, tuple(axes.values)),
+            segment_ids=nn.with_logical_constraint(self.segment_ids, tuple(axes.segment_ids)),
         )
 
     def with_segments(self, segment_ids) -> KVCache:

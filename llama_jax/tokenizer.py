@@ -1,14 +1,14 @@
 """Llama tokenizers behind one interface.
 
-* LLaMA 1/2: a SentencePiece BPE ``tokenizer.model`` (protobuf); BOS 1, EOS 2.
-* Llama 3/3.1/3.2: a tiktoken BPE ``tokenizer.model`` (one ``base64-token rank``
+* LLaMA 1/2: a SentencePiece BPE `tokenizer.model` (protobuf); BOS 1, EOS 2.
+* Llama 3/3.1/3.2: a tiktoken BPE `tokenizer.model` (one `base64-token rank`
   per line) plus 256 special tokens numbered right after the last rank.
 
-``load_tokenizer(path)`` tells the two file kinds apart. Both tokenizers round
+`load_tokenizer(path)` tells the two file kinds apart. Both tokenizers round
 trip any valid Unicode; lone surrogates (which cannot be UTF-8 encoded) become
 U+FFFD instead of raising.
 
-``python -m llama_jax.tokenizer train`` trains a new SentencePiece BPE model
+`python -m llama_jax.tokenizer train` trains a new SentencePiece BPE model
 with the settings of the LLaMA 1/2 tokenizer.
 """
 
@@ -117,7 +117,7 @@ class SentencePieceTokenizer(Tokenizer):
     family = "llama2"
 
     def __init__(self, path: str | os.PathLike):
-        import sentencepiece  # pylint: disable=import-outside-toplevel
+        import sentencepiece
 
         self.path = os.fspath(path)
         self._sp = sentencepiece.SentencePieceProcessor()
@@ -171,7 +171,7 @@ class TiktokenTokenizer(Tokenizer):
     family = "llama3"
 
     def __init__(self, path: str | os.PathLike):
-        import tiktoken  # pylint: disable=import-outside-toplevel
+        import tiktoken
 
         self.path = os.fspath(path)
         ranks = read_tiktoken_ranks(self.path)
@@ -260,9 +260,9 @@ def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a SentencePiece or tiktoken ``tokenizer.model``, whichever it is.
+    """Loads a SentencePiece or tiktoken `tokenizer.model`, whichever it is.
 
-    `path` may also be a directory holding ``tokenizer.model``.
+    `path` may also be a directory holding `tokenizer.model`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -347,7 +347,7 @@ def train_sentencepiece(
     `inputs` are text files or directories of them, one sentence per line.
     `input_sentence_size` > 0 samples that many lines (for large corpora).
     """
-    import sentencepiece  # pylint: disable=import-outside-toplevel
+    import sentencepiece
 
     files = _text_files(inputs)
     if vocab_size < 256 + 3 + 1:

@@ -5,7 +5,7 @@ import sys
 import jax
 import pytest
 
-from llama_jax.aot import compile_for_topology, main, parse_topology
+from llama_jax.aot import compile_for_topology, format_report, main, parse_topology
 from llama_jax.config import ConfigError, Experiment, apply_overrides
 
 # libtpu (the `tpu` extra, in the README's test command) exists for Linux only.
@@ -48,6 +48,8 @@ def test_tiny_on_v5p_8_fits_and_is_sharded():
     assert 0 < report["estimated_mfu"] < 1 and report["compile_seconds"] > 0
     # "auto" attention compiles the Pallas splash kernel for the TPU, not the XLA fallback.
     assert report["attention"] == "splash"
+    # The report names the logical-axis rules the step was compiled with (the experiment's).
+    assert "rules: batch->data+fsdp, length->-, embed->fsdp, vocab->tensor" in format_report(report)
     xla = compile_for_topology(apply_overrides(exp, ["model.attention=xla"]), parse_topology("v5p-8"))
     assert xla["attention"] == "xla"
 

@@ -1,6 +1,7 @@
 """Experiments: every recipe builds abstractly on a mesh, overrides are type-checked, the schedule
 follows the recipe."""
 
+import dataclasses
 import math
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from llama_jax.config import (
+    DEFAULT_RULES,
     ConfigError,
     Experiment,
     OptimConfig,
@@ -145,3 +147,22 @@ def test_bad_overrides_are_named(override, message):
 def test_unknown_experiment_suggests_nearest():
     with pytest.raises(ConfigError, match="Did you mean 'llama2_70b'"):
         load_experiment("llama2-70b")
+
+
+def test_mesh_rules_are_configuration():
+    """The logical-axis rules are the experiment's: without an `embed` rule the FSDP mesh leaves
+    the weights whole, and the command line can give the table too."""
+    exp = apply_overrides(Experiment(), ["model.n_layers=2", "mesh.fsdp=8"])
+    mesh = make_mesh(exp.mesh, jax.devices())
+    optimizer, _ = make_optimizer(exp.optim, 10)
+
+    def wq_spec(exp):
+        return stage_of(exp).state_shardings(exp, optimizer, mesh).params["layers"]["attention"]["wq"].spec
+
+    assert wq_spec(exp)[1] == "fsdp"
+    rules = tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
+    assert wq_spec(exp.replace(mesh=dataclasses.replace(exp.mesh, rules=rules))) == (None, None, None, None)
+    overridden = apply_overrides(exp, ["mesh.rules=[[batch,[data,fsdp]],[embed,null]]"])
+    assert overridden.mesh.rules == (("batch", ("data", "fsdp")), ("embed", None))
+    with pytest.raises(ConfigError, match="not a .logical axis, mesh axes. pair"):
+        apply_overrides(exp, ["mesh.rules=[[batch]]"])

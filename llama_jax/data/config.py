@@ -89,7 +89,7 @@ class DataConfig:
 
     Attributes:
       sources: the corpora, mixed by their weights.
-      tokenizer_path: a SentencePiece or tiktoken ``tokenizer.model``.
+      tokenizer_path: a SentencePiece or tiktoken `tokenizer.model`.
       seq_len: tokens per row.
       batch_size: rows per batch on each process (host).
       seed: seeds shuffling and packing; the same seed gives the same batches.

@@ -266,7 +266,7 @@ def make_dataset(
         if getattr(config, name) < 1:
             raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(config, name)}.")
     if process_index is None or process_count is None:
-        import jax  # pylint: disable=import-outside-toplevel
+        import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
@@ -316,7 +316,7 @@ class _KeepRows:
 def _use_default_absl_flags() -> None:
     # Grain's worker processes read absl flags, which only absl.app parses;
     # programs started otherwise (pytest, plain scripts) get the defaults.
-    from absl import flags  # pylint: disable=import-outside-toplevel
+    from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

@@ -7,8 +7,8 @@ Shard k holds documents [k * docs_per_shard, (k + 1) * docs_per_shard) of the
 corpus in order, one record per document, without BOS/EOS (the pipeline adds
 them). Worker processes write shards in parallel, each to a temporary file
 renamed when complete, so an interrupted run resumes where it stopped when the
-same command is run again. ``manifest.json`` records the settings; read the
-result with ``SourceConfig(output, kind="arrayrecord", tokenized=True)``.
+same command is run again. `manifest.json` records the settings; read the
+result with `SourceConfig(output, kind="arrayrecord", tokenized=True)`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _start_worker(source, tokenizer: Tokenizer) -> None:
 
 def _write_shard(task: tuple[str, int, int, int, int]) -> dict[str, int]:
     """Tokenizes documents [start, stop) into one shard; returns its counts."""
-    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+    from array_record.python.array_record_module import ArrayRecordWriter
 
     output, shard, num_shards, start, stop = task
     final_path = os.path.join(output, shard_name(shard, num_shards))
@@ -125,7 +125,7 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
                 os.remove(final_path + ".tmp")  # left by an interrupted run
             tasks.append((args.output, shard, num_shards, start, stop))
 
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    from tqdm import tqdm
 
     progress = tqdm(
         total=len(source),

@@ -1,10 +1,10 @@
 """Random-access document sources: text, JSONL, Parquet and ArrayRecord files.
 
-Each source is a sequence of documents (``len`` and ``[i]``) that Grain's
-``MapDataset.source`` can shuffle, shard and read from several threads.
-``source[i]`` is a ``str`` (text), a list of messages (chat data), an int32
-array (pre-tokenized ArrayRecord) or ``None`` for a document that cannot be
-used; every ``None`` is logged and counted in ``COUNTERS``.
+Each source is a sequence of documents (`len` and `[i]`) that Grain's
+`MapDataset.source` can shuffle, shard and read from several threads.
+`source[i]` is a `str` (text), a list of messages (chat data), an int32
+array (pre-tokenized ArrayRecord) or `None` for a document that cannot be
+used; every `None` is logged and counted in `COUNTERS`.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class ParquetSource:
     """Each row is one document, in column `field`."""
 
     def __init__(self, name: str, paths: Sequence[str], field: str, chat: bool = False):
-        import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+        import pyarrow.parquet as pq
 
         self.name = name
         self._paths = list(paths)
@@ -278,7 +278,7 @@ class ParquetSource:
         return int(self._first_rows[-1])
 
     def _row_group(self, group: int) -> list[Any]:
-        import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+        import pyarrow.parquet as pq
 
         with self._lock:
             if group in self._cache:
@@ -313,7 +313,7 @@ class ArrayRecordSource:
         tokenized: bool,
         vocab_size: int | None = None,
     ):
-        import grain  # pylint: disable=import-outside-toplevel
+        import grain
 
         self.name = name
         self._tokenized = tokenized

@@ -32,7 +32,7 @@ def random_documents(n: int, seed: int = 0, **kwargs) -> list[str]:
 
 def write_sentencepiece_model(directory: str, vocab_size: int = 320) -> str:
     """Trains a LLaMA-style SentencePiece BPE model; returns its path."""
-    from llama_jax.tokenizer import train_sentencepiece  # pylint: disable=import-outside-toplevel
+    from llama_jax.tokenizer import train_sentencepiece
 
     os.makedirs(directory, exist_ok=True)
     corpus = os.path.join(directory, "sp_corpus.txt")
@@ -43,9 +43,9 @@ def write_sentencepiece_model(directory: str, vocab_size: int = 320) -> str:
 
 def write_tiktoken_model(directory: str, num_ranks: int = 300) -> str:
     """Writes a tiktoken BPE file of `num_ranks` ranks; returns its path."""
-    from tiktoken import _educational  # pylint: disable=import-outside-toplevel
+    from tiktoken import _educational
 
-    from llama_jax.tokenizer import LLAMA3_PATTERN  # pylint: disable=import-outside-toplevel
+    from llama_jax.tokenizer import LLAMA3_PATTERN
 
     os.makedirs(directory, exist_ok=True)
     text = "\n".join(random_documents(300, seed=2, max_words=20))

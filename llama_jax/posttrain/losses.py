@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama_jax.loss import next_token
+
 
 def masked_sum(x, mask):
     """Sum over the last axis of x where mask is set: [B, T] -> [B]."""
@@ -107,8 +109,8 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
         delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},
         returns_t = A_t + V_t."""
     values = values * mask
-    next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1) * next_mask
+    next_mask = next_token(mask)
+    next_values = next_token(values) * next_mask
     deltas = rewards + gamma * next_values - values
 
     def step(following, xs):
