@@ -161,7 +161,12 @@ def test_mesh_rules_are_configuration():
 
     assert wq_spec(exp)[1] == "fsdp"
     rules = tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES)
-    assert wq_spec(exp.replace(mesh=dataclasses.replace(exp.mesh, rules=rules))) == (None, None, None, None)
+    assert tuple(wq_spec(exp.replace(mesh=dataclasses.replace(exp.mesh, rules=rules)))) == (
+        None,
+        None,
+        None,
+        None,
+    )
     overridden = apply_overrides(exp, ["mesh.rules=[[batch,[data,fsdp]],[embed,null]]"])
     assert overridden.mesh.rules == (("batch", ("data", "fsdp")), ("embed", None))
     with pytest.raises(ConfigError, match="not a .logical axis, mesh axes. pair"):
