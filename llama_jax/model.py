@@ -332,11 +332,6 @@ class Llama(nn.Module):
         return logits if cache is None else (logits, cache.advanced(length))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty KV cache for `max_len` positions (see KVCache)."""
-    return KVCache.empty(cfg, batch, max_len, dtype)
-
-
 def lm_logits(hidden, head):
     """fp32 logits from hidden [..., dim] and the head [dim, vocab], in the hidden's dtype."""
     flat = hidden.reshape(-1, hidden.shape[-1])  # 2-D: see _project

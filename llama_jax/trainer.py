@@ -317,6 +317,7 @@ class Trainer:
         if run.tokenizer_path is not None:  # the tokenizer used, so that a later stage finds it
             record["data"]["tokenizer_path"] = run.tokenizer_path
         state = self._restore_or_start(run, checkpoints)
+        run.init_state = run.abstract_state = None  # frees the host copy of a starting checkpoint
         start = int(state.step)
         if start >= exp.train.steps:
             self.say(

@@ -302,10 +302,18 @@ class PPO(ChatStage):
                 )
                 return init(host_policy, host_value)
 
+        reference = jax.device_put(host_reference, policy.params)
         iterations = PPOIterations(
-            exp, tokenizer, prompts, eval_prompts, scorer, functions, schedule, updates_per_iteration
+            exp,
+            tokenizer,
+            prompts,
+            eval_prompts,
+            scorer,
+            reference,
+            functions,
+            schedule,
+            updates_per_iteration,
         )
-        iterations.reference = jax.device_put(host_reference, policy.params)
         data = TrainingData(None, None, tokenizer, exp.train.sample_prompt, chat_template=template)
         settings = exp.posttrain
         return Run(
@@ -329,12 +337,14 @@ class PPOIterations:
     """One PPO iteration on the host: rollouts with the shared sampler, scores, then the jitted
     advantages and minibatch updates."""
 
-    def __init__(self, exp, tokenizer, prompts, eval_prompts, scorer, functions, schedule, updates):
+    def __init__(
+        self, exp, tokenizer, prompts, eval_prompts, scorer, reference, functions, schedule, updates
+    ):
         self.exp, self.tokenizer, self.scorer = exp, tokenizer, scorer
         self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.reference = reference  # the frozen reference's parameters, on the mesh
         self.advantages, self.update = functions
         self.schedule, self.updates_per_iteration = schedule, updates
-        self.reference = None  # the frozen reference's parameters, on the mesh
 
     def prompts_for(self, iteration: int) -> list[dict]:
         """The iteration's prompts: positions iteration*B .. of the seeded passes over the prompts."""
