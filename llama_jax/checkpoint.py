@@ -94,18 +94,33 @@ class TrainCheckpointer:
                 f"({reason}); the checkpoints already complete are intact."
             ) from err
 
-    def restore_latest(self, abstract_state, data_iterator=None, model: ModelConfig | None = None):
+    def restore_latest(
+        self,
+        abstract_state,
+        data_iterator=None,
+        model: ModelConfig | None = None,
+        data_record: dict | None = None,
+    ):
         """(state, step) from the newest checkpoint that restores cleanly, or None if none does.
 
         `abstract_state` is a tree of jax.ShapeDtypeStruct with the current run's shardings; the
         data iterator, if given, is moved to the saved position in place. If `model` is given, a
-        checkpoint of a model of another shape is an error rather than damage.
+        checkpoint of a model of another shape is an error rather than damage. If `data_record`
+        (the run's data settings, see `data_record`) is given, a checkpoint written with other
+        data is an error, or with `checkpoint.reset_data` the data starts from its beginning.
         """
         import grain
 
         for step in reversed(self.steps()):
-            if model is not None:
-                self._check_model(step, model)
+            saved = self._saved_experiment(step)
+            if model is not None and saved is not None:
+                self._check_model(saved, model)
+            if (
+                data_record is not None
+                and saved is not None
+                and not self._same_data(step, saved, data_record)
+            ):
+                data_iterator = None  # checkpoint.reset_data: the new data from its beginning
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             data_state = (
                 self._data_state_from_other_process_count(step) if data_iterator is not None else None
@@ -141,19 +156,46 @@ class TrainCheckpointer:
             )
         return states[0]
 
-    def _check_model(self, step: int, model: ModelConfig) -> None:
+    def _saved_experiment(self, step: int) -> dict | None:
+        """The experiment record saved with a checkpoint (None if unreadable: damage, which the
+        restore itself reports)."""
         try:
             saved = self._open().restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
-            saved_model = saved["experiment"]["model"]
-        except Exception:  # unreadable metadata is damage, which the restore itself reports
+            return saved["experiment"]
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _check_model(self, saved: dict, model: ModelConfig) -> None:
+        if "model" not in saved:
             return
-        differing = architecture_differences(saved_model, model, RESUME_FIELDS)
+        differing = architecture_differences(saved["model"], model, RESUME_FIELDS)
         if differing:
-            changes = ", ".join(f"{k} {saved} -> {ours}" for k, saved, ours in differing)
+            changes = ", ".join(f"{k} {old} -> {ours}" for k, old, ours in differing)
             raise CheckpointError(
                 f"{self.directory} holds checkpoints of a different model ({changes}); "
                 "use another --workdir or the same model."
             )
+
+    def _same_data(self, step: int, saved: dict, ours: dict) -> bool:
+        """Whether checkpoint `step` was written with the data settings `ours`; if not, an error,
+        or False with `checkpoint.reset_data`."""
+        theirs = data_record(saved)
+        if theirs is None or theirs == ours:
+            return True
+        changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if not self.cfg.reset_data:
+            raise CheckpointError(
+                f"Checkpoint {self.directory / str(step)} was written with other data settings "
+                f"({', '.join(changed)} differ), so its data position does not apply; resume with "
+                "the same data, set checkpoint.reset_data=true to start the new data from its "
+                "beginning, or use another --workdir."
+            )
+        print(
+            f"warning: checkpoint {self.directory / str(step)} was written with other data settings "
+            f"({', '.join(changed)} differ); the new data starts from its beginning (checkpoint.reset_data).",
+            flush=True,
+        )
+        return False
 
     def _quarantine(self, step: int, reason: str) -> None:
         """Moves a damaged checkpoint aside (never deletes it) so that the step can be saved again."""
@@ -183,6 +225,17 @@ class TrainCheckpointer:
                 self._manager.wait_until_finished()
             self._manager.close()
             self._manager = None
+
+
+def data_record(experiment: dict) -> dict | None:
+    """What a data position depends on, from an experiment record (as saved with a checkpoint):
+    the data settings (sources, mixture, tokenizer, seeds, split) and the batch shape."""
+    if "data" not in experiment or "train" not in experiment:
+        return None
+    train = experiment["train"]
+    record = {f"data.{k}": v for k, v in experiment["data"].items()}
+    record.update({"train.seq_len": train.get("seq_len"), "train.batch_size": train.get("batch_size")})
+    return record
 
 
 def save_params(path: str | Path, params, cfg: ModelConfig) -> Path:

@@ -90,9 +90,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value != "auto" or name == "param_dtype":
                 try:
-                    jnp.dtype(value)
+                    floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
                 except TypeError:
                     raise ValueError(f"ModelConfig.{name} is not a dtype: {value!r}.") from None
+                if not floating:
+                    raise ValueError(f"ModelConfig.{name} must be a floating dtype, got {value!r}.")
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -233,6 +235,30 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 # Experiments: what to train, how, on which mesh. `experiments/NAME.py` files build these.
 
 
+def _check_ranges(section: str, cfg, checks) -> None:
+    """Raises ValueError naming `section.field` for the first value outside its range."""
+    for name, in_range, what in checks:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
+            raise ValueError(f"{section}.{name} must be {what}, got {value!r}.")
+
+
+def _positive(x):
+    return x > 0
+
+
+def _non_negative(x):
+    return x >= 0
+
+
+def _fraction(x):
+    return 0 <= x <= 1
+
+
+def _below_one(x):
+    return 0 <= x < 1
+
+
 # Logical axis -> mesh axis (or axes), the default of `mesh.rules`. Flax applies the rules in
 # order and never uses one mesh axis twice in an array, so in activations [batch, length, embed]
 # `embed` falls back to replicated because `batch` already took `fsdp`.
@@ -308,6 +334,24 @@ class OptimConfig:
     weight_decay: float = 0.1  # not applied to norm weights
     clip_norm: float = 1.0
 
+    def __post_init__(self):
+        _check_ranges(
+            "optim",
+            self,
+            [
+                ("peak_lr", _positive, "positive"),
+                ("warmup_steps", _non_negative, "at least 0"),
+                ("decay_steps", _non_negative, "at least 0"),
+                ("final_lr_ratio", _fraction, "between 0 and 1"),
+                ("anneal_steps", _non_negative, "at least 0"),
+                ("b1", _below_one, "in [0, 1)"),
+                ("b2", _below_one, "in [0, 1)"),
+                ("eps", _positive, "positive"),
+                ("weight_decay", _non_negative, "at least 0"),
+                ("clip_norm", _positive, "positive"),
+            ],
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -322,6 +366,29 @@ class TrainConfig:
     seed: int = 0
     sample_tokens: int = 48  # length of the sample printed at the end (0: none)
     sample_prompt: str = "def "
+    # A step whose loss or gradient norm is not finite is never applied; then "stop" ends the run
+    # (one sentence naming the step), "skip" goes on and ends it after max_skipped in a row.
+    on_nonfinite: str = "stop"
+    max_skipped: int = 10
+
+    def __post_init__(self):
+        _check_ranges(
+            "train",
+            self,
+            [
+                (name, _positive, "at least 1")
+                for name in ("steps", "batch_size", "seq_len", "microbatches", "loss_chunk", "log_every")
+            ]
+            + [
+                ("eval_every", _positive, "at least 1"),
+                ("eval_batches", _non_negative, "at least 0"),
+                ("seed", _non_negative, "at least 0"),
+                ("sample_tokens", _non_negative, "at least 0"),
+                ("max_skipped", _positive, "at least 1"),
+            ],
+        )
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -338,6 +405,21 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every step divisible by this (0: none)
     async_save: bool = True  # the step loop does not wait for the write
     resume: bool = True
+    # Resume a checkpoint written with other data settings, the new data from its beginning
+    # (otherwise such a resume is refused: the saved position belongs to the old data).
+    reset_data: bool = False
+
+    def __post_init__(self):
+        _check_ranges(
+            "checkpoint",
+            self,
+            [
+                ("every_steps", _non_negative, "at least 0 (0: only at the end)"),
+                # keep_last=0 would let the manager delete every checkpoint, the final one included.
+                ("keep_last", _positive, "at least 1"),
+                ("keep_every", _non_negative, "at least 0"),
+            ],
+        )
 
 
 POSTTRAIN_STAGES = ("sft", "rm", "dpo", "ppo")
@@ -541,13 +623,32 @@ def load_experiment(name_or_path: str) -> Experiment:
         )
     spec = importlib.util.spec_from_file_location(f"llama_jax_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "experiment"):
-        raise ConfigError(f"{path} does not define experiment() -> Experiment.")
-    exp = module.experiment()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "experiment"):
+            raise ConfigError(f"{path} does not define experiment() -> Experiment.")
+        exp = module.experiment()
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's file: report where it failed, in one line
+        raise ConfigError(_where_it_failed(path, err)) from None
     if not isinstance(exp, Experiment):
         raise ConfigError(f"experiment() in {path} returned a {type(exp).__name__}, not an Experiment.")
     return exp
+
+
+def _where_it_failed(path: Path, err: BaseException) -> str:
+    """`file:line: Error: message` for an exception raised while loading an experiment file, at the
+    deepest line of that file in the traceback (or the syntax error's own line)."""
+    import traceback
+
+    line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else None
+    if line is None:
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+        line = frames[-1].lineno if frames else None
+    message = str(err).splitlines()[0] if str(err) else ""
+    where = f"{path}:{line}" if line else str(path)
+    return f"{where}: {type(err).__name__}: {message}".rstrip(": ")
 
 
 def model_config_from_dict(fields: dict) -> ModelConfig:

@@ -13,6 +13,9 @@ import argparse
 import dataclasses
 import glob
 import os
+import socket
+import sys
+import time
 
 import jax
 
@@ -21,11 +24,15 @@ class DistributedError(Exception):
     """The processes of a multi-host job could not be joined."""
 
 
+DEFAULT_INIT_TIMEOUT = 300.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
     coordinator: str | None = None  # host:port of process 0
     num_processes: int | None = None
     process_id: int | None = None
+    init_timeout: float = DEFAULT_INIT_TIMEOUT  # seconds to wait for the coordinator and the others
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ProcessSpec:
@@ -39,6 +46,9 @@ class ProcessSpec:
             except ValueError:
                 raise DistributedError(f"{name} must be an integer, got {value!r}.") from None
 
+        timeout = getattr(args, "init_timeout", None)
+        if timeout is not None and timeout <= 0:
+            raise DistributedError(f"--init-timeout must be positive, got {timeout}.")
         return cls(
             args.coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None,
             number(
@@ -49,6 +59,7 @@ class ProcessSpec:
                 args.process_id if args.process_id is not None else env.get("JAX_PROCESS_ID"),
                 "the process id",
             ),
+            DEFAULT_INIT_TIMEOUT if timeout is None else float(timeout),
         )
 
 
@@ -61,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--num-processes", type=int, help="processes in the job (or $JAX_NUM_PROCESSES)")
     group.add_argument("--process-id", type=int, help="this process, 0..N-1 (or $JAX_PROCESS_ID)")
+    group.add_argument(
+        "--init-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"how long to wait for the coordinator and the other processes (default {DEFAULT_INIT_TIMEOUT:g})",
+    )
 
 
 def _in_a_cluster_jax_detects() -> bool:
@@ -86,9 +104,37 @@ def initialize(spec: ProcessSpec) -> None:
             return
     elif not _in_a_cluster_jax_detects():
         return
+    if spec.coordinator and spec.process_id:
+        _wait_for_coordinator(spec.coordinator, spec.init_timeout)
     try:
-        jax.distributed.initialize(spec.coordinator, spec.num_processes, spec.process_id)
+        jax.distributed.initialize(
+            spec.coordinator,
+            spec.num_processes,
+            spec.process_id,
+            initialization_timeout=int(spec.init_timeout),
+        )
     except Exception as err:  # noqa: BLE001 - JAX raises RuntimeError/ValueError/XlaRuntimeError here
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         where = f" at {spec.coordinator}" if spec.coordinator else ""
         raise DistributedError(f"Could not join the other processes{where} ({first}).") from None
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Returns once process 0 accepts connections at `address`; after `timeout` seconds, one
+    sentence (JAX itself would wait as long, then abort the process without one)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"--coordinator {address!r} is not of the form host:port.")
+    print(f"waiting up to {timeout:g} s for the coordinator at {address}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"The coordinator at {address} did not answer within {timeout:g} s ({err.strerror or err}); "
+                    "start process 0 first, check the address, or raise --init-timeout."
+                ) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -78,26 +79,36 @@ class MetricsWriter:
             Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tensorboard = SummaryWriter(str(workdir))
 
-    def drop_after(self, step: int) -> None:
-        """Forgets rows past `step` (a resumed run logs those steps again)."""
+    def drop_after(self, step: int) -> int:
+        """Forgets rows past `step` (a resumed run logs those steps again) and lines that are not
+        JSON (a row torn by a kill or a full disk); returns how many torn lines it dropped."""
         if not self.enabled or not self.path.exists():
-            return
-        rows = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+            return 0
+        rows, torn = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                keep = int(row["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if keep:
+                rows.append(line)
         self.path.write_text("".join(row + "\n" for row in rows))
+        return torn
 
     def write(self, step: int, metrics: dict) -> None:
+        """One row; a non-finite value is written as null, so that the file stays strict JSON."""
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        values = {k: float(v) for k, v in metrics.items()}
+        row = {"step": int(step), **{k: v if math.isfinite(v) else None for k, v in values.items()}}
         with self.path.open("a") as file:
-            file.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step":
-                self._tensorboard.add_scalar(key, value, step)
+            file.write(json.dumps(row, allow_nan=False) + "\n")
+        for key, value in values.items():
+            self._tensorboard.add_scalar(key, value, step)
         self._tensorboard.flush()
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ import optax
 from llama_jax.sharding import activation_sharding, tree_shardings
 
 Batch = dict[str, jax.Array]
+NONFINITE = "nonfinite"  # a step's metric: 1 where its loss or gradient was not finite (not applied)
 LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
@@ -69,17 +70,24 @@ def make_train_step(
         # Sum over tokens, then one division: the same gradient however the batch is split.
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient is never applied: the step keeps the state it had (the
+        # loop then stops or skips, see train.on_nonfinite).
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_state = TrainState(
             step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
+            params=jax.tree.map(keep, params, state.params),
+            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
         )
         metrics = {
             "loss": loss_sum / count,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
             count_name: count,
+            NONFINITE: 1.0 - finite.astype(jnp.float32),
             **{name: value / count for name, value in sums.items()},
         }
         return new_state, metrics

@@ -25,8 +25,9 @@ from llama_jax.checkpoint import CheckpointError
 from llama_jax.config import ConfigError, Experiment, apply_overrides, list_experiments, load_experiment
 from llama_jax.data.training import DataError
 from llama_jax.logs import send_logs_to
+from llama_jax.run_lock import RunLockError
 from llama_jax.sharding import MeshError
-from llama_jax.trainer import Stage, Trainer, get_stage
+from llama_jax.trainer import DivergenceError, Stage, Trainer, check_workdir, get_stage
 
 
 def stage_of(exp: Experiment) -> Stage:
@@ -65,11 +66,22 @@ def main(argv=None) -> int:
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
         workdir = Path(args.workdir or Path("runs") / exp.name)
         index = jax.process_index()
+        check_workdir(workdir)
         send_logs_to(workdir / ("train.log" if index == 0 else f"train.{index}.log"))
         train(exp, workdir)
-    except (ConfigError, MeshError, DataError, CheckpointError, distributed.DistributedError) as err:
+    except (
+        ConfigError,
+        MeshError,
+        DataError,
+        CheckpointError,
+        distributed.DistributedError,
+        RunLockError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DivergenceError as err:  # not bad input: the run itself went wrong
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

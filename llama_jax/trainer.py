@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax import steps as steps_lib
-from llama_jax.checkpoint import TrainCheckpointer
+from llama_jax.checkpoint import TrainCheckpointer, data_record
 from llama_jax.config import ConfigError, Experiment
 from llama_jax.data.training import TrainingData, training_data
 from llama_jax.generate import generate
@@ -35,7 +35,9 @@ from llama_jax.loss import cross_entropy_sum, next_token_targets
 from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_second
 from llama_jax.model import Llama, count_params, lm_head
 from llama_jax.optim import make_optimizer
+from llama_jax.run_lock import RunLock
 from llama_jax.sharding import MeshError, activation_sharding, batch_sharding, check_batch, make_mesh
+from llama_jax.steps import NONFINITE
 
 
 @dataclasses.dataclass
@@ -228,14 +230,28 @@ def check_training(exp: Experiment, mesh) -> None:
         raise ConfigError(
             f"train.seq_len={exp.train.seq_len} is longer than the model's max_seq_len={exp.model.max_seq_len}."
         )
-    if exp.train.steps < 1 or exp.train.log_every < 1:
-        raise ConfigError("train.steps and train.log_every must be at least 1.")
     check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
     if exp.train.batch_size % jax.process_count():
         raise MeshError(
             f"train.batch_size={exp.train.batch_size} does not split evenly over "
             f"{jax.process_count()} processes."
         )
+
+
+def check_workdir(workdir: Path) -> None:
+    """An unwritable workdir (or checkpoint directory) is found now, before anything compiles,
+    not at the first save."""
+    workdir = Path(workdir)
+    for directory in (workdir, workdir / "checkpoints"):
+        if directory.name == "checkpoints" and not directory.exists():
+            continue
+        probe = directory / f".write-test-{jax.process_index()}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"Cannot write to {directory} ({err.strerror or err}).") from None
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -310,13 +326,23 @@ class Trainer:
         and the final `state`."""
         mesh = make_mesh(self.exp.mesh)
         self.stage.check(self.exp, mesh)
+        check_workdir(self.workdir)
+        if self.exp.optim.warmup_steps > self.exp.train.steps:
+            self.say(
+                f"warning: optim.warmup_steps={self.exp.optim.warmup_steps} is longer than the run "
+                f"(train.steps={self.exp.train.steps}): the learning rate never reaches optim.peak_lr."
+            )
+        with RunLock(self.workdir, enabled=jax.process_index() == 0, say=self.say):
+            return self._run(mesh)
+
+    def _run(self, mesh) -> dict:
         run = self.stage.start(self.exp, mesh, quiet=self.quiet)
         exp, unit = run.exp, self.stage.unit
         checkpoints = TrainCheckpointer(self.workdir, exp.checkpoint)
         record = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
         if run.tokenizer_path is not None:  # the tokenizer used, so that a later stage finds it
             record["data"]["tokenizer_path"] = run.tokenizer_path
-        state = self._restore_or_start(run, checkpoints)
+        state = self._restore_or_start(run, checkpoints, data_record(record))
         run.init_state = run.abstract_state = None  # frees the host copy of a starting checkpoint
         start = int(state.step)
         if start >= exp.train.steps:
@@ -328,22 +354,28 @@ class Trainer:
             return {"state": state}
         self.say(f"{exp.name}: {run.summary or self._summary(run, mesh)}; workdir {self.workdir}")
         writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
-        writer.drop_after(start)  # steps after the checkpoint will be logged again
+        torn = writer.drop_after(start)  # steps after the checkpoint will be logged again
+        if torn:
+            self.say(f"dropped {torn} unreadable line(s) of {writer.path} (a row torn by an earlier fault)")
         if jax.process_index() == 0:
             (self.workdir / "experiment.json").write_text(json.dumps(record, indent=1))
-        with activation_sharding(mesh, exp.mesh.rules), StopRequest() as stop:
-            state, last = self._loop(run, state, start, checkpoints, writer, record, stop)
-        checkpoints.close()  # waits for the last write
-        writer.close()
+        try:
+            with activation_sharding(mesh, exp.mesh.rules), StopRequest() as stop:
+                state, last = self._loop(run, state, start, checkpoints, writer, record, stop)
+        finally:
+            checkpoints.close()  # waits for the last write, also when the loop ends on an error
+            writer.close()
         # Every process takes part in sampling (the parameters span them all); one prints.
         if run.sample is not None and not self.quiet and int(state.step) == exp.train.steps:
             self.say(f"sample: {run.sample(state)}")
         last["state"] = state
         return last
 
-    def _restore_or_start(self, run: Run, checkpoints: TrainCheckpointer):
+    def _restore_or_start(self, run: Run, checkpoints: TrainCheckpointer, data: dict | None):
         if run.exp.checkpoint.resume:
-            restored = checkpoints.restore_latest(run.abstract_state, run.data_iterator, model=run.exp.model)
+            restored = checkpoints.restore_latest(
+                run.abstract_state, run.data_iterator, model=run.exp.model, data_record=data
+            )
             if restored is not None:
                 state, step = restored
                 self.say(f"resumed from {checkpoints.directory / str(step)}")
@@ -371,15 +403,17 @@ class Trainer:
         )
         last: dict = {}
         window = Window(self.stage, run)
+        guard = DivergenceGuard(exp.train, self.say)
         every = exp.checkpoint.every_steps
         for step in range(start, exp.train.steps):
             state, metrics = run.step(state, step)
-            window.add(metrics, first=step == start)
+            window.add(metrics, step, first=step == start)
             done = step + 1
             if done % exp.train.log_every == 0 or done == exp.train.steps:
                 last = window.flush()
                 writer.write(done, last)
                 bar.set_postfix(**window.progress(last))
+                guard.check(window.flags, last)
             if run.evaluate is not None and (done % exp.train.eval_every == 0 or done == exp.train.steps):
                 evaluated = run.evaluate(state)
                 last.update(evaluated)
@@ -400,6 +434,41 @@ class Trainer:
         return state, last
 
 
+class DivergenceError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient; the message is one sentence."""
+
+
+class DivergenceGuard:
+    """What the loop does with steps whose loss or gradient was not finite (the step itself never
+    applies them, see steps.make_train_step): `train.on_nonfinite=stop` ends the run at the first;
+    `skip` goes on and ends it after `train.max_skipped` in a row. Checked at every log line."""
+
+    def __init__(self, cfg, say):
+        self.cfg, self.say, self.in_a_row = cfg, say, 0
+
+    def check(self, flags: list[tuple[int, bool]], last: dict) -> None:
+        """`flags`: (step, whether its update was dropped) for the steps of one log window."""
+        skipped = [step for step, bad in flags if bad]
+        for step, bad in flags:
+            self.in_a_row = self.in_a_row + 1 if bad else 0
+            if bad and self.cfg.on_nonfinite == "stop":
+                raise DivergenceError(
+                    f"The loss or gradient norm of step {step} is not finite (lr {last.get('lr', 0.0):.3g}); "
+                    "its update was not applied and the run stops. Resume from the last checkpoint "
+                    "with a lower optim.peak_lr, or set train.on_nonfinite=skip."
+                )
+            if self.in_a_row >= self.cfg.max_skipped:
+                raise DivergenceError(
+                    f"{self.in_a_row} steps in a row, to step {step}, had a non-finite loss or gradient "
+                    f"(train.max_skipped={self.cfg.max_skipped}); the run stops. Resume from the last "
+                    "checkpoint with a lower optim.peak_lr."
+                )
+        if skipped:
+            self.say(
+                f"skipped the updates of steps {', '.join(map(str, skipped))}: non-finite loss or gradient"
+            )
+
+
 class Window:
     """The metrics of the steps since the last log line: averaged (the stage's `latest_metrics`
     as of the last step), with throughput and MFU from the steps timed in it."""
@@ -408,10 +477,13 @@ class Window:
         self.stage, self.run = stage, run
         self.peak = peak_flops_per_second()[0] if run.flops_per_step else 0.0
         self.metrics: list = []
+        self.steps: list[int] = []  # the step number each entry of `metrics` ends at
+        self.flags: list[tuple[int, bool]] = []  # after a flush: (step, update dropped) for each
         self.timed_steps, self.started = 0, time.perf_counter()
 
-    def add(self, metrics, first: bool) -> None:
+    def add(self, metrics, step: int, first: bool) -> None:
         self.metrics.append(metrics)
+        self.steps.append(step + 1)
         self.timed_steps += 1
         if first:  # the first step carries the compile: not timed
             jax.block_until_ready(metrics)
@@ -424,7 +496,8 @@ class Window:
         fetched = jax.device_get(self.metrics)
         latest, skip = self.stage.latest_metrics, self.stage.count_name
         names = [n for n in ("loss", "grad_norm", "lr") if n in fetched[-1]]
-        names += [n for n in self.metrics[-1] if n not in names and n != skip]
+        names += [n for n in self.metrics[-1] if n not in names and n not in (skip, NONFINITE)]
+        self.flags = [(s, bool(m.get(NONFINITE, 0.0))) for s, m in zip(self.steps, fetched)]
         last = {
             name: float(fetched[-1][name]) if name in latest else float(np.mean([m[name] for m in fetched]))
             for name in names
@@ -437,7 +510,7 @@ class Window:
                 step_time_s=elapsed / self.timed_steps,
                 mfu=tokens_per_s * self.run.flops_per_step / self.run.tokens_per_step / self.peak,
             )
-        self.metrics = []
+        self.metrics, self.steps = [], []
         self.restart_clock()
         return last
 
