@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -121,3 +122,17 @@ def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
     """Inside, the model's `with_logical_constraint`s resolve against this mesh and table."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
+
+
+def device_memory_bytes(devices=None) -> int | None:
+    """Memory of one device: an accelerator's own limit, or on a CPU host the memory available
+    now shared by its (simulated) devices; None where it cannot be told."""
+    devices = jax.local_devices() if devices is None else devices
+    if devices[0].platform != "cpu":
+        stats = devices[0].memory_stats() or {}
+        return stats.get("bytes_limit")
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return available // len(devices)

@@ -36,7 +36,14 @@ from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_sec
 from llama_jax.model import Llama, count_params, lm_head
 from llama_jax.optim import make_optimizer
 from llama_jax.run_lock import RunLock
-from llama_jax.sharding import MeshError, activation_sharding, batch_sharding, check_batch, make_mesh
+from llama_jax.sharding import (
+    MeshError,
+    activation_sharding,
+    batch_sharding,
+    check_batch,
+    device_memory_bytes,
+    make_mesh,
+)
 from llama_jax.steps import NONFINITE
 
 
@@ -238,6 +245,23 @@ def check_training(exp: Experiment, mesh) -> None:
         )
 
 
+def check_fit(exp: Experiment, mesh) -> None:
+    """A run whose parameters and optimizer state alone cannot fit its devices stops here, from
+    the shapes (no memory used), instead of trying to allocate them."""
+    have = device_memory_bytes()
+    shards = mesh.shape["fsdp"] * mesh.shape["tensor"]  # the axes the parameters are split over
+    # fp32-or-whatever parameters and Adam's two moments of the same dtype.
+    need = count_params(exp.model) * 3 * jnp.dtype(exp.model.param_dtype).itemsize / shards
+    if have is not None and need > have:
+        devices = jax.local_devices()
+        raise MeshError(
+            f"{exp.name} needs at least {need / 2**30:,.1f} GiB per device for its parameters and "
+            f"optimizer state alone, and each of the {len(devices)} {devices[0].platform} device(s) here "
+            f"has {have / 2**30:,.1f} GiB; the experiment targets {exp.target}: check a fit there with "
+            f"`python -m llama_jax.aot --exp={exp.name}`."
+        )
+
+
 def check_workdir(workdir: Path) -> None:
     """An unwritable workdir (or checkpoint directory) is found now, before anything compiles,
     not at the first save."""
@@ -326,6 +350,7 @@ class Trainer:
         and the final `state`."""
         mesh = make_mesh(self.exp.mesh)
         self.stage.check(self.exp, mesh)
+        check_fit(self.exp, mesh)
         check_workdir(self.workdir)
         if self.exp.optim.warmup_steps > self.exp.train.steps:
             self.say(

@@ -198,3 +198,13 @@ def test_a_resume_with_other_data_is_refused_unless_reset(small, tmp_path, capsy
     out = capsys.readouterr()
     assert "the new data starts from its beginning (checkpoint.reset_data)" in out.out + out.err
     assert [row["step"] for row in _strict_rows(workdir)] == [2, 4, 6]
+
+
+def test_a_recipe_that_cannot_fit_stops_before_allocating(tmp_path, capsys):
+    """The main command on a laptop: from the shapes alone, one sentence pointing at the AOT check."""
+    started = time.monotonic()
+    assert train.main(["--exp", "llama2_70b", "--workdir", str(tmp_path / "w")]) == 2
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert "llama2_70b needs at least" in err and "GiB per device" in err
+    assert "the experiment targets v5p-512" in err and "`python -m llama_jax.aot --exp=llama2_70b`" in err
