@@ -17,10 +17,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -35,6 +37,7 @@ from llama_jax.config import (
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
+CHECKSUMS_FILE = "checksums.json"  # beside a parameters checkpoint: its arrays' fingerprints
 # ModelConfig fields that change the shapes or layout of the saved parameters: a resumed run
 # must share them (it may change, say, the RoPE scaling of a long-context phase).
 RESUME_FIELDS = PARAMETER_SHAPE_FIELDS + ("param_dtype",)
@@ -42,6 +45,54 @@ RESUME_FIELDS = PARAMETER_SHAPE_FIELDS + ("param_dtype",)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which and why."""
+
+
+# Every checkpoint carries a fingerprint of each array it holds, computed on the devices at save
+# time and checked on restore: bytes altered on disk that still decode are caught, not trained on
+# or served.
+CHECKSUMS = "checksums"
+
+
+@jax.jit
+def _fingerprint(x):
+    """A uint32 for one array: the sum of its elements' bits times their position's odd weight,
+    mod 2^32. Integer sums do not depend on the order of addition, so the value is the same on
+    any mesh and number of devices."""
+    widths = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, widths[x.dtype.itemsize]).reshape(-1).astype(jnp.uint32)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def checksums(tree) -> dict[str, int]:
+    """{array path: fingerprint} of a tree of arrays, one array at a time (host arrays are never
+    all on a device at once)."""
+    return {
+        _path_name(path): int(jax.device_get(_fingerprint(leaf)))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _path_name(path) -> str:
+    """ "opt_state/1/0/mu/layers/attention/wq": the same for a TrainState and the plain dicts and
+    lists a restore without a target gives."""
+    parts = (getattr(key, attr) for key in path for attr in ("key", "name", "idx") if hasattr(key, attr))
+    return "/".join(str(part) for part in parts)
+
+
+def verify(tree, expected: dict[str, int] | None) -> None:
+    """Raises CheckpointError naming the first array whose fingerprint differs from `expected`
+    (None: a checkpoint written before fingerprints, not checked)."""
+    if not expected:
+        return
+    found = checksums(tree)
+    wrong = [name for name, value in found.items() if name in expected and expected[name] != value]
+    if wrong:
+        raise CheckpointError(
+            f"{len(wrong)} array(s) do not match the checksums written with them, first {wrong[0]}"
+        )
 
 
 class TrainCheckpointer:
@@ -75,6 +126,7 @@ class TrainCheckpointer:
             manager = self._open()
             if step in manager.all_steps():
                 return
+            experiment = {**experiment, CHECKSUMS: {"state": checksums(state)}}
             items = {"state": ocp.args.StandardSave(state), "experiment": ocp.args.JsonSave(experiment)}
             if data_iterator is not None:
                 items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -129,6 +181,7 @@ class TrainCheckpointer:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
                 restored = self._open().restore(step, args=ocp.args.Composite(**items))
+                verify(restored["state"], ((saved or {}).get(CHECKSUMS) or {}).get("state"))
                 if data_state is not None:
                     data_iterator.set_state(data_state)
                 return restored["state"], step
@@ -258,6 +311,7 @@ def save_params(path: str | Path, params, cfg: ModelConfig) -> Path:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(path / "params", params)
             checkpointer.wait_until_finished()
+    (path / CHECKSUMS_FILE).write_text(json.dumps(checksums(params), indent=0))
     (path / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     return path
 
@@ -270,16 +324,25 @@ def load_params(path: str | Path, shardings=None) -> tuple[ModelConfig, dict]:
             f"{path} is not a llama_jax parameters checkpoint (no {MODEL_CONFIG_FILE} or params/)."
         )
     cfg = model_config_from_dict(json.loads((path / MODEL_CONFIG_FILE).read_text()))
-    with ocp.StandardCheckpointer() as checkpointer:
-        if shardings is None:
-            params = checkpointer.restore(path / "params")
-        else:
-            metadata = checkpointer.metadata(path / "params")
-            tree = getattr(metadata, "item_metadata", metadata)
-            target = jax.tree.map(
-                lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings
-            )
-            params = checkpointer.restore(path / "params", target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            if shardings is None:
+                params = checkpointer.restore(path / "params")
+            else:
+                metadata = checkpointer.metadata(path / "params")
+                tree = getattr(metadata, "item_metadata", metadata)
+                target = jax.tree.map(
+                    lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings
+                )
+                params = checkpointer.restore(path / "params", target)
+    except Exception as err:  # noqa: BLE001 - Orbax and TensorStore raise many kinds for a bad file
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is damaged ({reason}).") from None
+    if (path / CHECKSUMS_FILE).is_file():
+        try:
+            verify(params, json.loads((path / CHECKSUMS_FILE).read_text()))
+        except CheckpointError as err:
+            raise CheckpointError(f"{path} is damaged: {err}.") from None
     return cfg, params
 
 
@@ -301,10 +364,21 @@ def load_for_inference(path: str | Path) -> tuple[ModelConfig, dict]:
             f"{path} holds no llama_jax checkpoint (neither {MODEL_CONFIG_FILE} "
             "nor checkpoints/STEP directories)."
         )
+    reason = ""
     with ocp.CheckpointManager(directory) as manager:
-        restored = manager.restore(
-            steps[0],
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), experiment=ocp.args.JsonRestore()),
-        )
-    cfg = model_config_from_dict(restored["experiment"]["model"])
-    return cfg, restored["state"]["params"]
+        for step in steps:  # the newest that restores cleanly, as training resumes
+            try:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(), experiment=ocp.args.JsonRestore()
+                    ),
+                )
+                verify(restored["state"], (restored["experiment"].get(CHECKSUMS) or {}).get("state"))
+                cfg = model_config_from_dict(restored["experiment"]["model"])
+            except Exception as err:  # noqa: BLE001 - Orbax and TensorStore raise many kinds for a bad file
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                print(f"warning: checkpoint {directory / str(step)} is damaged ({reason}).", file=sys.stderr)
+                continue
+            return cfg, restored["state"]["params"]
+    raise CheckpointError(f"No checkpoint in {directory} restores cleanly (the last one tried: {reason}).")

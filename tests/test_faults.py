@@ -208,3 +208,57 @@ def test_a_recipe_that_cannot_fit_stops_before_allocating(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "llama2_70b needs at least" in err and "GiB per device" in err
     assert "the experiment targets v5p-512" in err and "`python -m llama_jax.aot --exp=llama2_70b`" in err
+
+
+def _corrupt(step_dir):
+    """Flips bytes in the middle of the largest array file of a checkpoint, as a bad disk would."""
+    data = max((f for f in (step_dir / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(b ^ 0x5A for b in raw[middle : middle + 64])
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.faults
+def test_altered_checkpoint_bytes_are_caught_and_the_run_ends_as_if_uninterrupted(small, tmp_path, capsys):
+    import jax
+
+    reference, faulty = tmp_path / "reference", tmp_path / "faulty"
+    assert train.main(["--exp", small, "--workdir", str(reference)]) == 0
+    assert train.main(["--exp", small, "--workdir", str(faulty), "train.steps=4"]) == 0
+    _corrupt(faulty / "checkpoints" / "4")
+    capsys.readouterr()
+    # Inference falls back to the newest checkpoint that verifies, with a warning.
+    cfg, params = load_for_inference(str(faulty))
+    warning = capsys.readouterr().err
+    # The altered bytes still decode: only the checksums written at save time catch them.
+    assert "checkpoints/4 is damaged" in warning and "do not match the checksums written with them" in warning
+    # Training reports the damage, moves the step aside, resumes from step 2 and ends where an
+    # uninterrupted run ends.
+    assert train.main(["--exp", small, "--workdir", str(faulty)]) == 0
+    out = capsys.readouterr()
+    assert "is damaged" in out.out + out.err and "resumed from" in out.out + out.err
+    assert [p.name.split("-")[1] for p in (faulty / "checkpoints").glob("damaged-*")] == ["4"]
+    ours, theirs = load_for_inference(str(faulty))[1], load_for_inference(str(reference))[1]
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_altered_parameters_export_is_refused_in_one_sentence(tmp_path):
+    import jax
+
+    from llama_jax.checkpoint import CheckpointError, load_params, save_params
+    from llama_jax.config import ModelConfig
+    from llama_jax.model import init_params
+
+    cfg = ModelConfig(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=320, max_seq_len=64
+    )
+    path = save_params(tmp_path / "export", jax.device_get(init_params(cfg, jax.random.key(0))), cfg)
+    assert load_params(path)[0] == cfg  # intact: loads
+    data = max((f for f in (path / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"is damaged"):
+        load_params(path)
