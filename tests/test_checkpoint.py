@@ -81,6 +81,7 @@ def _losses(workdir):
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
+@pytest.mark.faults  # a real SIGKILL / full disk: run by .ci/run after the suite
 def test_sigterm_then_sigkill_then_resume_is_exact(tmp_path):
     env = _env(tmp_path)
     reference = tmp_path / "reference"
@@ -256,6 +257,7 @@ _FULL_DISK = (
 )
 
 
+@pytest.mark.faults  # a real SIGKILL / full disk: run by .ci/run after the suite
 def test_a_full_disk_during_a_save_is_reported_and_earlier_checkpoints_survive(tmp_path):
     env = _env(tmp_path)
     workdir = tmp_path / "run"

@@ -6,6 +6,7 @@ The tests marked `faults` train real runs; `python -m pytest` leaves them out (s
 `.ci/run` runs them after the suite: `python -m pytest -m faults`."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -262,3 +263,35 @@ def test_an_altered_parameters_export_is_refused_in_one_sentence(tmp_path):
     data.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"is damaged"):
         load_params(path)
+
+
+def _truncated_safetensors(path):
+    file = sorted(path.glob("*.safetensors"))[0]
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    return r"model.safetensors is not a readable safetensors file"
+
+
+def _mistyped_config(path):
+    config = json.loads((path / "config.json").read_text())
+    config["hidden_size"] = "sixty-four"
+    (path / "config.json").write_text(json.dumps(config))
+    return r"config.json has a missing or mistyped field"
+
+
+def _config_not_json(path):
+    (path / "config.json").write_text('{"hidden_size": 64,')
+    return r"config.json is not JSON"
+
+
+@pytest.mark.parametrize("damage", [_truncated_safetensors, _mistyped_config, _config_not_json])
+def test_damaged_hugging_face_files_are_one_sentence(hf_model_dir, tmp_path, capsys, damage):
+    from llama_jax.convert.cli import main as convert
+
+    _, path = hf_model_dir()
+    expected = damage(path)
+    capsys.readouterr()
+    assert (
+        convert(["--from", "hf", str(path), "--to", "llama_jax", str(tmp_path / "out"), "--no-progress"]) == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and re.search(expected, err), err

@@ -9,6 +9,7 @@ torch's [out, in] and our [in, ...out] layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -173,9 +174,21 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
         )
     where = {}
     for file in files:
-        with safe_open(file, framework="np") as handle:
+        with _readable(file), safe_open(file, framework="np") as handle:
             where.update({name: file for name in handle.keys()})
     return where
+
+
+@contextlib.contextmanager
+def _readable(file: Path):
+    """A truncated or damaged safetensors file is one sentence, not the library's traceback."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type, and OSError
+        message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ConversionError(f"{file} is not a readable safetensors file ({message}).") from None
 
 
 # Buffers that some checkpoints carry but that are not parameters.
@@ -186,7 +199,13 @@ def read_hf_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{path} is not a Hugging Face model directory: no config.json.")
-    return json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{config_file} is not JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_file} does not hold a JSON object.")
+    return config
 
 
 def load_hf(
@@ -203,7 +222,14 @@ def load_hf(
     host memory is the output plus one tensor.
     """
     path = Path(path)
-    cfg = config_from_hf(read_hf_config(path), param_dtype=param_dtype, scan_layers=scan_layers)
+    try:
+        cfg = config_from_hf(read_hf_config(path), param_dtype=param_dtype, scan_layers=scan_layers)
+    except (TypeError, KeyError, ValueError, ArithmeticError) as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise ConversionError(
+            f"{path / 'config.json'} has a missing or mistyped field ({type(err).__name__}: {err})."
+        ) from None
     mappings = hf_tensor_mappings(cfg)
     where = _safetensors_files(path)
     expected = {m.hf_name for m in mappings}
@@ -229,7 +255,7 @@ def load_hf(
         disable=(not progress) if progress is not None else None,
     ) as bar:
         for file, file_mappings in by_file.items():
-            with safe_open(file, framework="np", backend="pread") as handle:
+            with _readable(file), safe_open(file, framework="np", backend="pread") as handle:
                 for m in file_mappings:
                     tensor = handle.get_tensor(m.hf_name)
                     if tuple(tensor.shape) != m.hf_shape:

@@ -184,20 +184,38 @@ def load_meta(
     params_file = path / "params.json"
     if not params_file.is_file():
         raise ConversionError(f"{path} is not a Meta checkpoint directory: no params.json.")
-    meta_params = json.loads(params_file.read_text())
+    try:
+        meta_params = json.loads(params_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{params_file} is not JSON ({err}).") from None
+    if not isinstance(meta_params, dict):
+        raise ConversionError(f"{params_file} does not hold a JSON object.")
     files = _shard_files(path)
-    shards = [torch.load(file, map_location="cpu", mmap=True, weights_only=True) for file in files]
+    shards = []
+    for file in files:
+        try:
+            shards.append(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as err:  # noqa: BLE001 - torch raises many kinds for a truncated file
+            message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ConversionError(f"{file} is not a readable PyTorch checkpoint ({message}).") from None
     if "tok_embeddings.weight" not in shards[0]:
         raise ConversionError(f"{files[0].name} lacks tensor tok_embeddings.weight.")
     vocab_size = meta_params.get("vocab_size", -1)
-    if vocab_size <= 0:
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
         vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
     overrides = dict(
         param_dtype=param_dtype, scan_layers=scan_layers, tie_embeddings="output.weight" not in shards[0]
     )
     if max_seq_len is not None:
         overrides["max_seq_len"] = max_seq_len
-    cfg = config_from_meta(meta_params, vocab_size, rope_scaling_factor=rope_scaling_factor, **overrides)
+    try:
+        cfg = config_from_meta(meta_params, vocab_size, rope_scaling_factor=rope_scaling_factor, **overrides)
+    except (TypeError, KeyError, ValueError, ArithmeticError) as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise ConversionError(
+            f"{params_file} has a missing or mistyped field ({type(err).__name__}: {err})."
+        ) from None
 
     mappings = hf_tensor_mappings(cfg)
     unexpected = sorted(shards[0].keys() - {meta_name(m)[0] for m in mappings} - _IGNORED)
