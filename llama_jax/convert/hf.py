@@ -9,7 +9,6 @@ torch's [out, in] and our [in, ...out] layout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,7 +21,13 @@ from tqdm import tqdm
 
 from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.convert import tree
-from llama_jax.convert.common import ConversionError, require_empty_destination
+from llama_jax.convert.common import (
+    ConversionError,
+    config_fields,
+    read_json_object,
+    readable,
+    require_empty_destination,
+)
 from llama_jax.convert.tree import TensorMapping
 
 
@@ -174,21 +179,9 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
         )
     where = {}
     for file in files:
-        with _readable(file), safe_open(file, framework="np") as handle:
+        with readable(file, "safetensors"), safe_open(file, framework="np") as handle:
             where.update({name: file for name in handle.keys()})
     return where
-
-
-@contextlib.contextmanager
-def _readable(file: Path):
-    """A truncated or damaged safetensors file is one sentence, not the library's traceback."""
-    try:
-        yield
-    except ConversionError:
-        raise
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type, and OSError
-        message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ConversionError(f"{file} is not a readable safetensors file ({message}).") from None
 
 
 # Buffers that some checkpoints carry but that are not parameters.
@@ -199,13 +192,7 @@ def read_hf_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{path} is not a Hugging Face model directory: no config.json.")
-    try:
-        config = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConversionError(f"{config_file} is not JSON ({err}).") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{config_file} does not hold a JSON object.")
-    return config
+    return read_json_object(config_file)
 
 
 def load_hf(
@@ -222,14 +209,8 @@ def load_hf(
     host memory is the output plus one tensor.
     """
     path = Path(path)
-    try:
+    with config_fields(path / "config.json"):
         cfg = config_from_hf(read_hf_config(path), param_dtype=param_dtype, scan_layers=scan_layers)
-    except (TypeError, KeyError, ValueError, ArithmeticError) as err:
-        if isinstance(err, ConversionError):
-            raise
-        raise ConversionError(
-            f"{path / 'config.json'} has a missing or mistyped field ({type(err).__name__}: {err})."
-        ) from None
     mappings = hf_tensor_mappings(cfg)
     where = _safetensors_files(path)
     expected = {m.hf_name for m in mappings}
@@ -255,7 +236,7 @@ def load_hf(
         disable=(not progress) if progress is not None else None,
     ) as bar:
         for file, file_mappings in by_file.items():
-            with _readable(file), safe_open(file, framework="np", backend="pread") as handle:
+            with readable(file, "safetensors"), safe_open(file, framework="np", backend="pread") as handle:
                 for m in file_mappings:
                     tensor = handle.get_tensor(m.hf_name)
                     if tuple(tensor.shape) != m.hf_shape:

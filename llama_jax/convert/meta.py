@@ -11,7 +11,6 @@ Reading `.pth` files needs PyTorch, imported only when `load_meta` runs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from llama_jax.config import ModelConfig, RopeScaling, ffn_dim_for
 from llama_jax.convert import tree
-from llama_jax.convert.common import ConversionError
+from llama_jax.convert.common import ConversionError, config_fields, read_json_object, readable
 from llama_jax.convert.hf import hf_tensor_mappings, llama3_rope_scaling
 from llama_jax.convert.tree import TensorMapping
 
@@ -184,20 +183,12 @@ def load_meta(
     params_file = path / "params.json"
     if not params_file.is_file():
         raise ConversionError(f"{path} is not a Meta checkpoint directory: no params.json.")
-    try:
-        meta_params = json.loads(params_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConversionError(f"{params_file} is not JSON ({err}).") from None
-    if not isinstance(meta_params, dict):
-        raise ConversionError(f"{params_file} does not hold a JSON object.")
+    meta_params = read_json_object(params_file)
     files = _shard_files(path)
     shards = []
     for file in files:
-        try:
+        with readable(file, "PyTorch checkpoint"):
             shards.append(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as err:  # noqa: BLE001 - torch raises many kinds for a truncated file
-            message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise ConversionError(f"{file} is not a readable PyTorch checkpoint ({message}).") from None
     if "tok_embeddings.weight" not in shards[0]:
         raise ConversionError(f"{files[0].name} lacks tensor tok_embeddings.weight.")
     vocab_size = meta_params.get("vocab_size", -1)
@@ -208,14 +199,8 @@ def load_meta(
     )
     if max_seq_len is not None:
         overrides["max_seq_len"] = max_seq_len
-    try:
+    with config_fields(params_file):
         cfg = config_from_meta(meta_params, vocab_size, rope_scaling_factor=rope_scaling_factor, **overrides)
-    except (TypeError, KeyError, ValueError, ArithmeticError) as err:
-        if isinstance(err, ConversionError):
-            raise
-        raise ConversionError(
-            f"{params_file} has a missing or mistyped field ({type(err).__name__}: {err})."
-        ) from None
 
     mappings = hf_tensor_mappings(cfg)
     unexpected = sorted(shards[0].keys() - {meta_name(m)[0] for m in mappings} - _IGNORED)
