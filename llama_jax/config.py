@@ -454,6 +454,22 @@ class PPOConfig:
         for name in ("max_new_tokens", "minibatch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PPOConfig.{name} must be at least 1.")
+        _check_ranges(
+            "posttrain.ppo",
+            self,
+            [
+                ("temperature", _non_negative, "at least 0"),
+                ("top_k", _non_negative, "at least 0"),
+                ("top_p", lambda x: 0 < x <= 1, "in (0, 1]"),
+                ("kl_coef", _non_negative, "at least 0"),
+                ("clip", _positive, "positive"),
+                ("value_clip", _positive, "positive"),
+                ("gamma", _fraction, "between 0 and 1"),
+                ("lam", _fraction, "between 0 and 1"),
+                ("value_lr", _non_negative, "at least 0 (0: optim.peak_lr)"),
+                ("eval_prompts", _non_negative, "at least 0"),
+            ],
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,6 +492,11 @@ class PosttrainConfig:
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self):
+        _check_ranges(
+            "posttrain",
+            self,
+            [("beta", _positive, "positive"), ("nll_coef", _non_negative, "at least 0")],
+        )
         if self.stage not in POSTTRAIN_STAGES:
             raise ValueError(
                 f"posttrain.stage must be one of {', '.join(POSTTRAIN_STAGES)}, got {self.stage!r}."

@@ -295,3 +295,19 @@ def test_damaged_hugging_face_files_are_one_sentence(hf_model_dir, tmp_path, cap
     )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and re.search(expected, err), err
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("posttrain.beta=-1", "posttrain.beta must be positive"),
+        ("posttrain.ppo.top_p=0", r"posttrain.ppo.top_p must be in \(0, 1\]"),
+        ("posttrain.ppo.gamma=2", "posttrain.ppo.gamma must be between 0 and 1"),
+        ("posttrain.ppo.kl_coef=-0.1", "posttrain.ppo.kl_coef must be at least 0"),
+    ],
+)
+def test_post_training_settings_have_ranges(override, message):
+    from llama_jax.config import ConfigError, Experiment, PosttrainConfig, apply_overrides
+
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Experiment(posttrain=PosttrainConfig(stage="ppo")), [override])
