@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llama_jax import distributed
 from llama_jax.config import (
     PARAMETER_SHAPE_FIELDS,
     CheckpointConfig,
@@ -45,6 +47,21 @@ RESUME_FIELDS = PARAMETER_SHAPE_FIELDS + ("param_dtype",)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which and why."""
+
+
+class StalledWriteError(CheckpointError):
+    """A checkpoint write did not finish within checkpoint.write_timeout_s. Its thread may still be
+    blocked in the filesystem, so a CLI ends the process at once rather than wait for it at exit."""
+
+
+NOTE_EVERY_S = 60.0  # how often a long wait for a checkpoint write says that it is still waiting
+
+
+def _record_outcome(wait) -> None:
+    try:
+        wait()
+    except BaseException as err:  # noqa: BLE001 - handed to the thread that waits, re-raised there
+        threading.current_thread().outcome = err
 
 
 # Every checkpoint carries a fingerprint of each array it holds, computed on the devices at save
@@ -111,6 +128,8 @@ class TrainCheckpointer:
                 enable_async_checkpointing=self.cfg.async_save,
                 cleanup_tmp_directories=True,
                 create=True,
+                # Orbax's own waits for the other processes during an asynchronous save.
+                async_options=ocp.AsyncOptions(timeout_secs=int(self.cfg.write_timeout_s)),
             )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
@@ -130,15 +149,18 @@ class TrainCheckpointer:
             items = {"state": ocp.args.StandardSave(state), "experiment": ocp.args.JsonSave(experiment)}
             if data_iterator is not None:
                 items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            self._wait_for_write(manager)  # the previous asynchronous write, bounded
             manager.save(step, args=ocp.args.Composite(**items), force=True)
             if wait:
-                manager.wait_until_finished()
+                self._wait_for_write(manager, step)
 
     @contextlib.contextmanager
     def _save_errors(self, step):
         # An asynchronous write that failed (say, on a full disk) surfaces at the next save or wait.
         try:
             yield
+        except CheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001 - Orbax/TensorStore raise many kinds
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise CheckpointError(
@@ -264,10 +286,7 @@ class TrainCheckpointer:
         )
         if jax.process_index() == 0 and source.exists():
             source.rename(target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"quarantine-{step}")
+        distributed.barrier(f"quarantine-{step}")  # the others wait until it is moved
         if self._manager is not None:
             self._manager.close()
             self._manager = None
@@ -275,9 +294,37 @@ class TrainCheckpointer:
     def close(self) -> None:
         if self._manager is not None:
             with self._save_errors(self._manager.latest_step()):
-                self._manager.wait_until_finished()
+                self._wait_for_write(self._manager)
             self._manager.close()
             self._manager = None
+
+    def _wait_for_write(self, manager, step: int | None = None) -> None:
+        """Waits for the asynchronous write in progress, saying so every `NOTE_EVERY_S` seconds, for
+        at most checkpoint.write_timeout_s; then StalledWriteError (a hung filesystem never hangs
+        the run: the unfinished write stays a temporary directory that a resume ignores)."""
+        if not self.cfg.async_save:
+            return
+        waiter = threading.Thread(target=_record_outcome, args=(manager.wait_until_finished,), daemon=True)
+        waiter.outcome = None
+        waiter.start()
+        started = time.monotonic()
+        while True:
+            waited = time.monotonic() - started
+            waiter.join(min(NOTE_EVERY_S, max(self.cfg.write_timeout_s - waited, 0.0)))
+            waited = time.monotonic() - started
+            if not waiter.is_alive():
+                if isinstance(waiter.outcome, BaseException):
+                    raise waiter.outcome
+                return
+            where = self.directory / str(step if step is not None else manager.latest_step())
+            if waited >= self.cfg.write_timeout_s:
+                raise StalledWriteError(
+                    f"The write of checkpoint {where} has not finished after {waited:.0f} s "
+                    f"(checkpoint.write_timeout_s={self.cfg.write_timeout_s:g}): is the filesystem "
+                    "stalled? It stays unfinished, a resume ignores it, and the checkpoints already "
+                    "complete are intact."
+                )
+            print(f"still writing checkpoint {where} ({waited:.0f} s so far)", file=sys.stderr, flush=True)
 
 
 def data_record(experiment: dict) -> dict | None:

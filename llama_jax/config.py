@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.data.config import STDLIB_EVAL, STDLIB_TRAIN, DataConfig
+from llama_jax.ranges import below_one, check_ranges, fraction, non_negative, positive
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")  # the same as attention.IMPLEMENTATIONS
@@ -32,6 +33,23 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        check_ranges(
+            "model.rope_scaling",
+            self,
+            [
+                ("factor", positive, "positive"),
+                ("low_freq_factor", positive, "positive"),
+                ("high_freq_factor", positive, "positive"),
+                ("original_max_position_embeddings", positive, "at least 1"),
+            ],
+        )
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"model.rope_scaling.high_freq_factor ({self.high_freq_factor}) must be larger than "
+                f"low_freq_factor ({self.low_freq_factor})."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +80,7 @@ class ModelConfig:
     attention: str = "auto"
 
     def __post_init__(self):
-        positive = (
+        sizes = (
             "dim",
             "n_layers",
             "n_heads",
@@ -72,9 +90,16 @@ class ModelConfig:
             "vocab_size",
             "max_seq_len",
         )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}.")
+        check_ranges(
+            "model",
+            self,
+            [(name, positive, "at least 1") for name in sizes]
+            + [
+                ("rope_theta", positive, "positive"),
+                ("norm_eps", positive, "positive"),
+                ("init_std", positive, "positive"),
+            ],
+        )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
@@ -235,30 +260,6 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 # Experiments: what to train, how, on which mesh. `experiments/NAME.py` files build these.
 
 
-def _check_ranges(section: str, cfg, checks) -> None:
-    """Raises ValueError naming `section.field` for the first value outside its range."""
-    for name, in_range, what in checks:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
-            raise ValueError(f"{section}.{name} must be {what}, got {value!r}.")
-
-
-def _positive(x):
-    return x > 0
-
-
-def _non_negative(x):
-    return x >= 0
-
-
-def _fraction(x):
-    return 0 <= x <= 1
-
-
-def _below_one(x):
-    return 0 <= x < 1
-
-
 # Logical axis -> mesh axis (or axes), the default of `mesh.rules`. Flax applies the rules in
 # order and never uses one mesh axis twice in an array, so in activations [batch, length, embed]
 # `embed` falls back to replicated because `batch` already took `fsdp`.
@@ -301,6 +302,18 @@ class SamplingConfig:
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
 
+    def __post_init__(self):
+        check_ranges(
+            "",
+            self,
+            [
+                ("max_new_tokens", non_negative, "at least 0"),
+                ("temperature", non_negative, "at least 0"),
+                ("top_k", non_negative, "at least 0"),
+                ("top_p", lambda x: 0 < x <= 1, "in (0, 1]"),
+            ],
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -335,20 +348,20 @@ class OptimConfig:
     clip_norm: float = 1.0
 
     def __post_init__(self):
-        _check_ranges(
+        check_ranges(
             "optim",
             self,
             [
-                ("peak_lr", _positive, "positive"),
-                ("warmup_steps", _non_negative, "at least 0"),
-                ("decay_steps", _non_negative, "at least 0"),
-                ("final_lr_ratio", _fraction, "between 0 and 1"),
-                ("anneal_steps", _non_negative, "at least 0"),
-                ("b1", _below_one, "in [0, 1)"),
-                ("b2", _below_one, "in [0, 1)"),
-                ("eps", _positive, "positive"),
-                ("weight_decay", _non_negative, "at least 0"),
-                ("clip_norm", _positive, "positive"),
+                ("peak_lr", positive, "positive"),
+                ("warmup_steps", non_negative, "at least 0"),
+                ("decay_steps", non_negative, "at least 0"),
+                ("final_lr_ratio", fraction, "between 0 and 1"),
+                ("anneal_steps", non_negative, "at least 0"),
+                ("b1", below_one, "in [0, 1)"),
+                ("b2", below_one, "in [0, 1)"),
+                ("eps", positive, "positive"),
+                ("weight_decay", non_negative, "at least 0"),
+                ("clip_norm", positive, "positive"),
             ],
         )
 
@@ -372,19 +385,19 @@ class TrainConfig:
     max_skipped: int = 10
 
     def __post_init__(self):
-        _check_ranges(
+        check_ranges(
             "train",
             self,
             [
-                (name, _positive, "at least 1")
+                (name, positive, "at least 1")
                 for name in ("steps", "batch_size", "seq_len", "microbatches", "loss_chunk", "log_every")
             ]
             + [
-                ("eval_every", _positive, "at least 1"),
-                ("eval_batches", _non_negative, "at least 0"),
-                ("seed", _non_negative, "at least 0"),
-                ("sample_tokens", _non_negative, "at least 0"),
-                ("max_skipped", _positive, "at least 1"),
+                ("eval_every", positive, "at least 1"),
+                ("eval_batches", non_negative, "at least 0"),
+                ("seed", non_negative, "at least 0"),
+                ("sample_tokens", non_negative, "at least 0"),
+                ("max_skipped", positive, "at least 1"),
             ],
         )
         if self.on_nonfinite not in ("stop", "skip"):
@@ -408,16 +421,20 @@ class CheckpointConfig:
     # Resume a checkpoint written with other data settings, the new data from its beginning
     # (otherwise such a resume is refused: the saved position belongs to the old data).
     reset_data: bool = False
+    # How long the run waits for a checkpoint write (and, on several hosts, for the others during
+    # one) before it ends with one sentence instead of hanging on a stalled filesystem.
+    write_timeout_s: float = 1800.0
 
     def __post_init__(self):
-        _check_ranges(
+        check_ranges(
             "checkpoint",
             self,
             [
-                ("every_steps", _non_negative, "at least 0 (0: only at the end)"),
+                ("every_steps", non_negative, "at least 0 (0: only at the end)"),
                 # keep_last=0 would let the manager delete every checkpoint, the final one included.
-                ("keep_last", _positive, "at least 1"),
-                ("keep_every", _non_negative, "at least 0"),
+                ("keep_last", positive, "at least 1"),
+                ("keep_every", non_negative, "at least 0"),
+                ("write_timeout_s", positive, "positive"),
             ],
         )
 
@@ -454,20 +471,20 @@ class PPOConfig:
         for name in ("max_new_tokens", "minibatch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PPOConfig.{name} must be at least 1.")
-        _check_ranges(
+        check_ranges(
             "posttrain.ppo",
             self,
             [
-                ("temperature", _non_negative, "at least 0"),
-                ("top_k", _non_negative, "at least 0"),
+                ("temperature", non_negative, "at least 0"),
+                ("top_k", non_negative, "at least 0"),
                 ("top_p", lambda x: 0 < x <= 1, "in (0, 1]"),
-                ("kl_coef", _non_negative, "at least 0"),
-                ("clip", _positive, "positive"),
-                ("value_clip", _positive, "positive"),
-                ("gamma", _fraction, "between 0 and 1"),
-                ("lam", _fraction, "between 0 and 1"),
-                ("value_lr", _non_negative, "at least 0 (0: optim.peak_lr)"),
-                ("eval_prompts", _non_negative, "at least 0"),
+                ("kl_coef", non_negative, "at least 0"),
+                ("clip", positive, "positive"),
+                ("value_clip", positive, "positive"),
+                ("gamma", fraction, "between 0 and 1"),
+                ("lam", fraction, "between 0 and 1"),
+                ("value_lr", non_negative, "at least 0 (0: optim.peak_lr)"),
+                ("eval_prompts", non_negative, "at least 0"),
             ],
         )
 
@@ -492,10 +509,10 @@ class PosttrainConfig:
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self):
-        _check_ranges(
+        check_ranges(
             "posttrain",
             self,
-            [("beta", _positive, "positive"), ("nll_coef", _non_negative, "at least 0")],
+            [("beta", positive, "positive"), ("nll_coef", non_negative, "at least 0")],
         )
         if self.stage not in POSTTRAIN_STAGES:
             raise ValueError(
@@ -574,7 +591,7 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"Unknown override key {key!r}.{hint}")
-    merged = OmegaConf.structured(exp)
+    merged, stages = OmegaConf.structured(exp), []
     for item in overrides:  # one at a time, so an error can name the override at fault
         key, _, text = item.partition("=")
         try:
@@ -582,10 +599,17 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
             merged = OmegaConf.merge(merged, _nested_override(merged, key.split("."), value))
         except OmegaConfBaseException as err:
             raise ConfigError(f"Bad override {item!r}: {str(err).splitlines()[0]}") from None
+        stages.append(merged)
     try:
         return OmegaConf.to_object(merged)
     except (TypeError, ValueError, OmegaConfBaseException) as err:
         message = re.sub(r"^Could not create instance of `\w+`: ", "", str(err).splitlines()[0])
+        # The first override after which the settings no longer hold is the one to name.
+        for item, partial in zip(overrides, stages):
+            try:
+                OmegaConf.to_object(partial)
+            except (TypeError, ValueError, OmegaConfBaseException):
+                raise ConfigError(f"Bad override {item!r}: {message}") from None
         raise ConfigError(f"Bad override: {message}") from None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import itertools
 import os
 import socket
 import sys
@@ -138,3 +139,27 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
                     "start process 0 first, check the address, or raise --init-timeout."
                 ) from None
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+# How long a process waits for the others at a barrier (the same as Orbax's own default for the
+# waits of an asynchronous save) before it ends with one sentence instead of hanging.
+BARRIER_TIMEOUT_S = 1200.0
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Returns once every process has reached this barrier; after `timeout_s` seconds, one
+    sentence. A lone process returns at once."""
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    key = f"llama_jax-{name}-{next(_barriers)}"  # a barrier name is used once
+    try:
+        ocp.multihost.get_jax_distributed_client().wait_at_barrier(key, int(timeout_s * 1000))
+    except Exception as err:  # noqa: BLE001 - the runtime raises XlaRuntimeError (DEADLINE_EXCEEDED)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DistributedError(
+            f"Process {jax.process_index()} waited {timeout_s:g} s for the other processes at {name!r} "
+            f"and not all of them came; one has stopped or is stuck ({first})."
+        ) from None

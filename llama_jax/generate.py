@@ -238,11 +238,17 @@ def load_model(ckpt: str | None, hf: str | None, tokenizer_path: str | None = No
     return cfg, params, tokenizer
 
 
-def _sampling(args) -> SamplingConfig:
-    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+def sampling_from_flags(args) -> SamplingConfig:
+    """The SamplingConfig of --max-new-tokens, --temperature, --top-k and --top-p; a value out of
+    range is one sentence naming the flag."""
+    try:
+        return SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        raise GenerationError(f"--{name.replace('_', '-')} {rest}") from None
 
 
-def _chat(params, cfg, tokenizer, args) -> None:
+def _chat(params, cfg, tokenizer, args, sampling: SamplingConfig) -> None:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chat; end with Ctrl-D.", file=sys.stderr)
     while True:
@@ -258,7 +264,7 @@ def _chat(params, cfg, tokenizer, args) -> None:
             params,
             cfg,
             [prompt],
-            _sampling(args),
+            sampling,
             stop_tokens=tokenizer.stop_ids,
             seed=args.seed,
             on_token=printer,
@@ -304,11 +310,12 @@ def main(argv=None) -> int:
     from llama_jax.convert import ConversionError
 
     try:
+        sampling = sampling_from_flags(args)
         cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
         if args.quant:
             cfg, params = quantize_params(params, cfg, args.quant)
         if args.chat:
-            _chat(params, cfg, tokenizer, args)
+            _chat(params, cfg, tokenizer, args, sampling)
             return 0
         prompt = tokenizer.encode(args.prompt, bos=True)
         print(args.prompt, end="", flush=True)
@@ -316,7 +323,7 @@ def main(argv=None) -> int:
             params,
             cfg,
             [prompt],
-            _sampling(args),
+            sampling,
             stop_tokens=tokenizer.stop_ids,
             seed=args.seed,
             on_token=_Printer(tokenizer, tokenizer.stop_ids),

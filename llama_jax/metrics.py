@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import struct
 import time
 from pathlib import Path
 
@@ -67,17 +68,21 @@ def peak_flops_per_second() -> tuple[float, str]:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors scalars to
-    TensorBoard event files in WORKDIR."""
+    TensorBoard event files in WORKDIR.
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    `start`: the step the run resumes from; TensorBoard then discards what earlier event files hold
+    after it (a resumed run logs those steps again), as `drop_after` does for metrics.jsonl."""
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, start: int = 0):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.workdir = Path(workdir)
+        self.path = self.workdir / "metrics.jsonl"
         self._tensorboard = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            Path(workdir).mkdir(parents=True, exist_ok=True)
-            self._tensorboard = SummaryWriter(str(workdir))
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._tensorboard = SummaryWriter(str(workdir), purge_step=start or None)
 
     def drop_after(self, step: int) -> int:
         """Forgets rows past `step` (a resumed run logs those steps again) and lines that are not
@@ -114,3 +119,36 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+# An event file is a sequence of TFRecords: u64 length, u32 masked CRC-32C of the length, the
+# payload, u32 masked CRC-32C of the payload.
+_RECORD_HEADER = struct.Struct("<QI")
+
+
+def repair_event_files(workdir: str | Path) -> list[tuple[Path, int]]:
+    """Cuts every TensorBoard event file in `workdir` back to its last whole record (a kill or a
+    full disk can leave one torn, and TensorBoard stops reading a file at the tear); returns
+    (file, bytes cut) for each file it shortened."""
+    from tensorboardX.record_writer import masked_crc32c
+
+    repaired = []
+    for path in sorted(Path(workdir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        good, last = 0, None  # the end of the last whole record, and where that record starts
+        while good + _RECORD_HEADER.size <= len(data):
+            length, length_crc = _RECORD_HEADER.unpack_from(data, good)
+            end = good + _RECORD_HEADER.size + length + 4
+            if masked_crc32c(data[good : good + 8]) != length_crc or end > len(data):
+                break
+            good, last = end, good
+        if last is not None and good == len(data):
+            # Only the final record's payload is checked byte by byte: a tear is always at the end.
+            payload = data[last + _RECORD_HEADER.size : good - 4]
+            if masked_crc32c(payload) != struct.unpack_from("<I", data, good - 4)[0]:
+                good = last
+        if good < len(data):
+            with path.open("r+b") as file:
+                file.truncate(good)
+            repaired.append((path, len(data) - good))
+    return repaired

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.chat_template import default_template, encode_chat
-from llama_jax.config import SamplingConfig
 from llama_jax.posttrain.reward import ScoringError, load_scorer
 
 
@@ -103,7 +102,7 @@ def _prompts_to_sample(prompts, already, tokenizer, template, max_new_tokens: in
 def run(args) -> dict:
     """Samples, scores and writes; returns counts {"written", "skipped_done", "skipped_long",
     "skipped_bad"}."""
-    from llama_jax.generate import generate, load_model
+    from llama_jax.generate import generate, load_model, sampling_from_flags
     from llama_jax.posttrain.data import load_prompts
     from llama_jax.posttrain.inputs import recorded_tokenizer
 
@@ -111,6 +110,7 @@ def run(args) -> dict:
         raise RejectionSamplingError("--k, --batch-prompts and --max-new-tokens must be at least 1.")
     if args.pairs and args.k < 2:
         raise RejectionSamplingError("--pairs needs --k of at least 2.")
+    sampling = sampling_from_flags(args)
     tokenizer_path = args.tokenizer or (recorded_tokenizer(args.ckpt) if args.ckpt else None)
     cfg, params, tokenizer = load_model(args.ckpt, args.hf, tokenizer_path)
     if "score" in params:
@@ -141,7 +141,7 @@ def run(args) -> dict:
                 params,
                 cfg,
                 rows,
-                SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
+                sampling,
                 stop_tokens=tokenizer.stop_ids,
                 seed=_seed(args.seed, [p["id"] for p, _ in batch]),
                 prompt_bucket=32,

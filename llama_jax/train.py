@@ -11,6 +11,7 @@ stage the experiment file registers itself). Bad input is one sentence and exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import llama_jax.posttrain.ppo  # noqa: F401
 import llama_jax.posttrain.stages  # noqa: F401
 import llama_jax.stages.pretrain  # noqa: F401
 from llama_jax import distributed
-from llama_jax.checkpoint import CheckpointError
+from llama_jax.checkpoint import CheckpointError, StalledWriteError
 from llama_jax.config import ConfigError, Experiment, apply_overrides, list_experiments, load_experiment
 from llama_jax.data.training import DataError
 from llama_jax.logs import send_logs_to
@@ -69,6 +70,12 @@ def main(argv=None) -> int:
         check_workdir(workdir)
         send_logs_to(workdir / ("train.log" if index == 0 else f"train.{index}.log"))
         train(exp, workdir)
+    except StalledWriteError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The stalled write's thread is blocked in the filesystem and would keep the interpreter
+        # from exiting: end the process here.
+        os._exit(1)
     except (
         ConfigError,
         MeshError,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import threading
 import time
@@ -32,10 +33,10 @@ from llama_jax.config import ConfigError, Experiment
 from llama_jax.data.training import TrainingData, training_data
 from llama_jax.generate import generate
 from llama_jax.loss import cross_entropy_sum, next_token_targets
-from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_second
+from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_second, repair_event_files
 from llama_jax.model import Llama, count_params, lm_head
 from llama_jax.optim import make_optimizer
-from llama_jax.run_lock import RunLock
+from llama_jax.run_lock import RunLock, RunLockError
 from llama_jax.sharding import (
     MeshError,
     activation_sharding,
@@ -245,19 +246,43 @@ def check_training(exp: Experiment, mesh) -> None:
         )
 
 
-def check_fit(exp: Experiment, mesh) -> None:
-    """A run whose parameters and optimizer state alone cannot fit its devices stops here, from
-    the shapes (no memory used), instead of trying to allocate them."""
-    have = device_memory_bytes()
+def minimum_bytes_per_device(exp: Experiment, mesh) -> dict[str, float]:
+    """A lower bound, from the shapes alone, on what one device holds during a training step:
+    {"state": parameters, gradients and Adam's two moments; "activations": what the backward
+    pass keeps (at least every layer's input, whatever the remat policy) and one chunk of
+    logits}. The compiler needs more (workspace, the layer being recomputed); `python -m
+    llama_jax.aot` measures that. A lower bound never refuses a run that would fit."""
+    cfg = exp.model
     shards = mesh.shape["fsdp"] * mesh.shape["tensor"]  # the axes the parameters are split over
-    # fp32-or-whatever parameters and Adam's two moments of the same dtype.
-    need = count_params(exp.model) * 3 * jnp.dtype(exp.model.param_dtype).itemsize / shards
-    if have is not None and need > have:
+    state = count_params(cfg) * 4 * jnp.dtype(cfg.param_dtype).itemsize / shards
+    # The batch axis is split over the mesh axes its rule names (by default data and fsdp).
+    batch_axes = dict(exp.mesh.rules).get("batch") or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    batch_split = math.prod(mesh.shape[axis] for axis in batch_axes if axis in mesh.shape)
+    rows = max(exp.train.batch_size // exp.train.microbatches // batch_split, 1)
+    tokens = rows * exp.train.seq_len
+    compute = jnp.dtype(cfg.dtype).itemsize
+    per_layer = cfg.dim  # the layer's input, kept by every policy
+    if cfg.remat != "full":  # the MLP's two up-projections are matmul outputs: kept unless recomputed
+        per_layer += 2 * cfg.ffn_dim
+    activations = cfg.n_layers * tokens * per_layer * compute
+    activations += rows * min(exp.train.loss_chunk, exp.train.seq_len) * cfg.vocab_size * 4  # fp32
+    return {"state": state, "activations": activations}
+
+
+def check_fit(exp: Experiment, mesh) -> None:
+    """A run that cannot fit its devices stops here, from the shapes (no memory used), instead of
+    trying to allocate its parameters and optimizer state."""
+    have = device_memory_bytes()
+    need = minimum_bytes_per_device(exp, mesh)
+    total = sum(need.values())
+    if have is not None and total > have:
         devices = jax.local_devices()
         raise MeshError(
-            f"{exp.name} needs at least {need / 2**30:,.1f} GiB per device for its parameters and "
-            f"optimizer state alone, and each of the {len(devices)} {devices[0].platform} device(s) here "
-            f"has {have / 2**30:,.1f} GiB; the experiment targets {exp.target}: check a fit there with "
+            f"{exp.name} needs at least {total / 2**30:,.1f} GiB per device ({need['state'] / 2**30:,.1f} GiB "
+            f"of parameters, gradients and optimizer state, {need['activations'] / 2**30:,.1f} GiB of "
+            f"activations), and each of the {len(devices)} {devices[0].platform} device(s) here has "
+            f"{have / 2**30:,.1f} GiB; the experiment targets {exp.target}: check a fit there with "
             f"`python -m llama_jax.aot --exp={exp.name}`."
         )
 
@@ -357,8 +382,32 @@ class Trainer:
                 f"warning: optim.warmup_steps={self.exp.optim.warmup_steps} is longer than the run "
                 f"(train.steps={self.exp.train.steps}): the learning rate never reaches optim.peak_lr."
             )
-        with RunLock(self.workdir, enabled=jax.process_index() == 0, say=self.say):
+        lock = self._hold_workdir()
+        try:
             return self._run(mesh)
+        finally:
+            lock.release()
+
+    def _hold_workdir(self) -> RunLock:
+        """The workdir's lock, taken by process 0 for the whole job. Every process learns whether
+        it was taken, so that none goes on to wait in a collective for a process 0 that stopped."""
+        lock, refusal = RunLock(self.workdir, enabled=jax.process_index() == 0, say=self.say), None
+        try:
+            lock.acquire()
+        except RunLockError as err:
+            refusal = err
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            taken = bool(multihost_utils.broadcast_one_to_all(np.int32(refusal is None)))
+            if not taken and refusal is None:
+                refusal = RunLockError(
+                    f"The workdir {self.workdir} is in use by another run (process 0 found it locked)."
+                )
+        if refusal is not None:
+            lock.release()
+            raise refusal
+        return lock
 
     def _run(self, mesh) -> dict:
         run = self.stage.start(self.exp, mesh, quiet=self.quiet)
@@ -378,7 +427,10 @@ class Trainer:
             checkpoints.close()
             return {"state": state}
         self.say(f"{exp.name}: {run.summary or self._summary(run, mesh)}; workdir {self.workdir}")
-        writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
+        if jax.process_index() == 0:
+            for path, cut in repair_event_files(self.workdir):
+                self.say(f"cut {cut} torn byte(s) from the end of {path} (left by an earlier fault)")
+        writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, start=start)
         torn = writer.drop_after(start)  # steps after the checkpoint will be logged again
         if torn:
             self.say(f"dropped {torn} unreadable line(s) of {writer.path} (a row torn by an earlier fault)")

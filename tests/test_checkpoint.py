@@ -286,3 +286,40 @@ def test_a_full_disk_during_a_save_is_reported_and_earlier_checkpoints_survive(t
     with ocp.CheckpointManager(workdir / "checkpoints") as manager:
         restored = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     assert int(restored["state"]["step"]) == 3
+
+
+class _SlowManager:
+    """A checkpoint manager whose asynchronous write never finishes (a hung filesystem), or fails."""
+
+    def __init__(self, error=None):
+        import threading
+
+        self.release, self.error = threading.Event(), error
+
+    def wait_until_finished(self):
+        if self.error is not None:
+            raise self.error
+        self.release.wait(30)
+
+    def latest_step(self):
+        return 8
+
+
+def test_a_stalled_checkpoint_write_ends_the_wait_in_one_sentence(tmp_path, monkeypatch, capsys):
+    import time
+
+    from llama_jax import checkpoint as checkpoint_lib
+
+    monkeypatch.setattr(checkpoint_lib, "NOTE_EVERY_S", 0.2)
+    checkpointer = checkpoint_lib.TrainCheckpointer(tmp_path, CheckpointConfig(write_timeout_s=1.0))
+    manager = _SlowManager()
+    started = time.monotonic()
+    with pytest.raises(checkpoint_lib.StalledWriteError, match=r"checkpoints/8 has not finished after 1 s"):
+        checkpointer._wait_for_write(manager)
+    assert time.monotonic() - started < 5
+    manager.release.set()
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) >= 3 and all(n.startswith("still writing checkpoint") for n in notes)
+    # A write that failed is re-raised where the run waits for it.
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer._wait_for_write(_SlowManager(OSError(28, "No space left on device")))

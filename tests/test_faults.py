@@ -103,6 +103,13 @@ def test_skip_drops_updates_and_stops_after_max_skipped_in_a_row(small, tmp_path
         ("train.eval_every=0", "train.eval_every must be at least 1"),
         ("model.param_dtype=int32", "must be a floating dtype"),
         ("train.on_nonfinite=ignore", "train.on_nonfinite must be 'stop' or 'skip'"),
+        ("data.seed=-1", "'data.seed=-1': seed must be at least 0"),
+        ("data.worker_buffer_size=0", "worker_buffer_size must be at least 1"),
+        ("data.packing_bins=0", "packing_bins must be at least 1, or None"),
+        ("data.sources.0.weight=inf", "weight must be a positive number, got inf"),
+        ("model.norm_eps=0", "model.norm_eps must be positive"),
+        ("model.rope_theta=-1", "model.rope_theta must be positive"),
+        ("model.n_layers=0", "model.n_layers must be at least 1"),
     ],
 )
 def test_settings_that_would_lose_work_are_refused_in_one_sentence(
@@ -311,3 +318,66 @@ def test_post_training_settings_have_ranges(override, message):
 
     with pytest.raises(ConfigError, match=message):
         apply_overrides(Experiment(posttrain=PosttrainConfig(stage="ppo")), [override])
+
+
+def _tear_event_file(workdir):
+    """Cuts the newest TensorBoard event file in the middle of its last record."""
+    events = max(workdir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    size = events.stat().st_size
+    with events.open("r+b") as f:
+        f.truncate(size - 7)
+    return events
+
+
+@pytest.mark.faults
+def test_what_a_kill_leaves_behind_never_blocks_the_resume(small, tmp_path, capsys):
+    """A kill during a save and a log write leaves an empty step directory, Orbax's temporary
+    directory, a torn metrics row and a torn TensorBoard record; the resume reports and passes
+    them, and ends where an uninterrupted run ends."""
+    import jax
+
+    reference, faulty = tmp_path / "reference", tmp_path / "faulty"
+    assert train.main(["--exp", small, "--workdir", str(reference)]) == 0
+    assert train.main(["--exp", small, "--workdir", str(faulty), "train.steps=4"]) == 0
+    # The kill came during the save of step 4 (the schedule of a 4-step run differs from a 6-step
+    # run's after step 2, so the run must resume from 2 to end as the reference does).
+    checkpoints = faulty / "checkpoints"
+    stray = checkpoints / "4.orbax-checkpoint-tmp-1764000000"
+    (checkpoints / "4").rename(stray)  # a half-written save: some of its files
+    for f in sorted(p for p in stray.rglob("*") if p.is_file())[::2]:
+        f.unlink()
+    (checkpoints / "4").mkdir()  # and a step directory with nothing in it
+    with (faulty / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')
+    torn = _tear_event_file(faulty)
+    capsys.readouterr()
+
+    assert train.main(["--exp", small, "--workdir", str(faulty)]) == 0
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert "Traceback" not in said
+    assert "checkpoints/4 is damaged" in said and f"resumed from {checkpoints / '2'}" in said
+    assert f"torn byte(s) from the end of {torn}" in said and "dropped 1 unreadable line(s)" in said
+    assert [row["step"] for row in _strict_rows(faulty)] == [2, 4, 6]
+    ours, theirs = load_for_inference(str(faulty))[1], load_for_inference(str(reference))[1]
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "kind,content,message",
+    [
+        ("jsonl", '{"other": 1}\n{"other": 2}\n', "documents in a row were unusable"),
+        ("text_lines", "", "has no documents"),
+        ("text_lines", "\n  \n\n", "documents in a row were unusable"),
+    ],
+)
+def test_data_with_no_usable_document_is_one_sentence(small, tmp_path, capsys, kind, content, message):
+    data = tmp_path / f"data.{kind}"
+    data.write_text(content)
+    source = f"data.sources=[{{path: {data}, kind: {kind}}}]"
+    assert train.main(["--exp", small, "--workdir", str(tmp_path / "w"), source]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]]

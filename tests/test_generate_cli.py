@@ -83,6 +83,8 @@ def test_chat_answers_in_the_template(model_and_tokenizer, capsys, monkeypatch):
         ([], "No tokenizer"),
         (["--prompt-too-long"], "exceed the model's context of 96 tokens"),
         (["--small-vocab"], "do not belong together"),
+        (["--temperature", "-1"], "--temperature must be at least 0, got -1.0"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     ],
 )
 def test_errors_are_one_sentence(model_and_tokenizer, tmp_path, capsys, extra, message):
@@ -94,6 +96,8 @@ def test_errors_are_one_sentence(model_and_tokenizer, tmp_path, capsys, extra, m
         small = CFG.replace(vocab_size=100)
         save_params(tmp_path / "small", init_params(small, jax.random.key(0)), small)
         args = ["--ckpt", str(tmp_path / "small"), "--tokenizer", tokenizer_path, "--prompt", "hi"]
+    if extra and extra[0].startswith("--t"):  # a sampling flag out of range, found before loading
+        args = ["--ckpt", str(tmp_path / "absent"), "--prompt", "hi", *extra]
     assert generate_lib.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -122,3 +123,83 @@ def test_an_incomplete_process_spec_is_one_sentence(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: A multi-host job needs all of")
+
+
+def _two_processes(args, env, workdir=None):
+    address = f"localhost:{_free_port()}"
+    return [
+        subprocess.Popen(
+            args + ["--coordinator", address, "--num-processes", "2", "--process-id", str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+@pytest.mark.faults
+def test_a_locked_workdir_stops_every_process_in_one_sentence(tmp_path):
+    """Process 0 holds the lock for the job; when it finds the workdir in use, the other processes
+    learn it too and stop, rather than wait for process 0 in the first collective."""
+    from llama_jax.run_lock import RunLock
+
+    workdir = tmp_path / "run"
+    with RunLock(workdir):
+        procs = _two_processes(
+            [sys.executable, "-m", "llama_jax.train", "--workdir", str(workdir)] + COMMON, _env(tmp_path, 2)
+        )
+        outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert f"is in use by another run (pid {os.getpid()} on" in outputs[0][1].splitlines()[-1]
+    assert "is in use by another run (process 0 found it locked)" in outputs[1][1].splitlines()[-1]
+    assert not (workdir / "checkpoints").exists()
+
+
+BARRIER = """
+import sys, time
+import jax
+from llama_jax import distributed
+spec = distributed.ProcessSpec("{address}", 2, int(sys.argv[1]), 60.0)
+distributed.initialize(spec)
+jax.devices()  # both backends up, as in a run
+if spec.process_id == 0:
+    time.sleep(25)  # never reaches the barrier in time
+else:
+    try:
+        distributed.barrier("the test", timeout_s=2)
+    except distributed.DistributedError as err:
+        print("error:", err, file=sys.stderr)
+        sys.exit(2)
+"""
+
+
+@pytest.mark.faults
+def test_a_process_that_does_not_come_ends_the_wait_in_one_sentence(tmp_path):
+    address = f"localhost:{_free_port()}"
+    script = tmp_path / "barrier.py"
+    script.write_text(BARRIER.format(address=address))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i)],
+            env=_env(tmp_path, 1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    started = time.monotonic()
+    lines = []
+    for line in procs[1].stderr:  # the sentence comes when the wait ends, well before process 0 wakes
+        lines.append(line)
+        if line.startswith("error:"):
+            break
+    waited = time.monotonic() - started
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert "Process 1 waited 2 s for the other processes at 'the test'" in lines[-1], "".join(lines)[-2000:]
+    assert waited < 20

@@ -25,8 +25,9 @@ from llama_jax.data import synthetic
 from llama_jax.data.config import DataConfig, SourceConfig
 from llama_jax.model import Llama, init_params
 from llama_jax.optim import make_optimizer
-from llama_jax.posttrain.ppo import make_ppo_functions, rollout_batch
+from llama_jax.posttrain.ppo import PPOState, make_ppo_functions, rollout_batch
 from llama_jax.scalar_model import ScalarModel
+from llama_jax.steps import NONFINITE
 
 CFG = ModelConfig(
     dim=64,
@@ -95,6 +96,37 @@ def test_advantages_match_a_direct_computation():
     on = np.asarray(out["mask"]) > 0
     whitened = (raw_advantages[on] - raw_advantages[on].mean()) / raw_advantages[on].std()
     np.testing.assert_allclose(np.asarray(out["advantages"])[on], whitened, rtol=1e-3, atol=1e-3)
+
+
+def test_a_nonfinite_minibatch_is_not_applied():
+    exp = Experiment(
+        model=CFG, posttrain=PosttrainConfig(stage="ppo"), train=TrainConfig(seq_len=8, loss_chunk=4)
+    )
+    optimizer, schedule = make_optimizer(OptimConfig(peak_lr=1e-3, warmup_steps=0), 10)
+    advantages, update = make_ppo_functions(exp, CFG, optimizer, optimizer, schedule)
+    policy, reference = (jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(i)) for i in (0, 1))
+    value = jax.jit(
+        lambda rng: nn.meta.unbox(ScalarModel(CFG).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+    )(jax.random.key(2))
+    batch = rollout_batch([[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14, 15, 16]], 8)
+    data, _ = advantages(policy, reference, value, batch, jnp.asarray([1.0, -1.0]))
+    state = PPOState(
+        step=jnp.zeros((), jnp.int32),
+        params=policy,
+        opt_state=optimizer.init(policy),
+        value_params=value,
+        value_opt_state=optimizer.init(value),
+    )
+    applied, metrics = update(state, data)
+    assert float(metrics[NONFINITE]) == 0.0
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), applied.params, policy))
+    assert any(moved)
+
+    poisoned = {**data, "advantages": data["advantages"].at[0, 4].set(jnp.nan)}
+    kept, metrics = update(state, poisoned)
+    assert float(metrics[NONFINITE]) == 1.0
+    for new, old in zip(jax.tree.leaves(kept), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
 
 
 @pytest.fixture(scope="module")

@@ -133,3 +133,44 @@ def test_weight_decay_skips_norms():
     assert float(jnp.abs(updates["layers"]["feed_forward"]["w1"]).max()) > 0.0
     np.testing.assert_allclose(updates["output"], -0.1 * 0.5 * params["output"], rtol=1e-5)
     assert optax.tree.norm(updates) > 0
+
+
+@pytest.mark.parametrize("remat", ["none", "dots", "full"])
+def test_the_fit_check_is_a_lower_bound_of_what_the_compiler_allocates(remat):
+    """check_fit refuses a run from the shapes alone; its figure must never exceed what the
+    compiled step really needs (or it would refuse runs that fit), and it counts activations."""
+    from llama_jax.config import Experiment, TrainConfig
+    from llama_jax.optim import make_optimizer
+    from llama_jax.sharding import activation_sharding, make_mesh
+    from llama_jax.stages.pretrain import Pretrain
+    from llama_jax.trainer import minimum_bytes_per_device
+
+    exp = Experiment()
+    exp = exp.replace(model=exp.model.replace(remat=remat), train=TrainConfig(batch_size=32, seq_len=128))
+    mesh, stage = make_mesh(exp.mesh), Pretrain()
+    optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
+    shardings = stage.state_shardings(exp, optimizer, mesh)
+    steps = stage.compile(exp, optimizer, schedule, mesh, shardings)
+    state = stage.abstract_state(exp, optimizer, mesh, shardings)
+    batch = {
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding[key])
+        for key, (shape, dtype) in stage.batch_shapes(exp, exp.train.batch_size).items()
+    }
+    with activation_sharding(mesh, exp.mesh.rules):
+        memory = steps.train_step.lower(state, batch).compile().memory_analysis()
+    compiled = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    need = minimum_bytes_per_device(exp, mesh)
+    params = sum(  # one device's share
+        np.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(state.params)
+    )
+    # Parameters, gradients and two Adam moments (the replicated norm weights slightly more).
+    assert need["state"] <= 4 * params <= 1.01 * need["state"]
+    assert 0 < need["activations"] and need["state"] + need["activations"] <= compiled
+    double = minimum_bytes_per_device(exp.replace(train=TrainConfig(batch_size=64, seq_len=128)), mesh)
+    assert double["activations"] == 2 * need["activations"]

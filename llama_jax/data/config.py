@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sysconfig
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from llama_jax.ranges import check_ranges, non_negative, positive
 
 # Source kinds and what one document is in each.
 SOURCE_KINDS = {
@@ -65,8 +68,10 @@ class SourceConfig:
             raise ValueError(
                 f"Source {self.display_name}: weight must be a number, got {self.weight!r}."
             ) from None
-        if not self.weight > 0:
-            raise ValueError(f"Source {self.display_name}: weight must be > 0.")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(
+                f"Source {self.display_name}: weight must be a positive number, got {self.weight!r}."
+            )
         if self.tokenized and self.kind != "arrayrecord":
             raise ValueError("Only arrayrecord sources can be pre-tokenized.")
         if self.chat_template not in (None, "llama2", "llama3"):
@@ -133,19 +138,25 @@ class DataConfig:
         object.__setattr__(self, "sources", sources)
         if not sources:
             raise ValueError("DataConfig needs at least one source.")
-        for name in ("seq_len", "batch_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DataConfig.{name} must be >= 1 (or 0 in an Experiment).")
-        if self.read_threads < 1:
-            raise ValueError("DataConfig.read_threads must be >= 1.")
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError("DataConfig.num_epochs must be >= 1, or None for forever.")
+        # In an Experiment, seq_len and batch_size are 0 until the loop fills them in from train.*.
+        check_ranges(
+            "",
+            self,
+            [
+                ("seq_len", non_negative, "at least 1 (or 0 in an Experiment)"),
+                ("batch_size", non_negative, "at least 1 (or 0 in an Experiment)"),
+                ("seed", non_negative, "at least 0"),
+                ("num_epochs", positive, "at least 1, or None for forever"),
+                ("packing_bins", positive, "at least 1, or None for batch_size"),
+                ("read_threads", positive, "at least 1"),
+                ("worker_count", non_negative, "at least 0"),
+                ("worker_buffer_size", positive, "at least 1"),
+            ],
+        )
         if self.packing not in PACKINGS:
             raise ValueError(f"Unknown packing {self.packing!r}; use one of {PACKINGS}.")
         if self.split_by not in SPLITS:
             raise ValueError(f"Unknown split_by {self.split_by!r}; use one of {sorted(SPLITS)}.")
-        if self.worker_count < 0:
-            raise ValueError("DataConfig.worker_count must be >= 0.")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> DataConfig:

@@ -111,7 +111,7 @@ class _SplitLongDocumentsIterator(grain.DatasetIterator):
                 document = next(self._parent)
             except StopIteration:
                 if not self._documents_seen and skipped:
-                    raise ValueError(
+                    raise sources_lib.DataError(
                         "No usable documents: every document was skipped (see the warnings above)."
                     ) from None
                 raise
@@ -120,7 +120,7 @@ class _SplitLongDocumentsIterator(grain.DatasetIterator):
                 return document
             skipped += 1
             if skipped >= MAX_CONSECUTIVE_SKIPS:
-                raise ValueError(
+                raise sources_lib.DataError(
                     f"{skipped} documents in a row were unusable (see the warnings "
                     "above); check the source files, kinds and field names."
                 )

@@ -36,6 +36,11 @@ MANIFEST_NAME = "manifest.json"
 TOKEN_DTYPE = np.dtype("<i4")
 
 
+class DataError(ValueError):
+    """Data that cannot be read or used; the message is one sentence for the user. Raised while
+    batches are read too (from the first training step), so the CLIs catch it wherever it arises."""
+
+
 class Counters:
     """Thread-safe counts of skipped and split documents, logged as they grow."""
 

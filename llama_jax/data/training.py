@@ -16,12 +16,8 @@ import jax
 
 from llama_jax.data.config import DataConfig
 from llama_jax.data.pipeline import make_iterator
-from llama_jax.data.sources import expand_paths
+from llama_jax.data.sources import DataError, expand_paths
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
-
-
-class DataError(ValueError):
-    """Data that cannot be read or used; the message is one sentence for the user."""
 
 
 @dataclasses.dataclass

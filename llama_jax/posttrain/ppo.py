@@ -42,7 +42,7 @@ from llama_jax.posttrain.stages import ChatStage
 from llama_jax.posttrain.steps import next_token_log_probs
 from llama_jax.scalar_model import ScalarModel, from_llama
 from llama_jax.sharding import MeshError, activation_sharding, data_parallel_size
-from llama_jax.steps import abstract_state, state_shardings
+from llama_jax.steps import NONFINITE, abstract_state, state_shardings
 from llama_jax.trainer import Run, register_stage
 
 
@@ -129,18 +129,24 @@ def make_ppo_functions(exp: Experiment, value_cfg: ModelConfig, policy_opt, valu
         updates, opt_state = policy_opt.update(grads, state.opt_state, state.params)
         v_loss, v_grads = jax.value_and_grad(value_loss)(state.value_params, minibatch)
         v_updates, value_opt_state = value_opt.update(v_grads, state.value_opt_state, state.value_params)
-        new_state = state.replace(
+        updated = state.replace(
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
             value_params=optax.apply_updates(state.value_params, v_updates),
             value_opt_state=value_opt_state,
         )
+        grad_norm, value_grad_norm = optax.tree.norm(grads), optax.tree.norm(v_grads)
+        # As in steps.make_train_step: a minibatch whose losses or gradients are not finite is not
+        # applied (policy and value alike); the loop then stops or skips (train.on_nonfinite).
+        finite = jnp.all(jnp.isfinite(jnp.stack([loss, v_loss, grad_norm, value_grad_norm])))
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
         return new_state, {
             "policy_loss": loss,
             "value_loss": v_loss,
             **stats,
-            "grad_norm": optax.tree.norm(grads),
-            "value_grad_norm": optax.tree.norm(v_grads),
+            "grad_norm": grad_norm,
+            "value_grad_norm": value_grad_norm,
+            NONFINITE: 1.0 - finite.astype(jnp.float32),
         }
 
     return advantages, update
@@ -399,7 +405,9 @@ class PPOIterations:
             "score": float(np.mean(scores)),
             "response_length": float(np.mean([len(r) for r in responses])),
             **{k: float(v) for k, v in jax.device_get(stats).items()},
-            **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]},
+            **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != NONFINITE},
+            # 1 if any minibatch update of this iteration was dropped as non-finite
+            NONFINITE: float(max(m[NONFINITE] for m in fetched)),
             "lr": float(self.schedule((iteration + 1) * self.updates_per_iteration - 1)),
         }
 
