@@ -3,7 +3,7 @@ tokens masked from both responses, plus 0.2 x the chosen response's NLL; the fro
 the SFT model, its log-probs computed once up front (posttrain.reference_logprobs=online: every
 step). Reports implicit-reward margins and accuracies. Batch and steps are our choice.
 
-    python -m llama_jax.train --exp=llama3_8b_dpo posttrain.init_from=SFT_WORKDIR \\
+    python -m llama_jax.train --exp=llama3_8b_dpo init_from=SFT_WORKDIR \\
         data.sources.0.path=pairs.jsonl
 """
 
@@ -23,9 +23,9 @@ def experiment():
         warmup_steps=50,
         target="v5p-128",
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        init_from="runs/llama3_8b_sft",
         posttrain=PosttrainConfig(
             stage="dpo",
-            init_from="runs/llama3_8b_sft",
             beta=0.1,
             nll_coef=0.2,
             mask_special_tokens=True,

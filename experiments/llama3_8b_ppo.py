@@ -3,7 +3,7 @@ DPO): reward = whitened reward-model score - 0.01 x KL(policy || reference), cli
 512 prompts per iteration, one step per minibatch of 64; GAE (gamma 1, lambda 0.95); the value
 model starts from the reward model. Prompts are `{"prompt": ...}` JSONL.
 
-    python -m llama_jax.train --exp=llama3_8b_ppo posttrain.init_from=SFT_WORKDIR \\
+    python -m llama_jax.train --exp=llama3_8b_ppo init_from=SFT_WORKDIR \\
         posttrain.reward_model=RM_WORKDIR data.sources.0.path=prompts.jsonl
 """
 
@@ -24,9 +24,9 @@ def experiment():
         final_lr_ratio=1.0,
         target="v5p-128",
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        init_from="runs/llama3_8b_sft",
         posttrain=PosttrainConfig(
             stage="ppo",
-            init_from="runs/llama3_8b_sft",
             reward_model="runs/llama3_8b_rm",
             ppo=PPOConfig(max_new_tokens=1024, minibatch_size=64, kl_coef=0.01, clip=0.2),
         ),

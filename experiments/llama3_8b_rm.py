@@ -4,7 +4,7 @@ Bradley-Terry loss on `{"prompt", "chosen", "rejected"}` JSONL; Llama 3 uses no 
 Llama 2's RM settings: lr 1e-5, cosine to 10%, 512 pairs per step, one epoch (set train.steps to
 one epoch of your data).
 
-    python -m llama_jax.train --exp=llama3_8b_rm posttrain.init_from=SFT_WORKDIR \\
+    python -m llama_jax.train --exp=llama3_8b_rm init_from=SFT_WORKDIR \\
         data.sources.0.path=pairs.jsonl train.steps=N
 """
 
@@ -24,8 +24,7 @@ def experiment():
         warmup_steps=30,
         target="v5p-128",
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        posttrain=PosttrainConfig(
-            stage="rm", init_from="runs/llama3_8b_sft", use_margin=False, eval_fraction=0.05
-        ),
+        init_from="runs/llama3_8b_sft",
+        posttrain=PosttrainConfig(stage="rm", use_margin=False, eval_fraction=0.05),
         description="Reward model: Bradley-Terry, no margin (Llama 3), held-out pairwise accuracy.",
     )

@@ -2,7 +2,7 @@
 on the assistant replies only, conversations packed with document masking. docs/reference.md, "Post-training": lr 1e-5,
 8.5K-9K steps; the batch (64 packed rows of 8K tokens) and warmup are our choice.
 
-    python -m llama_jax.train --exp=llama3_8b_sft posttrain.init_from=CKPT \\
+    python -m llama_jax.train --exp=llama3_8b_sft init_from=CKPT \\
         data.sources.0.path=chats.jsonl data.tokenizer_path=tokenizer.model
 """
 
@@ -23,6 +23,9 @@ def experiment():
         warmup_steps=100,
         target="v5p-128",
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-        posttrain=PosttrainConfig(stage="sft", init_from="checkpoints/llama3_8b"),
+        init_from="checkpoints/llama3_8b",
+        posttrain=PosttrainConfig(
+            stage="sft",
+        ),
         description="Llama 3 SFT: lr 1e-5, 9K steps, assistant tokens only.",
     )

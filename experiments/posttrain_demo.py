@@ -222,15 +222,13 @@ def stage_experiment(stage: str, seed: int, scale: Scale, data: dict[str, str], 
             scale.sft_steps,
             scale.batch_size,
             scale.lr,
-            PosttrainConfig(stage="sft", init_from=str(seed_dir / "base")),
+            PosttrainConfig(stage="sft"),
         ),
         "dpo": (
             scale.dpo_steps,
             scale.dpo_batch,
             scale.dpo_lr,
-            PosttrainConfig(
-                stage="dpo", init_from=str(seed_dir / "sft"), beta=0.1, nll_coef=0.2, eval_fraction=0.05
-            ),
+            PosttrainConfig(stage="dpo", beta=0.1, nll_coef=0.2, eval_fraction=0.05),
         ),
         "ppo": (
             scale.ppo_steps,
@@ -238,7 +236,6 @@ def stage_experiment(stage: str, seed: int, scale: Scale, data: dict[str, str], 
             scale.ppo_lr,
             PosttrainConfig(
                 stage="ppo",
-                init_from=str(seed_dir / "sft"),
                 score_fn=f"{Path(__file__).resolve()}:score",
                 ppo=PPOConfig(
                     max_new_tokens=scale.max_new_tokens,
@@ -284,6 +281,13 @@ def stage_experiment(stage: str, seed: int, scale: Scale, data: dict[str, str], 
         data=DataConfig(sources=(source,), tokenizer_path=data["tokenizer"], seed=seed),
         eval_data=None,
         posttrain=posttrain,
+        # Each stage starts from the one before it: base -> sft -> dpo and ppo.
+        init_from={
+            "base": "",
+            "sft": str(seed_dir / "base"),
+            "dpo": str(seed_dir / "sft"),
+            "ppo": str(seed_dir / "sft"),
+        }[stage],
         target="cpu",
         description=f"posttrain_demo: the {stage} stage, seed {seed}",
     )

@@ -10,5 +10,11 @@ from llama_jax.recipes import tiny_posttraining
 
 def experiment():
     return tiny_posttraining(
-        "dpo", peak_lr=1e-4, steps=100, posttrain=PosttrainConfig(stage="dpo", init_from="runs/tiny_sft")
+        "dpo",
+        peak_lr=1e-4,
+        steps=100,
+        init_from="runs/tiny_sft",
+        posttrain=PosttrainConfig(
+            stage="dpo",
+        ),
     )

@@ -13,9 +13,9 @@ def experiment():
         "ppo",
         peak_lr=1e-5,
         steps=50,
+        init_from="runs/tiny_sft",
         posttrain=PosttrainConfig(
             stage="ppo",
-            init_from="runs/tiny_sft",
             reward_model="runs/tiny_rm",
             ppo=PPOConfig(max_new_tokens=16, minibatch_size=8),
         ),

@@ -10,5 +10,11 @@ from llama_jax.recipes import tiny_posttraining
 
 def experiment():
     return tiny_posttraining(
-        "rm", peak_lr=1e-4, steps=200, posttrain=PosttrainConfig(stage="rm", init_from="runs/tiny_sft")
+        "rm",
+        peak_lr=1e-4,
+        steps=200,
+        init_from="runs/tiny_sft",
+        posttrain=PosttrainConfig(
+            stage="rm",
+        ),
     )

@@ -495,7 +495,6 @@ class PosttrainConfig:
     (`checkpoint.save_params`) or a training workdir (its newest checkpoint)."""
 
     stage: str = "sft"  # one of POSTTRAIN_STAGES
-    init_from: str = ""  # the starting parameters ("": random, for tests)
     reference: str = ""  # DPO/PPO: the frozen reference ("": the starting parameters)
     reward_model: str = ""  # PPO: a reward model (an `rm` run's workdir or export)
     score_fn: str = ""  # PPO: "module:function" scoring (prompt, response) instead
@@ -541,6 +540,13 @@ class Experiment:
     checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = STDLIB_TRAIN
     eval_data: DataConfig | None = STDLIB_EVAL  # held-out split, evaluated every train.eval_every
+    # The parameters every stage starts from (see init_from.py): a Hugging Face or Meta directory,
+    # a llama_jax parameters checkpoint or a training workdir; "": random. The optimizer starts
+    # fresh; the tokenizer is the source's unless data.tokenizer_path names one.
+    init_from: str = ""
+    # Take the architecture from init_from rather than `model` (on the command line: model=from_init);
+    # `model` then only says how to compute (dtypes, remat, attention kernel).
+    architecture_from_init: bool = False
     # A post-training stage (SFT, reward model, DPO, PPO) and its settings; None: pretraining.
     posttrain: PosttrainConfig | None = None
     # The stage that trains (a name in the trainer's registry); "": "pretrain", or posttrain.stage.
@@ -582,6 +588,10 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
 
     if not overrides:
         return exp
+    # `model=from_init`: the architecture comes from init_from (a value, not a section).
+    overrides = [
+        "architecture_from_init=true" if o.replace(" ", "") == "model=from_init" else o for o in overrides
+    ]
     keys = list(_all_keys(exp))
     for item in overrides:
         key, sep, _ = item.partition("=")

@@ -150,6 +150,7 @@ def posttraining(
     warmup_steps: int,
     target: str,
     posttrain: PosttrainConfig,
+    init_from: str = "",
     tokenizer_path: str = "",
     eval_path: str | None = None,
     final_lr_ratio: float = 0.1,
@@ -199,12 +200,15 @@ def posttraining(
         if eval_path is None
         else DataConfig(sources=(source(eval_path),), tokenizer_path=tokenizer_path, shuffle=False),
         posttrain=posttrain,
+        init_from=init_from,
         target=target,
         description=description,
     )
 
 
-def tiny_posttraining(stage: str, *, peak_lr: float, steps: int, posttrain: PosttrainConfig) -> Experiment:
+def tiny_posttraining(
+    stage: str, *, peak_lr: float, steps: int, posttrain: PosttrainConfig, init_from: str = ""
+) -> Experiment:
     """A post-training stage on the `tiny` model for a CPU, for tests and demonstrations: 16
     sequences of 128 tokens, evaluation every 50 steps, a checkpoint at the end only; its data is
     data/tiny_STAGE.jsonl until overridden."""
@@ -220,6 +224,7 @@ def tiny_posttraining(stage: str, *, peak_lr: float, steps: int, posttrain: Post
         target="cpu",
         remat="none",
         posttrain=posttrain,
+        init_from=init_from,
     )
     return exp.replace(
         train=dataclasses.replace(exp.train, eval_every=50, eval_batches=4),

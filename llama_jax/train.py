@@ -24,6 +24,7 @@ import llama_jax.stages.pretrain  # noqa: F401
 from llama_jax import distributed
 from llama_jax.checkpoint import CheckpointError, StalledWriteError
 from llama_jax.config import ConfigError, Experiment, apply_overrides, list_experiments, load_experiment
+from llama_jax.convert import ConversionError
 from llama_jax.data.training import DataError
 from llama_jax.logs import send_logs_to
 from llama_jax.run_lock import RunLockError
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
         MeshError,
         DataError,
         CheckpointError,
+        ConversionError,
         distributed.DistributedError,
         RunLockError,
     ) as err:

@@ -32,6 +32,7 @@ from llama_jax.checkpoint import TrainCheckpointer, data_record
 from llama_jax.config import ConfigError, Experiment
 from llama_jax.data.training import TrainingData, training_data
 from llama_jax.generate import generate
+from llama_jax.init_from import source_params, with_source
 from llama_jax.loss import cross_entropy_sum, next_token_targets
 from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_second, repair_event_files
 from llama_jax.model import Llama, count_params, lm_head
@@ -120,8 +121,15 @@ class Stage:
         check_training(exp, mesh)
 
     def prepare(self, exp: Experiment, mesh, param_shardings, quiet: bool) -> tuple[Experiment, StageInputs]:
-        """(exp as resolved, the run's inputs): by default the experiment's text data."""
-        return exp, StageInputs(training_data(exp, quiet=quiet))
+        """(exp as resolved, the run's inputs): by default the experiment's text data, and
+        init_from's parameters if it names a starting point."""
+        data = training_data(exp, quiet=quiet)
+        initial = (
+            source_params(exp.init_from, exp.model, progress=False if quiet else None)
+            if exp.init_from
+            else None
+        )
+        return exp, StageInputs(data, initial_params=initial)
 
     def eval_batches(self, exp: Experiment) -> int | None:
         """Batches per evaluation (None: the whole held-out iterator)."""
@@ -373,6 +381,7 @@ class Trainer:
     def run(self) -> dict:
         """Trains to train.steps; returns the last logged metrics (with the evaluation's, if any)
         and the final `state`."""
+        self.exp = with_source(self.exp)  # init_from's architecture and tokenizer, if it names one
         mesh = make_mesh(self.exp.mesh)
         self.stage.check(self.exp, mesh)
         check_fit(self.exp, mesh)

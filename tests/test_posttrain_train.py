@@ -63,7 +63,7 @@ def files(tmp_path_factory):
     }
 
 
-def _experiment(files, stage, steps, **settings):
+def _experiment(files, stage, steps, init_from="", **settings):
     source = sft_source(files["chats"]) if stage == "sft" else SourceConfig(files["pairs"])
     return Experiment(
         name=f"test_{stage}",
@@ -77,6 +77,7 @@ def _experiment(files, stage, steps, **settings):
         data=DataConfig(sources=(source,), tokenizer_path=files["tokenizer"] if stage == "sft" else ""),
         eval_data=None,
         posttrain=PosttrainConfig(stage=stage, **settings),
+        init_from=init_from,
     )
 
 
@@ -166,9 +167,12 @@ def _run_cli(exp, workdir, overrides, capsys, monkeypatch):
             "The reference checkpoint {other} is a model of another shape (n_layers 3 where the "
             "experiment has 2).",
         ),
-        ("init", "The init_from checkpoint {other} is a model of another shape"),
+        (
+            "init",
+            "init_from {other} is a model of another architecture (n_layers 3 where the experiment has 2)",
+        ),
         ("no_tokenizer", "The dpo stage needs data.tokenizer_path"),
-        ("missing", "The init_from checkpoint /nonexistent does not exist."),
+        ("missing", "init_from /nonexistent does not exist."),
         ("bad_pairs", "has no usable preference pairs"),
         ("stage", "posttrain.stage must be one of sft, rm, dpo, ppo"),
     ],
@@ -180,11 +184,11 @@ def test_bad_input_is_one_sentence_and_exit_2(
     overrides = {
         "reference": [f"posttrain.reference={other_shape_checkpoint}"],
         "init": [
-            f"posttrain.init_from={other_shape_checkpoint}",
+            f"init_from={other_shape_checkpoint}",
             f"data.tokenizer_path={files['tokenizer']}",
         ],
-        "no_tokenizer": ["posttrain.init_from=''"],
-        "missing": ["posttrain.init_from=/nonexistent", f"data.tokenizer_path={files['tokenizer']}"],
+        "no_tokenizer": ["init_from=''"],
+        "missing": ["init_from=/nonexistent", f"data.tokenizer_path={files['tokenizer']}"],
         "bad_pairs": [f"data.sources.0.path={files['chats']}"],
         "stage": ["posttrain.stage=ppx"],
     }[case]
@@ -200,9 +204,9 @@ def test_bad_input_is_one_sentence_and_exit_2(
     "name,message",
     [
         ("tiny_sft", "error: No such file or directory: data/tiny_sft.jsonl."),
-        ("tiny_rm", "error: The init_from checkpoint runs/tiny_sft does not exist."),
-        ("tiny_dpo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
-        ("tiny_ppo", "error: The init_from checkpoint runs/tiny_sft does not exist."),
+        ("tiny_rm", "error: init_from runs/tiny_sft does not exist."),
+        ("tiny_dpo", "error: init_from runs/tiny_sft does not exist."),
+        ("tiny_ppo", "error: init_from runs/tiny_sft does not exist."),
     ],
 )
 def test_experiment_files_point_at_their_inputs(name, message, tmp_path, capsys, monkeypatch):

@@ -2,19 +2,17 @@
 of its stage, the parameters it starts from and, for DPO, the reference (the stages in
 `posttrain/stages.py` and `posttrain/ppo.py` put them together).
 
-Starting points (`posttrain.init_from`, `posttrain.reference`, `posttrain.reward_model`) are
-parameters checkpoints (`checkpoint.save_params`, `python -m llama_jax.convert`) or training
+Starting points (`init_from`, which may also be a Hugging Face or Meta directory, see init_from.py;
+`posttrain.reference`, `posttrain.reward_model`) are parameters checkpoints (`checkpoint.save_params`, `python -m llama_jax.convert`) or training
 workdirs (their newest checkpoint). A checkpoint of another architecture than the experiment's
 model is refused with one sentence naming the fields that differ.
 
-The tokenizer: `data.tokenizer_path` if set, else the one the `init_from` run recorded in its
-experiment.json (or a `tokenizer.model` beside an exported checkpoint).
+The tokenizer: `data.tokenizer_path` if set, else init_from's (init_from.source_tokenizer).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from llama_jax.chat_template import default_template
 from llama_jax.checkpoint import CheckpointError, load_for_inference
 from llama_jax.config import ConfigError, Experiment, ModelConfig, architecture_differences
 from llama_jax.data.training import DataError, TrainingData, cached_tokenizer, training_data
+from llama_jax.init_from import source_kind, source_params, source_tokenizer
 from llama_jax.posttrain import data as pdata
 from llama_jax.posttrain.steps import pair_batch_shardings, response_log_probs
 from llama_jax.scalar_model import from_llama
@@ -58,45 +57,27 @@ def load_checkpoint_params(path: str, cfg: ModelConfig, what: str, *, reward_mod
 
 def recorded_tokenizer(path: str) -> str | None:
     """The tokenizer a checkpoint was trained or exported with, if it says."""
-    root = Path(path)
-    for candidate in (root, root.parent.parent):  # a workdir, or its checkpoints/STEP
-        record = candidate / "experiment.json"
-        if record.is_file():
-            recorded = json.loads(record.read_text()).get("data", {}).get("tokenizer_path")
-            if recorded:
-                if not Path(recorded).is_file():
-                    raise ConfigError(
-                        f"{record} names the tokenizer {recorded}, which no longer "
-                        "exists; set data.tokenizer_path."
-                    )
-                return recorded
-    beside = root / "tokenizer.model"
-    return str(beside) if beside.is_file() else None
+    return source_tokenizer(path)
 
 
 def resolve_tokenizer(exp: Experiment, quiet: bool = False) -> Experiment:
     """`exp` with data.tokenizer_path set (see the module docstring)."""
-    init_from = exp.posttrain.init_from
-    if init_from and not Path(init_from).exists():
-        raise CheckpointError(f"The init_from checkpoint {init_from} does not exist.")
     if exp.data.tokenizer_path:
         return exp
-    path = recorded_tokenizer(exp.posttrain.init_from) if exp.posttrain.init_from else None
-    if path is None:
-        if exp.posttrain.init_from:
-            raise ConfigError(
-                f"{exp.posttrain.init_from} records no tokenizer; set data.tokenizer_path "
-                "to the one the checkpoint was trained with."
-            )
-        if exp.posttrain.stage != "sft":
-            raise ConfigError(
-                f"The {exp.posttrain.stage} stage needs data.tokenizer_path (or an "
-                "init_from run that records its tokenizer)."
-            )
-        try:
-            path = cached_tokenizer(exp.data, exp.model.vocab_size, quiet)  # as pretraining does
-        except (FileNotFoundError, ValueError) as err:
-            raise DataError(str(err).rstrip(".") + ".") from None
+    if exp.init_from:  # with_source already took the source's tokenizer if it has one
+        raise ConfigError(
+            f"{exp.init_from} records no tokenizer; set data.tokenizer_path to the one the checkpoint "
+            "was trained with."
+        )
+    if exp.posttrain.stage != "sft":
+        raise ConfigError(
+            f"The {exp.posttrain.stage} stage needs data.tokenizer_path (or an init_from that has "
+            "its tokenizer)."
+        )
+    try:
+        path = cached_tokenizer(exp.data, exp.model.vocab_size, quiet)  # as pretraining does
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(str(err).rstrip(".") + ".") from None
     return exp.replace(data=dataclasses.replace(exp.data, tokenizer_path=path))
 
 
@@ -125,12 +106,16 @@ def tokenizer_and_template(exp: Experiment, quiet: bool = False):
 
 
 def initial_params(exp: Experiment, *, reward_model: bool = False):
-    """Host parameters of posttrain.init_from (None: a random start, for tests)."""
-    if not exp.posttrain.init_from:
+    """Host parameters of init_from (None: a random start, for tests); with `reward_model`, a
+    ScalarModel's (a language model gets a zero head; a reward model checkpoint is taken whole)."""
+    if not exp.init_from:
         return None
-    return load_checkpoint_params(
-        exp.posttrain.init_from, exp.model, "init_from checkpoint", reward_model=reward_model
-    )
+    if source_kind(exp.init_from) == "llama_jax":
+        return load_checkpoint_params(
+            exp.init_from, exp.model, "init_from checkpoint", reward_model=reward_model
+        )
+    params = source_params(exp.init_from, exp.model)
+    return from_llama(params, exp.model) if reward_model else params
 
 
 def chat_data(exp: Experiment, template: str, quiet: bool = False) -> tuple[Experiment, TrainingData]:
