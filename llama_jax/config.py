@@ -522,8 +522,11 @@ class PosttrainConfig:
                 "posttrain.reference_logprobs must be 'precompute' or 'online', "
                 f"got {self.reference_logprobs!r}."
             )
-        if self.chat_template not in ("", "llama2", "llama3"):
-            raise ValueError(f"posttrain.chat_template must be llama2 or llama3, got {self.chat_template!r}.")
+        if self.chat_template not in ("", "llama2", "llama3", "hf"):
+            raise ValueError(
+                f"posttrain.chat_template must be llama2, llama3 or hf (the tokenizer's own), got "
+                f"{self.chat_template!r}."
+            )
         if not 0 <= self.eval_fraction < 1:
             raise ValueError("posttrain.eval_fraction must be in [0, 1).")
 

@@ -1,7 +1,7 @@
 """Text generation with a KV cache: one jitted prefill, then a decode loop on the device.
 
-    python -m llama_jax.generate (--ckpt DIR | --hf DIR) [--tokenizer FILE] --prompt "..." | --chat
-                                 [--quant int8|fp8]
+    python -m llama_jax.generate (--ckpt DIR | --hf DIR) [--tokenizer FILE_OR_DIR] --prompt "..." | --chat
+                                 [--template llama2|llama3|hf] [--quant int8|fp8]
 
     generate(params, cfg, prompts, SamplingConfig(max_new_tokens=64, temperature=0.7, top_p=0.9),
              stop_tokens=(), seed=0, on_token=None, prompt_bucket=1) -> list[list[int]]
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from llama_jax.chat_template import encode_chat
+from llama_jax.chat_template import check_template, close_reply, next_turn_prompt
 from llama_jax.config import ModelConfig, SamplingConfig
 from llama_jax.model import KVCache, Llama
 from llama_jax.quantize import MODES as QUANT_MODES
@@ -220,14 +220,15 @@ class _Printer:
 
 def load_model(ckpt: str | None, hf: str | None, tokenizer_path: str | None = None):
     """(cfg, params, tokenizer) for the CLIs: a llama_jax checkpoint or HF directory, and its
-    tokenizer (default: `tokenizer.model` in the HF directory), checked to belong together."""
+    tokenizer (a file or a directory; default: the HF directory's `tokenizer.model`,
+    `original/tokenizer.model` or `tokenizer.json`), checked to belong together."""
     from llama_jax.checkpoint import load_for_inference
     from llama_jax.convert import load_hf
     from llama_jax.tokenizer import load_tokenizer
 
-    tokenizer_path = tokenizer_path or (str(Path(hf) / "tokenizer.model") if hf else None)
+    tokenizer_path = tokenizer_path or hf
     if tokenizer_path is None or not Path(tokenizer_path).exists():
-        raise GenerationError("No tokenizer: pass --tokenizer path/to/tokenizer.model.")
+        raise GenerationError("No tokenizer: pass --tokenizer path/to/tokenizer.model (or tokenizer.json).")
     tokenizer = load_tokenizer(tokenizer_path)
     cfg, params = load_hf(hf) if hf else load_for_inference(ckpt)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -249,7 +250,12 @@ def sampling_from_flags(args) -> SamplingConfig:
 
 
 def _chat(params, cfg, tokenizer, args, sampling: SamplingConfig) -> None:
+    """Each turn's prompt is the previous prompt and reply token for token (the reply as the model
+    produced it, not re-encoded from its text, so that e.g. a tool call's <|python_tag|> and
+    <|eom_id|> come back as they were), then the new user message in the template's format."""
+    check_template(tokenizer, args.template)  # before the first question, not after it
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    kept_ids: list[int] = []
     print("Chat; end with Ctrl-D.", file=sys.stderr)
     while True:
         try:
@@ -258,7 +264,7 @@ def _chat(params, cfg, tokenizer, args, sampling: SamplingConfig) -> None:
             print(file=sys.stderr)
             return
         messages.append({"role": "user", "content": user})
-        prompt = encode_chat(tokenizer, messages, template=args.template, add_generation_prompt=True).ids
+        prompt = next_turn_prompt(tokenizer, messages, kept_ids, template=args.template)
         printer = _Printer(tokenizer, tokenizer.stop_ids)
         reply = generate(
             params,
@@ -272,6 +278,7 @@ def _chat(params, cfg, tokenizer, args, sampling: SamplingConfig) -> None:
         print()
         text = tokenizer.decode([t for t in reply if t not in set(tokenizer.stop_ids)])
         messages.append({"role": "assistant", "content": text})
+        kept_ids = prompt + close_reply(tokenizer, messages, reply, template=args.template)
 
 
 def main(argv=None) -> int:
@@ -282,16 +289,19 @@ def main(argv=None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a llama_jax parameters checkpoint or training workdir")
     source.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors)")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one in --hf's directory)")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.model, tokenizer.json or a directory holding one (default: --hf's directory)",
+    )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="text to continue")
     mode.add_argument("--chat", action="store_true", help="interactive chat in the model's format")
     parser.add_argument("--system", default="", help="a system message for --chat")
     parser.add_argument(
         "--template",
-        choices=("llama2", "llama3"),
+        choices=("llama2", "llama3", "hf"),
         default=None,
-        help="chat format (default: the tokenizer family's)",
+        help="chat format (default: the tokenizer family's; hf: the tokenizer's own Jinja chat_template)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

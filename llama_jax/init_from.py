@@ -27,6 +27,7 @@ from llama_jax.config import (
     model_config_from_dict,
 )
 from llama_jax.convert import ConversionError, config_from_hf, config_from_meta, load_hf, load_meta
+from llama_jax.convert.cli import source_tokenizer as tokenizer_of
 from llama_jax.convert.common import config_fields, read_json_object, readable
 
 KINDS = ("hf", "meta", "llama_jax")
@@ -137,27 +138,10 @@ def source_params(path: str | Path, model: ModelConfig, *, progress: bool | None
 def source_tokenizer(path: str | Path) -> str | None:
     """The tokenizer that belongs to the source, if it has one: for Hugging Face and Meta
     directories their tokenizer files, for llama_jax checkpoints the one their run recorded."""
-    path = Path(path)
-    kind = source_kind(path)
-    if kind in ("hf", "meta"):
-        for candidate in ("tokenizer.model", "original/tokenizer.model"):
-            if (path / candidate).is_file():
-                return str(path / candidate)
-        if kind == "hf" and (path / "tokenizer.json").is_file():
-            return str(path)  # a directory that holds only tokenizer.json: load_tokenizer reads it
-        return None
-    for record in (path / "experiment.json", path.parent.parent / "experiment.json"):  # workdir, STEP
-        if record.is_file():
-            recorded = json.loads(record.read_text()).get("data", {}).get("tokenizer_path")
-            if recorded:
-                if not Path(recorded).exists():
-                    raise ConfigError(
-                        f"{record} names the tokenizer {recorded}, which no longer exists; set "
-                        "data.tokenizer_path."
-                    )
-                return recorded
-    beside = path / "tokenizer.model"
-    return str(beside) if beside.is_file() else None
+    try:
+        return tokenizer_of(source_kind(path), path)
+    except ConversionError as err:
+        raise ConfigError(str(err)) from None
 
 
 def with_source(exp):

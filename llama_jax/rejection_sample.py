@@ -202,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument(
         "--template",
-        choices=("llama2", "llama3"),
+        choices=("llama2", "llama3", "hf"),
         default=None,
         help="chat format (default: the tokenizer family's)",
     )

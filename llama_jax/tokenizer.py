@@ -3,10 +3,22 @@
 * LLaMA 1/2: a SentencePiece BPE `tokenizer.model` (protobuf); BOS 1, EOS 2.
 * Llama 3/3.1/3.2: a tiktoken BPE `tokenizer.model` (one `base64-token rank`
   per line) plus 256 special tokens numbered right after the last rank.
+* A Hugging Face `tokenizer.json` (run by the `tokenizers` library), with BOS,
+  EOS and pad from `tokenizer_config.json` beside it.
 
-`load_tokenizer(path)` tells the two file kinds apart. Both tokenizers round
-trip any valid Unicode; lone surrogates (which cannot be UTF-8 encoded) become
+`load_tokenizer(path)` tells the file kinds apart; given a directory (e.g. a
+Hugging Face download) it takes `tokenizer.model`, else
+`original/tokenizer.model`, else `tokenizer.json`. All tokenizers round trip
+any valid Unicode; lone surrogates (which cannot be UTF-8 encoded) become
 U+FFFD instead of raising.
+
+Special-token text follows Meta's (tiktoken's) rules: `encode` reads text such
+as "<|eot_id|>" as that special token only when `allowed_special` allows it,
+and as ordinary text otherwise.
+
+A tokenizer also carries the Hugging Face files next to it, if any:
+`tokenizer_config` (tokenizer_config.json) and `chat_template` (its Jinja
+template, which chat_template.py renders).
 
 `python -m llama_jax.tokenizer train` trains a new SentencePiece BPE model
 with the settings of the LLaMA 1/2 tokenizer.
@@ -18,10 +30,13 @@ import abc
 import argparse
 import base64
 import binascii
+import functools
+import json
 import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from typing import AbstractSet, Any, Literal, Union
 
 # The Llama 3 pre-tokenizer regex (the same as OpenAI's cl100k).
 LLAMA3_PATTERN = (
@@ -44,6 +59,12 @@ LLAMA3_NAMED_SPECIAL_TOKENS = (
     "<|eot_id|>",
     "<|python_tag|>",
 )
+# The tokens the Llama 3 chat format is made of: a tokenizer.json holding them is of that family.
+LLAMA3_CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+# Where a directory (e.g. a Hugging Face download) keeps its tokenizer, in order of preference:
+# Meta's own file first, then the tokenizers-library file.
+TOKENIZER_FILES = ("tokenizer.model", os.path.join("original", "tokenizer.model"), "tokenizer.json")
 
 # tiktoken's Rust core is slow (quadratic) on very long runs of whitespace or
 # of non-whitespace and can fail on huge inputs, so, like Meta's reference
@@ -54,9 +75,16 @@ _LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_MAX_RUN_CHARS + 1, _MAX_RUN_CHARS 
 
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]*={0,2} \d+\r?$")
 
+# "all" or a set of special-token strings, as in Meta's Tokenizer.encode.
+SpecialTokenSet = Union[Literal["all"], AbstractSet[str]]
+
 
 class TokenizerFileError(ValueError):
     """The tokenizer file is missing or of a kind we cannot read."""
+
+
+class SpecialTokenError(ValueError):
+    """Text holds a special token that the caller disallowed."""
 
 
 def llama3_special_tokens(num_ranks: int) -> dict[str, int]:
@@ -74,6 +102,61 @@ def _replace_lone_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+@functools.lru_cache(maxsize=64)
+def _special_token_regex(tokens: frozenset[str]) -> re.Pattern:
+    # Longest first, so that a token wins over any token it starts with.
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def split_at_special_tokens(text: str, allowed: frozenset[str]) -> Iterator[tuple[int, str, bool]]:
+    """(start, piece, is_special): `text` cut before and after each allowed special token."""
+    if not allowed:
+        yield 0, text, False
+        return
+    position = 0
+    for match in _special_token_regex(allowed).finditer(text):
+        if match.start() > position:
+            yield position, text[position : match.start()], False
+        yield match.start(), match.group(), True
+        position = match.end()
+    if position < len(text) or not text:
+        yield position, text[position:], False
+
+
+def hf_files_directory(tokenizer_file: str) -> str:
+    """The directory of the Hugging Face files (tokenizer_config.json, chat_template.jinja) that go
+    with a tokenizer file: its own, or for Meta's file in a download's `original/`, the download's."""
+    directory = os.path.dirname(os.path.abspath(tokenizer_file))
+    if os.path.basename(directory) == "original" and not os.path.isfile(
+        os.path.join(directory, "tokenizer_config.json")
+    ):
+        return os.path.dirname(directory)
+    return directory
+
+
+def read_tokenizer_config(tokenizer_file: str) -> dict[str, Any]:
+    """tokenizer_config.json of `hf_files_directory(tokenizer_file)`, or {} if there is none."""
+    path = os.path.join(hf_files_directory(tokenizer_file), "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerFileError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise TokenizerFileError(f"{path} is not a JSON object.")
+    return config
+
+
+def special_token_text(value: Any) -> str | None:
+    """The text of a special token as tokenizer_config.json gives it: a string or an AddedToken
+    object ({"content": ...}); None if unset."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 class Tokenizer(abc.ABC):
     """What the rest of llama_jax needs from a tokenizer."""
 
@@ -84,24 +167,105 @@ class Tokenizer(abc.ABC):
     pad_id: int | None
     # Ids at which generation stops.
     stop_ids: tuple[int, ...]
-    # "llama2" (SentencePiece) or "llama3" (tiktoken): the model family the tokenizer belongs to.
+    # "llama2" or "llama3": the model family, and so the chat format, the tokenizer belongs to.
     family: str
+    # The text of each special token and its id.
+    special_tokens: dict[str, int]
+
+    def encode(
+        self,
+        text: str,
+        *,
+        bos: bool = False,
+        eos: bool = False,
+        allowed_special: SpecialTokenSet = frozenset(),
+        disallowed_special: SpecialTokenSet = frozenset(),
+    ) -> list[int]:
+        """Token ids of `text`, special-token text handled as Meta's Tokenizer.encode does.
+
+        Special-token text in `allowed_special` ("all", or a set of special-token strings) becomes
+        those special tokens; any other special-token text is encoded as ordinary text, unless it is
+        in `disallowed_special` ("all": every special token not allowed), which raises
+        SpecialTokenError. Names that are not special tokens of this tokenizer are ignored.
+        """
+        allowed = self._allowed(allowed_special)
+        self._refuse_disallowed(text, allowed, disallowed_special)
+        ids = self._encode(text, allowed)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_with_offsets(
+        self, text: str, *, allowed_special: SpecialTokenSet = frozenset()
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of `text` (as `encode`) and, for each, the index in `text` where it starts."""
+        return self._encode_with_offsets(_replace_lone_surrogates(text), self._allowed(allowed_special))
 
     @abc.abstractmethod
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token text in `text` is encoded as text."""
+    def _encode(self, text: str, allowed: frozenset[str]) -> list[int]:
+        """Ids of `text`, with the `allowed` special-token texts as special tokens."""
+
+    @abc.abstractmethod
+    def _encode_with_offsets(self, text: str, allowed: frozenset[str]) -> tuple[list[int], list[int]]:
+        """Ids and start offsets of `text` (no lone surrogates)."""
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; bytes that do not form valid UTF-8 become U+FFFD."""
 
     @abc.abstractmethod
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        """Token ids of `text` and, for each, the index in `text` where it starts."""
-
-    @abc.abstractmethod
     def token_id(self, token: str) -> int:
         """Id of a special token or piece given by its text, e.g. "<|eot_id|>"."""
+
+    @functools.cached_property
+    def tokenizer_config(self) -> dict[str, Any]:
+        """The tokenizer_config.json that goes with the file (see `hf_files_directory`), or {}."""
+        return read_tokenizer_config(self.path)
+
+    @functools.cached_property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template that goes with the file, as transformers finds it:
+        chat_template.jinja, else tokenizer_config.json's `chat_template` (of several, the one
+        named "default"); None if there is none."""
+        jinja_file = os.path.join(hf_files_directory(self.path), "chat_template.jinja")
+        if os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                return f.read()
+        template = self.tokenizer_config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            if "default" not in named:
+                raise TokenizerFileError(
+                    f"tokenizer_config.json beside {self.path} has chat templates named "
+                    f"{sorted(map(str, named))} but none named 'default'."
+                )
+            template = named["default"]
+        return template if isinstance(template, str) else None
+
+    def _allowed(self, allowed_special: SpecialTokenSet) -> frozenset[str]:
+        if allowed_special == "all":
+            return frozenset(self.special_tokens)
+        if isinstance(allowed_special, str):  # a lone name would be read as a set of characters
+            raise SpecialTokenError(
+                f"allowed_special is 'all' or a set of token strings, not {allowed_special!r}."
+            )
+        return frozenset(allowed_special).intersection(self.special_tokens)
+
+    def _refuse_disallowed(
+        self, text: str, allowed: frozenset[str], disallowed_special: SpecialTokenSet
+    ) -> None:
+        if disallowed_special == "all":
+            disallowed = frozenset(self.special_tokens) - allowed
+        elif isinstance(disallowed_special, str):
+            raise SpecialTokenError(
+                f"disallowed_special is 'all' or a set of token strings, not {disallowed_special!r}."
+            )
+        else:
+            disallowed = frozenset(disallowed_special)
+        match = _special_token_regex(disallowed).search(text) if disallowed else None
+        if match:
+            raise SpecialTokenError(
+                f"The text holds the special token {match.group()!r}, which is disallowed here "
+                "(allow it to encode it as that token, or leave it out of disallowed_special to encode it as text)."
+            )
 
     def __reduce__(self):
         # Grain worker processes rebuild the tokenizer from its file.
@@ -112,7 +276,12 @@ class Tokenizer(abc.ABC):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """LLaMA 1/2 tokenizer: a SentencePiece model file."""
+    """LLaMA 1/2 tokenizer: a SentencePiece model file.
+
+    Its special tokens are the control and unknown pieces (`<unk>`, `<s>`, `</s>`); allowed
+    special-token text is cut out and the text between encoded piece by piece, as transformers'
+    (legacy) Llama 2 tokenizer does.
+    """
 
     family = "llama2"
 
@@ -131,34 +300,49 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
         self.stop_ids = (self.eos_id,)
+        self.special_tokens = {
+            self._sp.IdToPiece(i): i
+            for i in range(self.vocab_size)
+            if self._sp.IsControl(i) or self._sp.IsUnknown(i)
+        }
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    def _encode_text(self, text: str) -> list[int]:
         try:
-            ids = self._sp.EncodeAsIds(text)
+            return self._sp.EncodeAsIds(text)
         except (UnicodeEncodeError, RuntimeError):
             # pybind11 cannot pass lone surrogates to C++ (RuntimeError).
-            ids = self._sp.EncodeAsIds(_replace_lone_surrogates(text))
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+            return self._sp.EncodeAsIds(_replace_lone_surrogates(text))
+
+    def _encode(self, text: str, allowed: frozenset[str]) -> list[int]:
+        ids: list[int] = []
+        for _, piece, is_special in split_at_special_tokens(text, allowed):
+            ids.extend([self.special_tokens[piece]] if is_special else self._encode_text(piece))
+        return ids
+
+    def _encode_with_offsets(self, text: str, allowed: frozenset[str]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        starts: list[int] = []
+        for start, piece, is_special in split_at_special_tokens(text, allowed):
+            if is_special:
+                ids.append(self.special_tokens[piece])
+                starts.append(start)
+                continue
+            proto = self._sp.Encode(piece, return_type="proto")
+            # SentencePiece reports UTF-8 byte offsets; map them to string indices.
+            char_at_byte = []
+            for i, ch in enumerate(piece):
+                char_at_byte.extend([i] * len(ch.encode("utf-8")))
+            char_at_byte.append(len(piece))
+            ids.extend(p.id for p in proto.pieces)
+            starts.extend(start + char_at_byte[p.begin] for p in proto.pieces)
+        return ids, starts
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        text = _replace_lone_surrogates(text)
-        proto = self._sp.Encode(text, return_type="proto")
-        # SentencePiece reports UTF-8 byte offsets; map them to string indices.
-        char_at_byte = []
-        for i, ch in enumerate(text):
-            char_at_byte.extend([i] * len(ch.encode("utf-8")))
-        char_at_byte.append(len(text))
-        ids = [piece.id for piece in proto.pieces]
-        starts = [char_at_byte[piece.begin] for piece in proto.pieces]
-        return ids, starts
-
     def token_id(self, token: str) -> int:
-        special = {"<s>": self.bos_id, "</s>": self.eos_id}
-        if token in special:
-            return special[token]
+        if token in self.special_tokens:
+            return self.special_tokens[token]
         token_id = self._sp.PieceToId(token)
         if token_id == self._sp.unk_id() and token != self._sp.IdToPiece(token_id):
             raise KeyError(f"{token!r} is not a piece of {self.path}")
@@ -166,7 +350,7 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class TiktokenTokenizer(Tokenizer):
-    """Llama 3 tokenizer: tiktoken BPE ranks plus 256 special tokens."""
+    """Llama 3 tokenizer: tiktoken BPE ranks plus 256 special tokens; encodes as Meta's does."""
 
     family = "llama3"
 
@@ -188,6 +372,7 @@ class TiktokenTokenizer(Tokenizer):
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
         self.eot_id = self.special_tokens["<|eot_id|>"]
         self.eom_id = self.special_tokens["<|eom_id|>"]
+        # Meta's stop tokens: end of text, end of message (a tool call awaits its result), end of turn.
         self.stop_ids = (self.eos_id, self.eom_id, self.eot_id)
 
     def _pieces(self, text: str) -> Iterator[str]:
@@ -201,30 +386,124 @@ class TiktokenTokenizer(Tokenizer):
                     piece_start = cut
             yield block[piece_start:]
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = [self.bos_id] if bos else []
+    def _encode(self, text: str, allowed: frozenset[str]) -> list[int]:
+        def encode_piece(piece: str) -> list[int]:
+            if not allowed:
+                return self._encoding.encode_ordinary(piece)
+            # The disallowed check is done; tiktoken's own would refuse all other special text.
+            return self._encoding.encode(piece, allowed_special=allowed, disallowed_special=())
+
         if len(text) <= _MAX_RUN_CHARS:
-            ids.extend(self._encoding.encode_ordinary(text))
-        else:
-            for piece in self._pieces(text):
-                ids.extend(self._encoding.encode_ordinary(piece))
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+            return encode_piece(text)
+        return [i for piece in self._pieces(text) for i in encode_piece(piece)]
+
+    def _encode_with_offsets(self, text: str, allowed: frozenset[str]) -> tuple[list[int], list[int]]:
+        ids = self._encode(text, allowed)
+        _, starts = self._encoding.decode_with_offsets(ids)
+        return ids, starts
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._encoding.decode([int(i) for i in ids])
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
-        text = _replace_lone_surrogates(text)
-        ids = self.encode(text)
-        _, starts = self._encoding.decode_with_offsets(ids)
-        return ids, starts
 
     def token_id(self, token: str) -> int:
         if token in self.special_tokens:
             return self.special_tokens[token]
         return self._encoding.encode_single_token(token)
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, run by the `tokenizers` library, encoding as transformers'
+    tokenizer of the same files does.
+
+    Family: "llama3" if the vocabulary holds the Llama 3 chat tokens, else "llama2". BOS and EOS:
+    for Llama 3 Meta's `<|begin_of_text|>` and `<|end_of_text|>` (instruct models' configs name
+    `<|eot_id|>` as EOS, which is a stop id here), otherwise tokenizer_config.json's bos_token and
+    eos_token (default `<s>`, `</s>`). Stop ids: EOS, the config's EOS and, for Llama 3, `<|eom_id|>`
+    and `<|eot_id|>`. Special tokens: the file's added tokens marked special.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        # Special-token text is text unless allowed: the library parses it only in _parsing.
+        self._plain = self._load()
+        self._plain.encode_special_tokens = True
+        added = self._plain.get_added_tokens_decoder()
+        self.special_tokens = {token.content: i for i, token in added.items() if token.special}
+        vocab = self._plain.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        self.family = "llama3" if all(t in vocab for t in LLAMA3_CHAT_TOKENS) else "llama2"
+        config = self.tokenizer_config
+        names = {key: special_token_text(config.get(key)) for key in ("bos_token", "eos_token", "pad_token")}
+        if self.family == "llama3":
+            # Meta's BOS and EOS, whichever EOS the config names (a stop id here either way).
+            bos = "<|begin_of_text|>"
+            eos = "<|end_of_text|>" if "<|end_of_text|>" in vocab else names["eos_token"]
+            pad = names["pad_token"] or "<|finetune_right_pad_id|>"
+            stops = [eos, "<|eom_id|>", "<|eot_id|>", names["eos_token"]]
+        else:
+            bos, eos, pad = names["bos_token"] or "<s>", names["eos_token"] or "</s>", names["pad_token"]
+            stops = [eos]
+        for role, token in (("BOS", bos), ("EOS", eos)):
+            if token not in vocab:
+                raise TokenizerFileError(
+                    f"{self.path} has no {role} token {token!r} (set {role.lower()}_token in tokenizer_config.json)."
+                )
+        self.bos_id, self.eos_id = vocab[bos], vocab[eos]
+        self.pad_id = vocab.get(pad) if pad else None
+        self.stop_ids = tuple(dict.fromkeys(vocab[t] for t in stops if t in vocab))
+
+    def _load(self):
+        import tokenizers
+
+        try:
+            return tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:  # the library raises plain Exceptions with serde's message
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerFileError(
+                f"{self.path} looks like JSON but is not a tokenizer.json ({reason})."
+            ) from None
+
+    @functools.cached_property
+    def _parsing(self):
+        # A second instance that reads all special-token text as special tokens (as transformers
+        # does); not a flag flipped on the first, so that threads sharing the tokenizer cannot race.
+        return self._load()
+
+    def _library_encode(self, text: str, allowed: frozenset[str]):
+        library = self._parsing if allowed and allowed == self.special_tokens.keys() else self._plain
+        try:
+            return library.encode(text, add_special_tokens=False)
+        except TypeError:  # lone surrogates cannot cross into Rust
+            return library.encode(_replace_lone_surrogates(text), add_special_tokens=False)
+
+    def _encode(self, text: str, allowed: frozenset[str]) -> list[int]:
+        return self._encode_with_offsets(text, allowed)[0]
+
+    def _encode_with_offsets(self, text: str, allowed: frozenset[str]) -> tuple[list[int], list[int]]:
+        if not allowed or allowed == self.special_tokens.keys():
+            encoding = self._library_encode(text, allowed)
+            return encoding.ids, [start for start, _ in encoding.offsets]
+        # Some special tokens allowed: cut them out (as the library would) and encode the rest as text.
+        ids: list[int] = []
+        starts: list[int] = []
+        for start, piece, is_special in split_at_special_tokens(text, allowed):
+            if is_special:
+                ids.append(self.special_tokens[piece])
+                starts.append(start)
+            else:
+                encoding = self._library_encode(piece, frozenset())
+                ids.extend(encoding.ids)
+                starts.extend(start + s for s, _ in encoding.offsets)
+        return ids, starts
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._plain.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int:
+        token_id = self._plain.token_to_id(token)
+        if token_id is None:
+            raise KeyError(f"{token!r} is not a token of {self.path}")
+        return token_id
 
 
 def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
@@ -259,14 +538,24 @@ def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
     return ranks
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a SentencePiece or tiktoken `tokenizer.model`, whichever it is.
+def find_tokenizer_file(directory: str) -> str:
+    """The tokenizer file of a directory: the first of TOKENIZER_FILES it holds."""
+    for name in TOKENIZER_FILES:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise TokenizerFileError(f"No tokenizer in {directory}: looked for {', '.join(TOKENIZER_FILES)}.")
 
-    `path` may also be a directory holding `tokenizer.model`.
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a SentencePiece or tiktoken `tokenizer.model`, or a Hugging Face `tokenizer.json`,
+    whichever it is.
+
+    `path` may also be a directory, e.g. a Hugging Face download: see `find_tokenizer_file`.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.model")
+        path = find_tokenizer_file(path)
     if not os.path.isfile(path):
         raise TokenizerFileError(f"Tokenizer file not found: {path}")
     with open(path, "rb") as f:
@@ -276,16 +565,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     first_line = head.split(b"\n", 1)[0]
     if _TIKTOKEN_LINE.match(first_line):
         return TiktokenTokenizer(path)
-    if head.lstrip().startswith((b"{", b"[")):
-        raise TokenizerFileError(
-            f"{path} is a JSON file (Hugging Face tokenizer.json?); give the "
-            "original tokenizer.model (SentencePiece or tiktoken) instead."
-        )
+    if head.lstrip().startswith(b"{"):
+        return HuggingFaceTokenizer(path)
     try:
         return SentencePieceTokenizer(path)
     except TokenizerFileError:
         raise TokenizerFileError(
-            f"{path} is neither a SentencePiece model (LLaMA 1/2) nor a tiktoken BPE file (Llama 3)."
+            f"{path} is neither a SentencePiece model (LLaMA 1/2), a tiktoken BPE file (Llama 3) "
+            "nor a Hugging Face tokenizer.json."
         ) from None
 
 

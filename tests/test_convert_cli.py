@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import transformers
 from conftest import hf_logits
-from test_convert_meta import write_meta
+from test_convert_meta import MODELS, write_meta
 
 from llama_jax.checkpoint import load_params
 from llama_jax.convert.cli import main
@@ -92,6 +93,33 @@ def test_bf16_output(hf_model_dir, tmp_path):
     assert params["layers"]["attention"]["wq"].dtype.name == "bfloat16"
 
 
+def test_hf_to_meta_to_hf(hf_model_dir, tmp_path):
+    """--to meta in 2 shards (Llama 3 layout: GQA, RoPE base 500000), read back by --from meta."""
+    model, path = hf_model_dir(**MODELS["gqa"][0])
+    meta, exported = tmp_path / "meta", tmp_path / "hf"
+    argv = ["--from", "hf", str(path), "--to", "meta", str(meta), "--shards", "2", "--dtype", "float32"]
+    assert main(argv + ["--no-progress"]) == 0
+    assert sorted(p.name for p in meta.iterdir()) == [
+        "consolidated.00.pth",
+        "consolidated.01.pth",
+        "params.json",
+    ]
+    shard = torch.load(meta / "consolidated.01.pth", weights_only=True)
+    assert (
+        shard["tok_embeddings.weight"].shape == (64, 64)
+        and shard["tok_embeddings.weight"].dtype == torch.float32
+    )
+    assert main(["--from", "meta", str(meta), "--to", "hf", str(exported), "--no-progress"]) == 0
+    tokens = np.random.default_rng(0).integers(0, 128, size=(2, 40), dtype=np.int32)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(exported).eval()
+    error = np.abs(hf_logits(reloaded, tokens) - hf_logits(model, tokens)).max()
+    print(f"CLI hf -> meta (2 shards) -> hf: max abs logit error {error:.2e}")
+    assert error < TOLERANCE
+
+    assert main(["--from", "hf", str(path), "--to", "meta", str(tmp_path / "bf16"), "--no-progress"]) == 0
+    assert torch.load(tmp_path / "bf16" / "consolidated.00.pth")["norm.weight"].dtype == torch.bfloat16
+
+
 def _edit_json(file, change):
     data = json.loads(file.read_text())
     change(data)
@@ -119,7 +147,27 @@ BAD_INPUTS = {
         lambda make, tmp: _missing_tensor(_sharded(make), tmp),
         r"lacks tensor model\.norm\.weight",
     ),
-    "missing_meta_shard": (lambda make, tmp: _missing_meta_shard(make, tmp), r"lacks consolidated\.01\.pth"),
+    "missing_meta_shard": (
+        lambda make, tmp: _missing_meta_shard(make, tmp),
+        r"lacks consolidated\.01\.pth but has consolidated\.03\.pth",
+    ),
+    "stray_meta_shard": (
+        lambda make, tmp: _stray_meta_shard(make, tmp),
+        r"lacks consolidated\.04\.pth but has consolidated\.05\.pth: Meta's shards are numbered",
+    ),
+    "disagreeing_meta_shards": (
+        lambda make, tmp: _disagreeing_meta_shards(make, tmp),
+        r"Shards disagree on the shape of layers\.1\.attention\.wo\.weight: \(64, 32\) in "
+        r"consolidated\.00\.pth, \(64, 16\) in consolidated\.01\.pth",
+    ),
+    "params_json_without_field": (
+        lambda make, tmp: _params_json_without(make, tmp, "n_heads"),
+        r"^error: params\.json lacks 'n_heads'\.$",
+    ),
+    "meta_shards_that_do_not_split": (
+        lambda make, tmp: ["--from", "hf", str(make()[1]), "--to", "meta", str(tmp / "out"), "--shards", "3"],
+        r"Meta's layout cannot split the attention heads \(4\) into 3 shards\.",
+    ),
     "non_empty_destination": (
         lambda make, tmp: _non_empty_destination(make()[1], tmp),
         "already exists and is not empty",
@@ -162,6 +210,29 @@ def _missing_meta_shard(make, tmp):
     return ["--from", "meta", str(path), "--to", "llama_jax", str(tmp / "out")]
 
 
+def _stray_meta_shard(make, tmp):
+    model, _ = make(intermediate_size=192)
+    path = write_meta(model, tmp / "meta", dict(multiple_of=32), n_shards=4)
+    (path / "consolidated.05.pth").write_bytes((path / "consolidated.03.pth").read_bytes())
+    return ["--from", "meta", str(path), "--to", "meta", str(tmp / "out")]
+
+
+def _disagreeing_meta_shards(make, tmp):
+    model, _ = make(intermediate_size=192)
+    path = write_meta(model, tmp / "meta", dict(multiple_of=32))
+    shard = torch.load(path / "consolidated.01.pth", weights_only=True)
+    shard["layers.1.attention.wo.weight"] = shard["layers.1.attention.wo.weight"][:, :16].clone()
+    torch.save(shard, path / "consolidated.01.pth")
+    return ["--from", "meta", str(path), "--to", "hf", str(tmp / "out")]
+
+
+def _params_json_without(make, tmp, field):
+    model, _ = make(intermediate_size=192)
+    path = write_meta(model, tmp / "meta", dict(multiple_of=32))
+    _edit_json(path / "params.json", lambda p: p.pop(field))
+    return ["--from", "meta", str(path), "--to", "llama_jax", str(tmp / "out")]
+
+
 def _non_empty_destination(path, tmp):
     (tmp / "out").mkdir()
     (tmp / "out" / "keep.txt").write_text("mine")
@@ -177,6 +248,8 @@ def test_bad_input_is_one_sentence(hf_model_dir, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert re.search(expected, err), err
+    out = tmp_path / "out"  # every case's destination: nothing written there
+    assert not out.exists() or [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_bad_input_exits_without_traceback(hf_model_dir, tmp_path):

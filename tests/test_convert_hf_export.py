@@ -77,3 +77,116 @@ def test_params_of_another_shape_are_named(hf_model_dir, tmp_path):
     ):
         save_hf(params, cfg.replace(n_kv_heads=2), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory):
+    from llama_jax.data.synthetic import write_sentencepiece_model, write_tiktoken_model
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {
+        "llama2": write_sentencepiece_model(str(root / "sp"), vocab_size=320),
+        "llama3": write_tiktoken_model(str(root / "tiktoken"), num_ranks=300),
+    }
+
+
+def _stopping_model(tokenizer):
+    """A model whose every greedy step is the family's end-of-turn token: the layers add nothing,
+    every token embeds to one vector u, and only the end-of-turn row of the head points along u."""
+    from llama_jax.config import ModelConfig
+
+    vocab = max(320, tokenizer.vocab_size)
+    cfg = ModelConfig(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=128,
+        vocab_size=vocab,
+        max_seq_len=128,
+    )
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=cfg.dim).astype(np.float32)
+    stop = tokenizer.eot_id if tokenizer.family == "llama3" else tokenizer.eos_id
+    zeros = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    layers = {
+        "attention": {
+            "wq": rng.normal(size=(2, 64, 4, 16)).astype(np.float32),
+            "wk": rng.normal(size=(2, 64, 2, 16)).astype(np.float32),
+            "wv": rng.normal(size=(2, 64, 2, 16)).astype(np.float32),
+            "wo": zeros(2, 4, 16, 64),
+        },
+        "attention_norm": {"weight": np.ones((2, 64), np.float32)},
+        "feed_forward": {"w1": zeros(2, 64, 128), "w2": zeros(2, 128, 64), "w3": zeros(2, 64, 128)},
+        "ffn_norm": {"weight": np.ones((2, 64), np.float32)},
+    }
+    output = zeros(64, vocab)
+    output[:, stop] = u
+    params = {
+        "layers": layers,
+        "norm": {"weight": np.ones(64, np.float32)},
+        "output": output,
+        "tok_embeddings": np.tile(u, (vocab, 1)),
+    }
+    return cfg, params, stop
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_transformers_tools_use_an_export_as_is(tokenizer_files, tmp_path, family):
+    from llama_jax.chat_template import encode_chat
+    from llama_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_files[family])
+    cfg, params, stop = _stopping_model(tokenizer)
+    out = save_hf(params, cfg, tmp_path / "export", tokenizer=tokenizer)
+
+    # AutoTokenizer gives our ids, BOS included, and decodes them back.
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ["hello world", " two  spaces", "def f(x):\n    return x  # ok", "ünïcödé 123456", ""]:
+        assert hf_tokenizer(text).input_ids == tokenizer.encode(text, bos=True), text
+        assert hf_tokenizer.decode(tokenizer.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+    # Its chat template renders the family's format to the ids encode_chat gives.
+    dialog = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": " What is 2 + 2? "},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3 + 3?"},
+    ]
+    dialogs = [dialog]
+    if family == "llama3":  # a Llama 3.1 tool call and its result
+        dialogs.append(
+            [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": '<|python_tag|>brave_search.call(query="Paris weather")'},
+                {"role": "tool", "content": '{"temp": 21}'},
+            ]
+        )
+    for messages in dialogs:
+        rendered = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        rendered = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+        assert list(rendered) == encode_chat(tokenizer, messages, add_generation_prompt=True).ids
+
+    # The special ids are where transformers looks for them, and generation stops at end of turn.
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    stops = list(tokenizer.stop_ids) if family == "llama3" else tokenizer.eos_id
+    assert config["bos_token_id"] == tokenizer.bos_id and generation["eos_token_id"] == stops
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    prompt = hf_tokenizer("hello", return_tensors="pt").input_ids
+    generated = model.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist()
+    assert generated == prompt[0].tolist() + [stop]
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    assert pipe("hello", max_new_tokens=20, do_sample=False)[0]["generated_text"] == "hello"
+
+
+def test_a_tokenizer_larger_than_the_model_writes_nothing(tokenizer_files, tmp_path):
+    from llama_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_files["llama3"])
+    cfg, params, _ = _stopping_model(tokenizer)
+    small = cfg.replace(vocab_size=300)
+    params = {**params, "output": params["output"][:, :300], "tok_embeddings": params["tok_embeddings"][:300]}
+    with pytest.raises(ConversionError, match="has 556 tokens but the model's vocabulary is 300"):
+        save_hf(params, small, tmp_path / "export", tokenizer=tokenizer)
+    assert not (tmp_path / "export").exists() and list(tmp_path.iterdir()) == []

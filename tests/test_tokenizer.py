@@ -1,19 +1,32 @@
-"""Tokenizers (SentencePiece and tiktoken) and the Llama 2 / Llama 3 chat formats."""
+"""Tokenizers (SentencePiece, tiktoken and Hugging Face tokenizer.json) and the Llama 2 / Llama 3
+chat formats."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import llama_models
 import pytest
+import transformers
+from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.chat_template import encode_chat
 from llama_jax.data import synthetic
 from llama_jax.tokenizer import (
+    HuggingFaceTokenizer,
     SentencePieceTokenizer,
+    SpecialTokenError,
     TiktokenTokenizer,
     TokenizerFileError,
     load_tokenizer,
 )
+
+# Meta's Llama 3 tiktoken file, shipped with Meta's llama-models package.
+META_LLAMA3_FILE = os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
 
 NUM_RANKS = 300
 
@@ -44,14 +57,54 @@ def tt_tokenizer(tmp_path_factory):
     return load_tokenizer(path)
 
 
-@pytest.fixture(params=["sp", "tt"])
-def any_tokenizer(request, sp_tokenizer, tt_tokenizer):
-    return {"sp": sp_tokenizer, "tt": tt_tokenizer}[request.param]
+def write_llama3_download(directory, tiktoken_file, *, original=False, chat_template=None) -> Path:
+    """A Llama 3 tokenizer as a Hugging Face download of Meta's holds it: tokenizer.json built by
+    transformers' own converter from the tiktoken file, tokenizer_config.json naming the instruct
+    model's EOS (<|eot_id|>), and with `original`, Meta's file in original/tokenizer.model."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    num_ranks = len(tokenizer_lib.read_tiktoken_ranks(str(tiktoken_file)))
+    specials = list(tokenizer_lib.llama3_special_tokens(num_ranks))
+    fast = TikTokenConverter(vocab_file=str(tiktoken_file), extra_special_tokens=specials).converted()
+    fast.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "clean_up_tokenization_spaces": False,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    if original:
+        (directory / "original").mkdir()
+        shutil.copy(tiktoken_file, directory / "original" / "tokenizer.model")
+    return directory
 
 
-def test_load_detects_kind(sp_tokenizer, tt_tokenizer):
+@pytest.fixture(scope="module")
+def json_tokenizer(tmp_path_factory, tt_tokenizer):
+    return load_tokenizer(write_llama3_download(tmp_path_factory.mktemp("json"), tt_tokenizer.path))
+
+
+@pytest.fixture(scope="module")
+def meta_llama3_download(tmp_path_factory):
+    """(our tokenizer of the download's tokenizer.json, transformers' of the same files)."""
+    directory = write_llama3_download(tmp_path_factory.mktemp("meta_json"), META_LLAMA3_FILE)
+    return load_tokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture(params=["sp", "tt", "json"])
+def any_tokenizer(request, sp_tokenizer, tt_tokenizer, json_tokenizer):
+    return {"sp": sp_tokenizer, "tt": tt_tokenizer, "json": json_tokenizer}[request.param]
+
+
+def test_load_detects_kind(sp_tokenizer, tt_tokenizer, json_tokenizer):
     assert isinstance(sp_tokenizer, SentencePieceTokenizer)
     assert isinstance(tt_tokenizer, TiktokenTokenizer)
+    assert isinstance(json_tokenizer, HuggingFaceTokenizer)
 
 
 def test_sentencepiece_llama_ids(sp_tokenizer):
@@ -88,6 +141,9 @@ def test_tiktoken_special_tokens(tt_tokenizer):
     assert sorted(special.values()) == list(range(NUM_RANKS, NUM_RANKS + 256))
     assert tt_tokenizer.bos_id == NUM_RANKS
     assert tt_tokenizer.stop_ids == (NUM_RANKS + 1, NUM_RANKS + 8, NUM_RANKS + 9)
+    # Meta's stop tokens on Meta's file: end of text, end of message (tool calls), end of turn.
+    meta = MetaTokenizer(Path(META_LLAMA3_FILE))
+    assert TiktokenTokenizer(META_LLAMA3_FILE).stop_ids == tuple(meta.stop_tokens)
     # The real file's ids.
     assert tokenizer_lib.llama3_special_tokens(128_000)["<|eot_id|>"] == 128_009
     # Text that looks like a special token is encoded as plain text.
@@ -129,7 +185,7 @@ def test_wrong_files(tmp_path, sp_tokenizer):
     with pytest.raises(TokenizerFileError, match="empty"):
         load_tokenizer(tmp_path / "empty.model")
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
-    with pytest.raises(TokenizerFileError, match="JSON"):
+    with pytest.raises(TokenizerFileError, match="JSON but is not a tokenizer.json"):
         load_tokenizer(tmp_path / "tokenizer.json")
     (tmp_path / "junk.model").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(TokenizerFileError, match="neither"):
@@ -144,6 +200,103 @@ def test_wrong_files(tmp_path, sp_tokenizer):
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "tokenizer.model").write_bytes(open(sp_tokenizer.path, "rb").read())
     assert isinstance(load_tokenizer(tmp_path / "dir"), SentencePieceTokenizer)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(
+        TokenizerFileError, match="No tokenizer in .*original/tokenizer.model, tokenizer.json"
+    ):
+        load_tokenizer(tmp_path / "nothing")
+
+
+# --- Hugging Face downloads ---------------------------------------------------
+
+
+def test_tokenizer_json_encodes_as_transformers_and_meta(meta_llama3_download):
+    tok, reference = meta_llama3_download
+    meta = MetaTokenizer(Path(META_LLAMA3_FILE))
+    assert isinstance(tok, HuggingFaceTokenizer) and tok.family == "llama3"
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (
+        meta.n_words,
+        meta.bos_id,
+        meta.eos_id,
+        meta.pad_id,
+    )
+    assert tok.stop_ids == tuple(meta.stop_tokens)  # end of text, end of message, end of turn
+    assert tok.token_id("<|python_tag|>") == meta.python_tag_id
+    for text in TEXTS:
+        # transformers reads special-token text as special tokens; we do when told to.
+        expected = reference(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert tok.encode(text, allowed_special="all") == expected["input_ids"]
+        ids, starts = tok.encode_with_offsets(text, allowed_special="all")
+        assert ids == expected["input_ids"] and starts == [start for start, _ in expected["offset_mapping"]]
+        assert tok.decode(tok.encode(text)) == text
+        if len(text) < 25_000:  # Meta cuts longer runs before encoding, transformers does not
+            assert tok.encode(text, bos=True, eos=True) == meta.encode(text, bos=True, eos=True)
+
+
+def test_download_directory_lookup(tmp_path, tt_tokenizer, json_tokenizer):
+    download = write_llama3_download(tmp_path / "download", tt_tokenizer.path, original=True)
+    # Meta's own file wins; the download's tokenizer_config.json still goes with it.
+    from_original = load_tokenizer(download)
+    assert isinstance(from_original, TiktokenTokenizer)
+    assert from_original.path == str(download / "original" / "tokenizer.model")
+    assert from_original.tokenizer_config["eos_token"] == "<|eot_id|>"
+    shutil.copy(tt_tokenizer.path, download / "tokenizer.model")
+    assert load_tokenizer(download).path == str(download / "tokenizer.model")
+    # Only tokenizer.json: the same ids, through the tokenizers library.
+    assert isinstance(json_tokenizer, HuggingFaceTokenizer)
+    for name in ("vocab_size", "bos_id", "eos_id", "pad_id", "stop_ids", "special_tokens", "family"):
+        assert getattr(json_tokenizer, name) == getattr(from_original, name), name
+    for text in TEXTS[:-1]:
+        assert json_tokenizer.encode(text) == from_original.encode(text)
+
+
+def test_llama2_tokenizer_json(tmp_path, sp_tokenizer):
+    # transformers' own conversion of the SentencePiece model, saved as a download holds it.
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(sp_tokenizer.path, source / "tokenizer.model")
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "download")
+    assert not (tmp_path / "download" / "tokenizer.model").exists()
+    tok = load_tokenizer(tmp_path / "download")
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "download")
+    assert isinstance(tok, HuggingFaceTokenizer) and tok.family == "llama2"
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids, tok.vocab_size) == (1, 2, (2,), sp_tokenizer.vocab_size)
+    assert tok.special_tokens == sp_tokenizer.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for text in TEXTS[:-1] + ["<s>[INST] hi [/INST] answer </s>"]:
+        assert tok.encode(text, allowed_special="all") == reference.encode(text, add_special_tokens=False)
+    chat = encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert chat.ids[0] == 1 and chat.ids[-1] == 2 and tok.decode(chat.ids[1:-1]) == "[INST] hi [/INST] yo "
+
+
+ALLOWED_SPECIAL = ["all", {"<|eot_id|>"}, {"<|python_tag|>", "<|not_a_token|>"}, set()]
+
+
+@pytest.mark.parametrize("allowed", ALLOWED_SPECIAL, ids=["all", "eot", "python_tag", "none"])
+def test_allowed_special_as_meta(meta_llama3_download, allowed):
+    meta = MetaTokenizer(Path(META_LLAMA3_FILE))
+    ours = [TiktokenTokenizer(META_LLAMA3_FILE), meta_llama3_download[0]]
+    text = "x<|eot_id|> y <|python_tag|>print(1)<|begin_of_text|><|eot_id|>"
+    expected = meta.encode(text, bos=True, eos=False, allowed_special=allowed)
+    for tok in ours:
+        assert tok.encode(text, bos=True, allowed_special=allowed) == expected
+        assert tok.decode(expected) == "<|begin_of_text|>" + text
+    # disallowed_special: where Meta refuses special-token text, so do we, in one sentence.
+    for disallowed in ("all", {"<|begin_of_text|>"}, {"<|eom_id|>"}):
+        try:
+            expected = meta.encode(
+                text, bos=False, eos=False, allowed_special=allowed, disallowed_special=disallowed
+            )
+        except ValueError:
+            expected = None
+        for tok in ours:
+            if expected is None:
+                with pytest.raises(
+                    SpecialTokenError, match=r"^The text holds the special token '<\|[a-z_]+\|>'[^.]*\.$"
+                ):
+                    tok.encode(text, allowed_special=allowed, disallowed_special=disallowed)
+            else:
+                assert tok.encode(text, allowed_special=allowed, disallowed_special=disallowed) == expected
 
 
 # --- chat templates ---------------------------------------------------------

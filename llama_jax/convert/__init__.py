@@ -1,7 +1,8 @@
 """Weight conversion between llama_jax and the Hugging Face and Meta formats.
 
 - `load_hf(path)` / `save_hf(params, cfg, path)`: Hugging Face directories (`hf.py`).
-- `load_meta(path)`: Meta's `params.json` + `consolidated.NN.pth` shards (`meta.py`).
+- `load_meta(path)` / `save_meta(params, cfg, path, shards=N)`: Meta's `params.json` +
+  `consolidated.NN.pth` shards, of LLaMA 1, Llama 2 or Llama 3 (`meta.py`).
 - `read_params(kind, path)` and `python -m llama_jax.convert`: any source to any destination,
   including llama_jax parameters checkpoints (`cli.py`).
 
@@ -12,7 +13,7 @@ is the output plus one tensor.
 from llama_jax.convert.cli import read_params, write_params
 from llama_jax.convert.common import ConversionError
 from llama_jax.convert.hf import config_from_hf, config_to_hf, hf_tensor_mappings, load_hf, save_hf
-from llama_jax.convert.meta import config_from_meta, load_meta
+from llama_jax.convert.meta import config_from_meta, load_meta, save_meta
 from llama_jax.convert.tree import TensorMapping
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "load_meta",
     "read_params",
     "save_hf",
+    "save_meta",
     "write_params",
 ]

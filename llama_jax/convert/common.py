@@ -1,9 +1,13 @@
-"""What every reader and writer of checkpoints shares: the error type and the destination check."""
+"""What every reader and writer of checkpoints shares: the error type, the destination check and
+its atomic writing."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -53,3 +57,29 @@ def readable(file: Path, kind: str):
     except Exception as err:  # noqa: BLE001 - safetensors and torch raise their own kinds, and OSError
         message = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ConversionError(f"{file} is not a readable {kind} file ({message}).") from None
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path):
+    """A temporary directory beside `path` that becomes `path` when the block ends, or is removed
+    if it fails: a conversion that fails part way leaves nothing at its destination. `path` must
+    be absent or empty (renaming onto an empty directory replaces it)."""
+    require_empty_destination(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield partial
+        partial.chmod(0o755)  # mkdtemp's 0o700 is for the unfinished directory only
+        os.rename(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int) -> None:
+    """A tokenizer with more tokens than the model's vocabulary does not belong to it."""
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise ConversionError(
+            f"The tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocabulary is {vocab_size}: they do not belong together."
+        )

@@ -23,11 +23,14 @@ from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.convert import tree
 from llama_jax.convert.common import (
     ConversionError,
+    atomic_directory,
+    check_tokenizer_fits,
     config_fields,
     read_json_object,
     readable,
     require_empty_destination,
 )
+from llama_jax.convert.hf_tokenizer import generation_config, save_hf_tokenizer
 from llama_jax.convert.tree import TensorMapping
 
 
@@ -283,21 +286,30 @@ def save_hf(
     *,
     max_shard_size: int | str = "5GB",
     dtype: str | None = None,
+    tokenizer=None,
     progress: bool | None = None,
 ) -> Path:
     """Write a Hugging Face Llama directory that `LlamaForCausalLM.from_pretrained` loads.
 
-    config.json, safetensors files of at most `max_shard_size` and model.safetensors.index.json.
-    `dtype` (e.g. "bfloat16") defaults to that of the parameters. Host memory beyond `params` is
-    one file's worth of tensors. `path` must be absent or empty.
+    config.json, safetensors files of at most `max_shard_size` and model.safetensors.index.json;
+    with a `tokenizer` (a `llama_jax.tokenizer.Tokenizer`), also its files, the chat template
+    and generation_config.json, so that `AutoTokenizer` and `pipeline` use the directory as is
+    (see hf_tokenizer.py). `dtype` (e.g. "bfloat16") defaults to that of the parameters. Host
+    memory beyond `params` is one file's worth of tensors. `path` must be absent or empty.
     """
-    path = Path(path)
-    require_empty_destination(path)
+    final = Path(path)
+    require_empty_destination(final)
+    check_tokenizer_fits(tokenizer, cfg.vocab_size)
     mappings = hf_tensor_mappings(cfg)
     tree.check_shapes(params, cfg, mappings)
+    with atomic_directory(final) as path:
+        _write_hf(params, cfg, path, mappings, dtype, max_shard_size, tokenizer, progress)
+    return final
+
+
+def _write_hf(params, cfg, path: Path, mappings, dtype, max_shard_size, tokenizer, progress) -> None:
     dtype = tree.numpy_dtype(dtype or np.asarray(params["tok_embeddings"]).dtype)
     shards = _plan_shards(mappings, dtype.itemsize, parse_size(max_shard_size))
-    path.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     with tqdm(
         total=len(mappings),
@@ -319,5 +331,9 @@ def save_hf(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     hf_config = config_to_hf(cfg, dtype.name)
+    if tokenizer is not None:
+        special_ids = save_hf_tokenizer(tokenizer, path, max_seq_len=cfg.max_seq_len)
+        hf_config.update(special_ids)
+        generation = generation_config(special_ids)
+        (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    return path

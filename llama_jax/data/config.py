@@ -74,8 +74,10 @@ class SourceConfig:
             )
         if self.tokenized and self.kind != "arrayrecord":
             raise ValueError("Only arrayrecord sources can be pre-tokenized.")
-        if self.chat_template not in (None, "llama2", "llama3"):
-            raise ValueError(f"Unknown chat template {self.chat_template!r}; use llama2 or llama3.")
+        if self.chat_template not in (None, "llama2", "llama3", "hf"):
+            raise ValueError(
+                f"Unknown chat template {self.chat_template!r}; use llama2, llama3 or hf (the tokenizer's own)."
+            )
         if self.chat_template and self.kind not in ("jsonl", "parquet"):
             raise ValueError("Chat data must come from jsonl or parquet sources.")
 
