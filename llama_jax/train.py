@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # settings may come before and after the flags
     try:
         distributed.initialize(distributed.ProcessSpec.from_args(args))  # before anything else uses JAX
         exp = apply_overrides(load_experiment(args.exp), args.overrides)

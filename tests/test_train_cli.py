@@ -29,6 +29,13 @@ def test_bad_input_is_one_sentence_and_exit_2(args, message, capsys, tmp_path):
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("before", [True, False])
+def test_settings_are_read_before_and_after_the_flags(before, capsys, tmp_path):
+    flags, settings = ["--workdir", str(tmp_path / "w")], ["train.steps=5", "optim.peak_lr=-1"]
+    assert train.main(settings + flags if before else flags + settings) == 2
+    assert "'optim.peak_lr=-1': optim.peak_lr must be positive" in capsys.readouterr().err
+
+
 def test_help_lists_the_experiments(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--help"])
