@@ -129,7 +129,7 @@ def test_bad_input(tmp_path, corpus, tokenizer_path, capsys):
     cases = [
         ([str(tmp_path / "missing.jsonl"), "--tokenizer", tokenizer_path], "No such file"),
         ([corpus, "--tokenizer", str(tmp_path / "none.model")], "Tokenizer file not found"),
-        ([corpus, "--tokenizer", corpus], "is a JSON file"),
+        ([corpus, "--tokenizer", corpus], "looks like JSON but is not a tokenizer.json"),
         ([corpus, "--tokenizer", tokenizer_path, "--kind", "parquet"], "not a Parquet file"),
     ]
     (tmp_path / "empty.jsonl").write_text("")

@@ -73,6 +73,28 @@ def test_sources_are_told_apart_and_read_without_their_weights(released, tmp_pat
         source_kind(tmp_path / "empty")
 
 
+def test_a_meta_directory_is_read_as_its_hugging_face_twin(released, tmp_path):
+    """The same model in Meta's format (two shards, with its tokenizer): the same architecture
+    from params.json and the shards' headers, the same parameters, its tokenizer.model found."""
+    from llama_jax.config import ModelConfig
+    from llama_jax.convert import load_hf, save_meta
+    from llama_jax.init_from import source_params, source_tokenizer
+
+    _, hf_dir, _ = released
+    cfg, params = load_hf(hf_dir)
+    meta_dir = save_meta(params, cfg, tmp_path / "meta", shards=2, dtype="float32")
+    shutil.copy(hf_dir / "tokenizer.model", meta_dir / "tokenizer.model")
+    assert source_kind(meta_dir) == "meta"
+    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps")
+    found = source_config(meta_dir)
+    assert {f: getattr(found, f) for f in fields} == {f: getattr(cfg, f) for f in fields}
+    model = ModelConfig(**{**cfg.__dict__, "max_seq_len": found.max_seq_len})
+    loaded = source_params(meta_dir, model)
+    np.testing.assert_array_equal(loaded["layers"]["attention"]["wq"], params["layers"]["attention"]["wq"])
+    np.testing.assert_array_equal(loaded["tok_embeddings"], params["tok_embeddings"])
+    assert source_tokenizer(meta_dir) == str(meta_dir / "tokenizer.model")
+
+
 def test_continued_pretraining_starts_from_the_source_model(released, tmp_path, capsys):
     model, hf_dir, exp_file = released
     overrides = [f"init_from={hf_dir}", "model=from_init"]

@@ -65,6 +65,7 @@ def one_process(tmp_path_factory):
     return tmp_path, workdir, result
 
 
+@pytest.mark.slow  # two real training processes and a third for the reference: after the suite
 def test_two_processes_train_exactly_as_one(one_process, tmp_path):
     cache_from, single, single_result = one_process
     workdir = tmp_path / "run"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = Path(__file__).parent.parent / "experiments" / "colab.ipynb"
 
@@ -15,6 +16,7 @@ def _outputs(cell) -> str:
     )
 
 
+@pytest.mark.slow  # the whole notebook in a kernel: after the suite
 def test_colab_notebook_runs_on_cpu(tmp_path, hf_model_dir, monkeypatch):
     _, hf_dir = hf_model_dir(seed=0)
     # The kernel inherits this environment: one CPU device, a private tokenizer cache.

@@ -69,3 +69,25 @@ def test_every_cited_document_is_in_the_repository():
         cited |= {f"{name}.md" for name in re.findall(r"\b([A-Z][A-Z_]+)\.md\b", path.read_text())}
     missing = sorted(c for c in cited if not (ROOT / c).is_file() and not list(ROOT.rglob(Path(c).name)))
     assert cited and not missing, missing
+
+
+def test_a_host_without_accelerators_starts_jax_without_libtpu_noise():
+    """With the tpu extra installed, libtpu probes for a TPU at backend start and prints a page of
+    warnings on a host without one; importing llama_jax there selects the CPU backend first."""
+    import os
+    import subprocess
+    import sys
+
+    import llama_jax
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    probe = "import llama_jax, jax, os; print(os.environ.get('JAX_PLATFORMS'), jax.devices()[0].platform)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    if llama_jax._no_accelerator():
+        assert result.stdout.split() == ["cpu", "cpu"]
+        assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr
+    else:  # an accelerator host: left to JAX
+        assert result.stdout.split()[0] == "None"
