@@ -53,6 +53,7 @@ def test_two_exports_average_to_their_mean(exports, tmp_path):
     assert not np.array_equal(np.asarray(averaged["output"]), np.asarray(a["output"]))
 
 
+@pytest.mark.slow  # three training checkpoints written: after the suite
 def test_the_newest_checkpoints_of_a_workdir(tmp_path):
     checkpoints = TrainCheckpointer(tmp_path / "run", CheckpointConfig(keep_last=5, async_save=False))
     trees = [_params(seed) for seed in range(3)]

@@ -165,6 +165,7 @@ def _experiment(files, steps, **settings):
     )
 
 
+@pytest.mark.slow  # a real PPO run and its resume: after the suite
 def test_ppo_learns_from_a_scoring_function_and_resumes(files):
     workdir = files["root"] / "run"
     out = train_lib.train(_experiment(files, 8), workdir, quiet=True)

@@ -24,6 +24,9 @@ from llama_jax.data.config import DataConfig, SourceConfig
 from llama_jax.model import init_params
 from llama_jax.posttrain.data import sft_source
 
+# Every stage trains for real here (an SFT run others start from): after the suite.
+pytestmark = pytest.mark.slow
+
 MODEL = ModelConfig(
     dim=64,
     n_layers=2,

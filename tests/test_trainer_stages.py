@@ -75,6 +75,7 @@ def _logged(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # two real training runs: after the suite
 def test_a_stage_defined_in_an_experiment_file_trains_like_pretraining(files):
     root, tokenizer = files
     assert (

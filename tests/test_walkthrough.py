@@ -90,6 +90,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
         assert "Traceback" not in result.stderr, name
         outputs[name] = result.stdout
     assert outputs["generate"].startswith("The capital of France is")
+    print("pipeline on the export:", outputs["pipeline"].strip()[:300])
     recorded = json.loads((tmp_path / "runs/cpt/experiment.json").read_text())
     assert recorded["model"]["rope_theta"] == 500000.0 and recorded["model"]["ffn_dim"] == 192
     assert recorded["data"]["tokenizer_path"] == str(download / "original" / "tokenizer.model")

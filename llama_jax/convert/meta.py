@@ -8,6 +8,7 @@ ParallelEmbedding (LLaMA 1, Llama 2, Code Llama) the model dimension (dim 1). Wi
 key/value heads (Llama 3.1 405B in 16 shards has 8), each shard holds the one head its query heads
 use, so consecutive shards hold copies of it. Merged, the tensors are Hugging Face's but for q/k,
 which Meta stores in the interleaved (complex-pair) RoPE layout (`unpermute_qk`, `interleave_qk`).
+The table and its sources: docs/reference.md, "Meta checkpoint layout".
 
 PyTorch, needed for `.pth` files, is imported only when `load_meta` or `save_meta` runs.
 """
