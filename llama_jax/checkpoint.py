@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -54,7 +55,8 @@ class StalledWriteError(CheckpointError):
     blocked in the filesystem, so a CLI ends the process at once rather than wait for it at exit."""
 
 
-NOTE_EVERY_S = 60.0  # how often a long wait for a checkpoint write says that it is still waiting
+NOTE_EVERY_S = 60.0
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory being written  # how often a long wait for a checkpoint write says that it is still waiting
 
 
 def _record_outcome(wait) -> None:
@@ -122,17 +124,28 @@ class TrainCheckpointer:
 
     def _open(self) -> ocp.CheckpointManager:
         if self._manager is None:
+            self._remove_unfinished_writes()
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=self.cfg.keep_last,
                 keep_period=self.cfg.keep_every or None,
                 enable_async_checkpointing=self.cfg.async_save,
-                cleanup_tmp_directories=True,
+                # Done above instead: Orbax removes them in the background, where the removal can
+                # race with this run's first save of the same step and delete its files.
+                cleanup_tmp_directories=False,
                 create=True,
                 # Orbax's own waits for the other processes during an asynchronous save.
                 async_options=ocp.AsyncOptions(timeout_secs=int(self.cfg.write_timeout_s)),
             )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
+
+    def _remove_unfinished_writes(self) -> None:
+        """Deletes the temporary directories of writes a fault interrupted (Orbax writes a step
+        to STEP.orbax-checkpoint-tmp-* and renames it when complete), before anything is saved."""
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for unfinished in self.directory.glob(f"*{_ORBAX_TMP_SUFFIX}*"):
+                shutil.rmtree(unfinished, ignore_errors=True)
+        distributed.barrier("remove-unfinished-writes")
 
     def steps(self) -> list[int]:
         return sorted(self._open().all_steps())

@@ -359,6 +359,7 @@ def test_what_a_kill_leaves_behind_never_blocks_the_resume(small, tmp_path, caps
     assert "checkpoints/4 is damaged" in said and f"resumed from {checkpoints / '2'}" in said
     assert f"torn byte(s) from the end of {torn}" in said and "dropped 1 unreadable line(s)" in said
     assert [row["step"] for row in _strict_rows(faulty)] == [2, 4, 6]
+    assert not list(checkpoints.glob("*.orbax-checkpoint-tmp*"))  # removed before the first save
     ours, theirs = load_for_inference(str(faulty))[1], load_for_inference(str(reference))[1]
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
