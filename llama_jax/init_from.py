@@ -97,11 +97,16 @@ def model_from_source(path: str | Path, model: ModelConfig) -> ModelConfig:
     return model.replace(**{field: getattr(source, field) for field in SOURCE_FIELDS})
 
 
+def _differences(found: ModelConfig, model: ModelConfig) -> str:
+    """The architecture fields where the source differs from the experiment's model, in words."""
+    differing = architecture_differences(found, model, tuple(SOURCE_FIELDS[:-1]))
+    return ", ".join(f"{k} {theirs} where the experiment has {ours}" for k, theirs, ours in differing)
+
+
 def check_architecture(path: str | Path, model: ModelConfig) -> None:
     """A source of another architecture than the experiment's model is one sentence."""
-    differing = architecture_differences(source_config(path), model, tuple(SOURCE_FIELDS[:-1]))
-    if differing:
-        changes = ", ".join(f"{k} {found} where the experiment has {ours}" for k, found, ours in differing)
+    changes = _differences(source_config(path), model)
+    if changes:
         raise ConfigError(
             f"init_from {path} is a model of another architecture ({changes}); set model=from_init to "
             "take the source's architecture."
@@ -127,9 +132,8 @@ def source_params(path: str | Path, model: ModelConfig, *, progress: bool | None
             )
     if "score" in params:
         raise CheckpointError(f"init_from {path} is a reward model, not a language model.")
-    differing = architecture_differences(found, model, tuple(SOURCE_FIELDS[:-1]))
-    if differing:
-        changes = ", ".join(f"{k} {found} where the experiment has {ours}" for k, found, ours in differing)
+    changes = _differences(found, model)
+    if changes:
         raise CheckpointError(f"init_from {path} is a model of another architecture ({changes}).")
     cast = np.dtype(dtype)
     return jax.tree.map(lambda x: np.asarray(x).astype(cast, copy=False), params)

@@ -147,7 +147,7 @@ def _bytes_under(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llama_jax.convert",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     (source_kind, source), (destination_kind, destination) = args.source, args.destination
     if source_kind not in SOURCES:
