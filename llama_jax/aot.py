@@ -1,6 +1,7 @@
 """Compile an experiment's real train step for a TPU slice on a CPU-only host, before renting one.
 
     python -m llama_jax.aot --exp=llama2_70b --topology=v5p-512 [--slices 2] [--json out.json] [k=v ...]
+    python -m llama_jax.aot --exp=llama3_1_8b --phase 8      # one phase of a run in phases
 
 Needs `libtpu` (`pip install -e '.[tpu]'`), which lets XLA compile for a TPU topology described by
 `jax.experimental.topologies` without the hardware. The same `compile_steps` as training lowers the
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import jax
 
+from llama_jax import phases
 from llama_jax.attention import compiling_for
 from llama_jax.config import ConfigError, apply_overrides, list_experiments, load_experiment
 from llama_jax.metrics import PEAK_TFLOPS, flops_per_token
@@ -85,11 +87,24 @@ def _peak_per_chip(device_kind: str) -> float:
     return next(tflops for key, tflops in PEAK_TFLOPS if key in kind) * 1e12
 
 
-def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
-    """Compiles exp's train step for `slices` x `topology`; returns the report as a dict."""
+def phase_of(exp, phase: int | None):
+    """The experiment as its phase `phase` (counted from 1) trains it; `exp` itself for None."""
+    if phase is None:
+        return exp
+    if not 1 <= phase <= len(exp.phases):
+        have = f"phases 1 to {len(exp.phases)}" if exp.phases else "no phases"
+        raise ConfigError(f"{exp.name} has {have}; --phase {phase} is not one of them.")
+    return phases.phase_experiment(exp, phase - 1)
+
+
+def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | None = None) -> dict:
+    """Compiles exp's train step (of phase `phase`, counted from 1, if given) for `slices` x
+    `topology`; returns the report as a dict."""
     from jax.experimental import topologies
 
     from llama_jax.stages.pretrain import Pretrain
+
+    whole, exp = exp, phase_of(exp, phase)
 
     try:
         description = topologies.get_topology_desc(
@@ -106,7 +121,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
         exp = exp.replace(model=exp.model.replace(compute_dtype="bfloat16"))
     mesh = make_mesh(exp.mesh, devices)
     check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
-    optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
+    optimizer, schedule = make_optimizer(exp.optim, phases.total_steps(whole), phases.lr_segments(whole))
     start = time.perf_counter()
     stage, rules = Pretrain(), exp.mesh.rules  # the recipes compiled here are pretraining runs
     shardings = stage.state_shardings(exp, optimizer, mesh)
@@ -118,7 +133,8 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1) -> dict:
         for key, (shape, dtype) in stage.batch_shapes(exp, exp.train.batch_size).items()
     }
     report = {
-        "experiment": exp.name,
+        "experiment": exp.name if phase is None else f"{exp.name} --phase {phase}",
+        "seq_len": exp.train.seq_len,
         "topology": topology.name,
         "slices": slices,
         "devices": len(devices),
@@ -256,7 +272,24 @@ def recipe_names() -> list[str]:
     targets a CPU). Post-training stages take other batches (pairs, rollouts) and are not compiled
     here."""
     experiments = {name: load_experiment(name) for name in list_experiments()}
-    return [name for name, exp in experiments.items() if exp.posttrain is None and _is_topology(exp.target)]
+    names = []
+    for name, exp in experiments.items():
+        if exp.posttrain is None and _is_topology(exp.target):
+            names.append(name)
+            # A recipe in phases also shows its first phase at the model's full context (128K).
+            longest = [
+                i + 1
+                for i, phase in enumerate(exp.phases)
+                if phases.seq_len(exp, phase) == exp.model.max_seq_len
+            ]
+            names += [f"{name} --phase {longest[0]}"] if longest else []
+    return names
+
+
+def _recipe(entry: str) -> tuple[str, int | None]:
+    """ "NAME" or "NAME --phase N" -> (NAME, N or None)."""
+    name, _, phase = entry.partition(" --phase ")
+    return name, int(phase) if phase else None
 
 
 def _is_topology(name: str) -> bool:
@@ -275,8 +308,9 @@ def table_row(exp, r: dict) -> str:
         else f"does not fit ({r['temp_bytes'] / GIB:.0f} GiB)"
     )
     mfu = f"{r['estimated_mfu']:.0%}" if "estimated_mfu" in r else "-"
+    context = f", context {mesh['context']}" if mesh.get("context", 1) > 1 else ""
     return (
-        f"| `{r['experiment']}` | {r['topology']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | "
+        f"| `{r['experiment']}` | {r['topology']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}{context} | "
         f"{exp.train.microbatches} | {r['remat']} | {r.get('attention', '-')} | {usage} | {mfu} |"
     )
 
@@ -284,7 +318,7 @@ def table_row(exp, r: dict) -> str:
 def _same_row(readme: str, name: str, row: str) -> bool:
     """Whether README has `row` for `name`: the same configuration and HBM use within 2 points
     (compilers change), the same attention kernel."""
-    match = re.search(rf"^\| `{name}` \|.*$", readme, re.M)
+    match = re.search(rf"^\| `{re.escape(name)}` \|.*$", readme, re.M)
     if not match:
         return False
     ours, theirs = ([c.strip() for c in r.strip("|").split("|")] for r in (row, match.group(0)))
@@ -300,14 +334,15 @@ def recipe_table(names, check_readme: str | None = None) -> int:
     from tqdm import tqdm
 
     rows, problems = [], []
-    for name in tqdm(names, desc="recipes", unit="recipe"):
+    for entry in tqdm(names, desc="recipes", unit="recipe"):
+        name, phase = _recipe(entry)
         exp = load_experiment(name)
-        report = compile_for_topology(exp, parse_topology(exp.target))
-        rows.append(table_row(exp, report))
+        report = compile_for_topology(exp, parse_topology(exp.target), phase=phase)
+        rows.append(table_row(phase_of(exp, phase), report))
         tqdm.write(format_report(report))
         if not report["fits"] or report["hbm_fraction"] > 1 - HEADROOM:
             problems.append(
-                f"{name} uses {report['hbm_fraction']:.0%} of HBM on {exp.target} "
+                f"{entry} uses {report['hbm_fraction']:.0%} of HBM on {exp.target} "
                 f"(at most {1 - HEADROOM:.0%} allowed)"
             )
     print("\n".join([TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"] + rows))
@@ -330,6 +365,7 @@ def main(argv=None) -> int:
         "--topology", help="e.g. v5p-512, v5e-16, v6e-256, v5p:8x8x8 (default: the experiment's target)"
     )
     parser.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices")
+    parser.add_argument("--phase", type=int, help="compile this phase (from 1) of an experiment in phases")
     parser.add_argument("--json", help="also write the report to this file")
     parser.add_argument(
         "--recipes",
@@ -352,7 +388,7 @@ def main(argv=None) -> int:
         topology = args.topology or exp.target
         if not topology:
             raise ConfigError(f"{exp.name} names no target slice; pass --topology.")
-        report = compile_for_topology(exp, parse_topology(topology), args.slices)
+        report = compile_for_topology(exp, parse_topology(topology), args.slices, args.phase)
     except (ConfigError, MeshError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

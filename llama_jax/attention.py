@@ -16,7 +16,9 @@ import contextvars
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from llama_jax import context_parallel
 from llama_jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from llama_jax.sharding import logical_to_spec
 
@@ -40,23 +42,27 @@ def target_platform() -> str:
     return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
-def attention_mask(q_len: int, kv_len: int, segment_ids=None, kv_segment_ids=None, q_offset=None):
+def attention_mask(
+    q_len: int, kv_len: int, segment_ids=None, kv_segment_ids=None, q_offset=None, q_index=None
+):
     """Boolean [batch or 1, q_len, kv_len]: causal, and never across documents.
 
     Query i sits at key index `q_offset + i` (default: the queries are the last `q_len` keys; with
-    a KV cache, the index where they were written). Padding (segment 0) attends to padding only,
-    so every query keeps at least itself and softmax never sees an empty row.
+    a KV cache, the index where they were written), or at `q_index[i]` where that is given (a
+    device's queries under context parallelism). Padding (segment 0) attends to padding only, so
+    every query keeps at least itself and softmax never sees an empty row.
     """
-    q_offset = kv_len - q_len if q_offset is None else q_offset
-    q_index = jnp.arange(q_len)[:, None] + q_offset
-    mask = (jnp.arange(kv_len)[None, :] <= q_index)[None]
+    if q_index is None:
+        q_offset = kv_len - q_len if q_offset is None else q_offset
+        q_index = jnp.arange(q_len) + q_offset
+    mask = (jnp.arange(kv_len)[None, :] <= q_index[:, None])[None]
     if segment_ids is not None:
         kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
         mask = mask & (segment_ids[:, :, None] == kv_segment_ids[:, None, :])
     return mask
 
 
-def xla_attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None):
+def xla_attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None, q_index=None):
     """q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K. Returns [B, T, H, D].
 
     Each KV head serves H/K consecutive query heads (the Hugging Face `repeat_kv` order). The
@@ -72,7 +78,7 @@ def xla_attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None)
     # Scores and softmax in fp32 whatever the compute dtype.
     scores = jnp.einsum("bkrd,bksd->bkrs", rows, keys, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)
-    mask = attention_mask(q_len, kv_len, segment_ids, kv_segment_ids, q_offset)  # [B or 1, T, S]
+    mask = attention_mask(q_len, kv_len, segment_ids, kv_segment_ids, q_offset, q_index)  # [B or 1, T, S]
     mask = jnp.tile(mask, (1, groups, 1))[:, None]  # rows ordered (group, t)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -85,6 +91,36 @@ def _splash_block(length: int) -> int:
     return next(b for b in (512, 256, 128) if length % b == 0)
 
 
+def splash_kernel(heads: int, length: int, *, interpret: bool, q_shards: int = 1, q_index=None):
+    """The splash kernel of causal self-attention over `length` tokens for `heads` heads. With
+    `q_shards` > 1 (context parallelism) its mask info splits into that many query blocks and
+    `q_index` gives the sequence index of each query row (the balanced layout)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block = _splash_block(length // q_shards)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    causal = masks.CausalMask((length, length), shard_count=q_shards)
+    if q_index is not None:  # rows are queries at these indices; columns stay in sequence order
+        causal.q_sequence = np.asarray(q_index, np.int32)
+    return splash.make_splash_mha(
+        masks.MultiHeadMask([causal] * heads),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=q_shards,
+        interpret=interpret,
+    )
+
+
 def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None):
     """Self-attention (T == S) with the TPU splash kernel; shapes as in `xla_attention`.
 
@@ -95,7 +131,6 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None
     is how the tests check it on CPU.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     batch, length, _, head_dim = q.shape
     if length % 128 or k.shape[1] != length:
@@ -109,22 +144,7 @@ def splash_attention(q, k, v, segment_ids=None, *, interpret: bool | None = None
         interpret = target_platform() != "tpu"
 
     def per_device(q, k, v, segment_ids):
-        heads = q.shape[2]
-        block = _splash_block(length)
-        sizes = splash.BlockSizes(
-            block_q=block,
-            block_kv=block,
-            block_kv_compute=block,
-            block_q_dkv=block,
-            block_kv_dkv=block,
-            block_kv_dkv_compute=block,
-            block_q_dq=block,
-            block_kv_dq=block,
-        )
-        mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
-        kernel = splash.make_splash_mha(
-            mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
-        )
+        kernel = splash_kernel(q.shape[2], length, interpret=interpret)
         # [B, T, H, D] -> [B, H, T, D]; the kernel does not scale the scores itself.
         q = (q * head_dim**-0.5).astype(q.dtype).transpose(0, 2, 1, 3)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -156,6 +176,30 @@ def cudnn_attention(q, k, v, segment_ids=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
+def _cudnn_local(q, k, v, q_segments, kv_segments, q_index):
+    """One device's queries (at sequence indices `q_index`) against every key, with cuDNN."""
+    mask = attention_mask(q.shape[1], k.shape[1], q_segments, kv_segments, q_index=q_index)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+def context_parallel_attention(q, k, v, segment_ids, chosen: str):
+    """Self-attention under context parallelism (see context_parallel.py): q, k, v in the
+    balanced layout, split along the sequence; `chosen` the backend each device runs."""
+    parts = context_parallel.context_size()
+    length = q.shape[1]
+    context_parallel.check_length(length, parts)
+    kernel = None
+    if chosen == "splash" and (length // parts) % 128 == 0:
+        index = context_parallel.balanced_index(length, parts)
+        kernel = splash_kernel(
+            q.shape[2], length, interpret=target_platform() != "tpu", q_shards=parts, q_index=index
+        )
+    local = _cudnn_local if chosen == "cudnn" else xla_attention
+    if local is xla_attention:
+        local = lambda q, k, v, qs, ks, index: xla_attention(q, k, v, qs, ks, q_index=index)  # noqa: E731
+    return context_parallel.sharded_attention(q, k, v, segment_ids, local, splash_kernel=kernel)
+
+
 def choose_implementation(implementation: str, q, k, q_offset=None, platform: str | None = None) -> str:
     """The backend that runs: `implementation`, with "auto" resolved and kernels that do not apply
     (a KV cache, odd lengths, fp32 on cuDNN) replaced by the XLA reference."""
@@ -178,6 +222,8 @@ def attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None, *, 
 
     With a KV cache, k/v/kv_segment_ids are the whole cache and `q_offset` the queries' index."""
     chosen = choose_implementation(implementation, q, k, q_offset)
+    if q_offset is None and context_parallel.context_size() > 1:
+        return context_parallel_attention(q, k, v, segment_ids, chosen)
     if chosen == "splash":
         return splash_attention(q, k, v, segment_ids)
     if chosen == "cudnn":

@@ -150,6 +150,14 @@ class TrainCheckpointer:
     def steps(self) -> list[int]:
         return sorted(self._open().all_steps())
 
+    @staticmethod
+    def newest_step(workdir: str | Path) -> int | None:
+        """The newest finished checkpoint's step in WORKDIR/checkpoints, without opening Orbax
+        (a write a fault interrupted has no plain step directory yet)."""
+        directory = Path(workdir) / "checkpoints"
+        steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit()] if directory.is_dir() else []
+        return max(steps, default=None)
+
     def save(self, step: int, state, data_iterator, experiment: dict, *, wait: bool = False) -> None:
         """Starts writing checkpoint `step`; returns at once unless `wait` (or async is off)."""
         import grain
@@ -187,6 +195,7 @@ class TrainCheckpointer:
         data_iterator=None,
         model: ModelConfig | None = None,
         data_record: dict | None = None,
+        fresh_data_at: int | None = None,
     ):
         """(state, step) from the newest checkpoint that restores cleanly, or None if none does.
 
@@ -194,7 +203,8 @@ class TrainCheckpointer:
         data iterator, if given, is moved to the saved position in place. If `model` is given, a
         checkpoint of a model of another shape is an error rather than damage. If `data_record`
         (the run's data settings, see `data_record`) is given, a checkpoint written with other
-        data is an error, or with `checkpoint.reset_data` the data starts from its beginning.
+        data is an error, or with `checkpoint.reset_data` the data starts from its beginning. From
+        the checkpoint at step `fresh_data_at` (where a phase begins) the data starts afresh.
         """
         import grain
 
@@ -202,7 +212,9 @@ class TrainCheckpointer:
             saved = self._saved_experiment(step)
             if model is not None and saved is not None:
                 self._check_model(saved, model)
-            if (
+            if step == fresh_data_at:
+                data_iterator = None
+            elif (
                 data_record is not None
                 and saved is not None
                 and not self._same_data(step, saved, data_record)

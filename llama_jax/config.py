@@ -265,7 +265,7 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 # `embed` falls back to replicated because `batch` already took `fsdp`.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),  # context parallelism (mesh.context > 1) splits the sequence
     ("embed", "fsdp"),  # parameters: FSDP shards the model dimension
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -321,6 +321,9 @@ class MeshConfig:
 
     data: int = 1
     fsdp: int = -1
+    # Devices that share each sequence (context parallelism, context_parallel.py): train.seq_len
+    # must be a multiple of 2 x context.
+    context: int = 1
     tensor: int = 1
     # Which mesh axes shard each logical axis the model names (see DEFAULT_RULES); an experiment
     # overrides it to shard differently without touching model code.
@@ -439,6 +442,48 @@ class CheckpointConfig:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of a run trained in phases (`Experiment.phases`, see phases.py), as Llama 3.1
+    extends its context and the 405B ramps its batch. What a phase leaves at 0 or empty is the
+    experiment's own setting; the phases run one after the other, each compiled once."""
+
+    name: str = ""
+    tokens: float = 0  # the phase's token budget: ceil(tokens / (batch_size x seq_len)) steps
+    seq_len: int = 0  # 0: train.seq_len
+    batch_size: int = 0  # sequences per step; 0: train.batch_size
+    microbatches: int = 0  # 0: train.microbatches
+    context: int = 0  # mesh.context, devices per sequence (the -1 axis gives or takes); 0: the mesh's
+    checkpoint_every: int = 0  # checkpoint.every_steps inside the phase; 0: the experiment's
+    rope_scaling: RopeScaling | None = None  # None: the model's
+    # Weights of data.sources in order, e.g. the anneal's shift toward high-quality sources; (): the
+    # experiment's.
+    mixture: tuple[float, ...] = ()
+    # The learning-rate segment: < 0 follows the run's schedule (optim, over all phases); a value
+    # goes linearly from the schedule's rate at the phase's start to it at the end (0: an anneal).
+    lr_to: float = -1.0
+    # At the end of the phase: the parameters of its N newest checkpoints averaged (Polyak) into
+    # WORKDIR/averaged/NAME (0: none).
+    average_last: int = 0
+
+    def __post_init__(self):
+        check_ranges(
+            "phase",
+            self,
+            [
+                ("tokens", positive, "positive"),
+                ("seq_len", non_negative, "at least 0"),
+                ("batch_size", non_negative, "at least 0"),
+                ("microbatches", non_negative, "at least 0"),
+                ("context", non_negative, "at least 0"),
+                ("checkpoint_every", non_negative, "at least 0"),
+                ("average_last", lambda x: x == 0 or x >= 2, "0 or at least 2"),
+            ],
+        )
+        if any(w < 0 for w in self.mixture) or (self.mixture and not sum(self.mixture) > 0):
+            raise ValueError(f"phase {self.name!r}: mixture weights must be at least 0, not all 0.")
+
+
 POSTTRAIN_STAGES = ("sft", "rm", "dpo", "ppo")
 
 
@@ -550,6 +595,9 @@ class Experiment:
     # Take the architecture from init_from rather than `model` (on the command line: model=from_init);
     # `model` then only says how to compute (dtypes, remat, attention kernel).
     architecture_from_init: bool = False
+    # Training in phases (phases.py): each with its own sequence length, batch, token budget, RoPE
+    # scaling, data mixture and learning-rate segment; (): one phase of train.steps.
+    phases: tuple[Phase, ...] = ()
     # A post-training stage (SFT, reward model, DPO, PPO) and its settings; None: pretraining.
     posttrain: PosttrainConfig | None = None
     # The stage that trains (a name in the trainer's registry); "": "pretrain", or posttrain.stage.

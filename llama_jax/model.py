@@ -24,6 +24,7 @@ import numpy as np
 
 from llama_jax.attention import attention
 from llama_jax.config import PRESETS, ModelConfig, RopeScaling, model_preset
+from llama_jax.context_parallel import balance, context_size, unbalance
 from llama_jax.quantize import QuantizedWeight
 
 # Logical axes of the activations (parameters name theirs where they are declared).
@@ -280,6 +281,12 @@ class Llama(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache.index
             positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        # Context parallelism (context_parallel.py): the sequence in its balanced layout from here
+        # to the final norm, back in order after it.
+        parts = context_size() if cache is None else 1
+        if parts > 1:
+            tokens, positions = balance(tokens, parts), balance(positions, parts)
+            segment_ids = None if segment_ids is None else balance(segment_ids, parts)
         embeddings = _weight(
             self,
             "tok_embeddings",
@@ -315,7 +322,7 @@ class Llama(nn.Module):
             for i in range(cfg.n_layers):
                 (x, cache), _ = block(cfg, name=f"layers_{i}")((x, cache), cos, sin, segment_ids, layers[i])
 
-        x = RMSNorm(cfg, name="norm")(x)
+        x = nn.with_logical_constraint(unbalance(RMSNorm(cfg, name="norm")(x), parts), ACTIVATION)
         if not with_head:
             return x
         if cfg.tie_embeddings:

@@ -14,7 +14,9 @@ import optax
 from llama_jax.config import OptimConfig
 
 
-def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int, segments=()) -> optax.Schedule:
+    """`segments`: (start, end, rate) lines that replace the schedule inside [start, end), from its
+    value at `start` to `rate` after the last step (training in phases, see phases.py)."""
     decay_steps = cfg.decay_steps or total_steps
     floor = cfg.peak_lr * cfg.final_lr_ratio
     anneal_start = total_steps - cfg.anneal_steps
@@ -34,7 +36,17 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
             lr = jnp.where(step >= anneal_start, warmup_cosine(anneal_start) * fraction, lr)
         return lr
 
-    return schedule
+    def segmented(step, count=len(segments)):
+        # Each line starts where the schedule, with the lines before it, stands at its start.
+        lr = schedule(step) if count == 0 else segmented(step, count - 1)
+        if count:
+            start, end, rate = segments[count - 1]
+            begin = segmented(start, count - 1)
+            line = rate + (begin - rate) * (end - jnp.asarray(step, jnp.float32)) / (end - start)
+            lr = jnp.where((step >= start) & (step < end), line, lr)
+        return lr
+
+    return segmented if segments else schedule
 
 
 def decay_mask(params):
@@ -46,8 +58,10 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = learning_rate_schedule(cfg, total_steps)
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, segments=()
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(cfg, total_steps, segments)
     optimizer = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(

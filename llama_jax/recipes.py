@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from llama_jax import phases as phases_lib
 from llama_jax.config import (
+    DEFAULT_RULES,
     CheckpointConfig,
     Experiment,
     MeshConfig,
     OptimConfig,
+    Phase,
     PosttrainConfig,
     TrainConfig,
     model_preset,
@@ -133,6 +136,84 @@ def llama3(
         microbatches=microbatches,
         description="Llama 3 recipe: 15.6T tokens at 8K context, annealed.",
     )
+
+
+# Llama 3.1 (2407.21783, sections 3.4.2-3.4.3; docs/reference.md, "Training in phases"): the
+# Llama 3 pretraining at 8K, then the context grown to 128K in six stages over ~800B tokens, then
+# the anneal: the last 40M tokens at 128K with the learning rate to zero and the final model an
+# average of its checkpoints. 405B also ramps its batch: 4M tokens at 4,096, 8M at 8,192 after
+# 252M tokens, 16M after 2.87T. The stage lengths are a project choice (the paper gives six
+# stages and their total only).
+LONG_CONTEXT_STAGES = (16384, 32768, 49152, 65536, 98304, 131072)
+LONG_CONTEXT_TOKENS = 800e9
+ANNEAL_TOKENS = 40e6
+TOTAL_TOKENS = 15.6e12
+# Under context parallelism the parameters shard over the context axis too (FSDP over the devices
+# that share a sequence), so a 128K phase keeps the parameters' memory of the 8K one.
+LONG_CONTEXT_RULES = tuple(
+    (name, ("fsdp", "context")) if name == "embed" else (name, axes) for name, axes in DEFAULT_RULES
+)
+
+
+def llama3_1(
+    preset: str,
+    peak_lr: float,
+    target: str,
+    *,
+    long_context: int,
+    mesh: MeshConfig = MeshConfig(),
+    large: bool = False,
+    microbatches: int = 1,
+    long_microbatches: int = 1,
+) -> Experiment:
+    """The Llama 3 recipe at 8K trained on in phases to 128K. The long phases split each sequence
+    over mesh.context = `long_context` devices and their batch into `long_microbatches`; their
+    batch is the multiple of the rows the mesh takes nearest to the 8K phase's tokens."""
+    base = llama3(preset, peak_lr, target, mesh=mesh, large=large, microbatches=microbatches)
+    batch_tokens = base.train.batch_size * base.train.seq_len
+    chips = int(target.split("-")[1]) // (2 if target.startswith(("v4", "v5p")) else 1)
+    rows = chips // (long_context * mesh.tensor * mesh.data) * mesh.data * long_microbatches
+    ramp: list[Phase] = []
+    if large:
+        ramp = [
+            Phase(name="ramp-4M", tokens=252e6, seq_len=4096, batch_size=4 * 2**20 // 4096, microbatches=8),
+            Phase(name="ramp-8M", tokens=2.87e12 - 252e6, batch_size=8 * 2**20 // 8192, microbatches=16),
+        ]
+
+    def long(name: str, length: int, tokens: float, **more) -> Phase:
+        return Phase(
+            name=name,
+            tokens=tokens,
+            seq_len=length,
+            batch_size=max(rows, round(batch_tokens / length / rows) * rows),
+            microbatches=long_microbatches,
+            context=long_context,
+            **more,
+        )
+
+    anneal = long("anneal", LONG_CONTEXT_STAGES[-1], ANNEAL_TOKENS, lr_to=0.0, average_last=3)
+    anneal_steps = phases_lib.steps(base, anneal)
+    stages = [
+        *ramp,
+        Phase(
+            name="pretrain",
+            tokens=TOTAL_TOKENS - sum(p.tokens for p in ramp) - LONG_CONTEXT_TOKENS - ANNEAL_TOKENS,
+        ),
+        *[
+            long(f"context-{length // 1024}K", length, LONG_CONTEXT_TOKENS / len(LONG_CONTEXT_STAGES))
+            for length in LONG_CONTEXT_STAGES
+        ],
+        dataclasses.replace(anneal, checkpoint_every=math.ceil(anneal_steps / 3)),
+    ]
+    exp = base.replace(
+        phases=tuple(stages),
+        optim=dataclasses.replace(base.optim, anneal_steps=0),  # the anneal is the last phase
+        mesh=dataclasses.replace(base.mesh, rules=LONG_CONTEXT_RULES),
+        description="Llama 3.1 recipe: 15.6T tokens at 8K"
+        + (" after a 4M -> 8M -> 16M-token batch ramp" if large else "")
+        + ", six stages to 128K over 800B tokens, a 40M-token anneal at 128K, checkpoints averaged.",
+    )
+    return exp.replace(train=dataclasses.replace(exp.train, steps=phases_lib.total_steps(exp)))
 
 
 # --- post-training (docs/reference.md, "Post-training") ----------------------------------------------

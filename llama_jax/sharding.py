@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import DEFAULT_RULES, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 
 class MeshError(ValueError):
@@ -25,7 +25,7 @@ class MeshError(ValueError):
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
-    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    sizes = {name: getattr(cfg, name) for name in MESH_AXES}
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
         raise MeshError(f"Only one mesh axis may be -1, got {', '.join(free)}.")
@@ -39,10 +39,14 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
         sizes[free[0]] = n_devices // fixed
     if math.prod(sizes.values()) != n_devices:
         raise MeshError(
-            f"The mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} "
-            f"needs {math.prod(sizes.values())} devices, but there are {n_devices}."
+            f"The mesh {_describe(sizes)} needs {math.prod(sizes.values())} devices, but there "
+            f"are {n_devices}."
         )
     return sizes
+
+
+def _describe(sizes: dict[str, int]) -> str:
+    return " ".join(f"{name}={size}" for name, size in sizes.items() if name != "context" or size != 1)
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
@@ -59,7 +63,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
             str(max(d.coords[i] for d in devices) + 1) for i in range(len(devices[0].coords))
         )
         raise MeshError(
-            f"The mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} does not map onto "
+            f"The mesh {_describe(sizes)} does not map onto "
             f"the chips' {physical or 'physical'} torus: each size must be a product of "
             "whole torus dimensions."
         ) from None
@@ -72,9 +76,11 @@ def logical_to_spec(logical: PartitionSpec, shape, mesh: Mesh, rules=None) -> Pa
     spec = nn.logical_to_mesh_axes(tuple(logical), rules)
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else (axes or ())
+        # Axes of one device split nothing: left out, so that e.g. (fsdp, context) with
+        # context=1 reads as plain fsdp.
+        names = tuple(n for n in ((axes,) if isinstance(axes, str) else (axes or ())) if mesh.shape[n] > 1)
         size = math.prod(mesh.shape[name] for name in names)
-        fitted.append(axes if size > 1 and dim % size == 0 else None)
+        fitted.append((names[0] if len(names) == 1 else names) if size > 1 and dim % size == 0 else None)
     return PartitionSpec(*fitted)
 
 

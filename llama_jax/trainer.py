@@ -27,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from llama_jax import phases
 from llama_jax import steps as steps_lib
-from llama_jax.checkpoint import TrainCheckpointer, data_record
+from llama_jax.averaging import average, newest_checkpoints
+from llama_jax.checkpoint import TrainCheckpointer, data_record, save_params
 from llama_jax.config import ConfigError, Experiment
+from llama_jax.context_parallel import context_size
 from llama_jax.data.training import TrainingData, training_data
 from llama_jax.generate import generate
 from llama_jax.init_from import source_params, with_source
@@ -171,7 +174,7 @@ class Stage:
 
     def start(self, exp: Experiment, mesh, quiet: bool = False) -> Run:
         """The run of a loss-based stage: one jitted optimizer step per batch of its data."""
-        optimizer, schedule = make_optimizer(exp.optim, exp.train.steps)
+        optimizer, schedule = make_optimizer(exp.optim, phases.total_steps(exp), phases.lr_segments(exp))
         shardings = self.state_shardings(exp, optimizer, mesh)
         exp, inputs = self.prepare(exp, mesh, shardings.params, quiet)
         frozen = () if inputs.frozen is None else (inputs.frozen,)
@@ -247,6 +250,12 @@ def check_training(exp: Experiment, mesh) -> None:
             f"train.seq_len={exp.train.seq_len} is longer than the model's max_seq_len={exp.model.max_seq_len}."
         )
     check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
+    parts = context_size(mesh, exp.mesh.rules)
+    if parts > 1 and exp.train.seq_len % (2 * parts):
+        raise MeshError(
+            f"train.seq_len={exp.train.seq_len} is not a multiple of 2 x {parts}: context "
+            f"parallelism over {parts} devices cuts each sequence into {2 * parts} equal chunks."
+        )
     if exp.train.batch_size % jax.process_count():
         raise MeshError(
             f"train.batch_size={exp.train.batch_size} does not split evenly over "
@@ -268,7 +277,7 @@ def minimum_bytes_per_device(exp: Experiment, mesh) -> dict[str, float]:
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     batch_split = math.prod(mesh.shape[axis] for axis in batch_axes if axis in mesh.shape)
     rows = max(exp.train.batch_size // exp.train.microbatches // batch_split, 1)
-    tokens = rows * exp.train.seq_len
+    tokens = rows * exp.train.seq_len // context_size(mesh, exp.mesh.rules)
     compute = jnp.dtype(cfg.dtype).itemsize
     per_layer = cfg.dim  # the layer's input, kept by every policy
     if cfg.remat != "full":  # the MLP's two up-projections are matmul outputs: kept unless recomputed
@@ -379,23 +388,56 @@ class Trainer:
         self.say = tqdm.write if self.speak else (lambda *a: None)
 
     def run(self) -> dict:
-        """Trains to train.steps; returns the last logged metrics (with the evaluation's, if any)
-        and the final `state`."""
-        self.exp = with_source(self.exp)  # init_from's architecture and tokenizer, if it names one
-        mesh = make_mesh(self.exp.mesh)
-        self.stage.check(self.exp, mesh)
-        check_fit(self.exp, mesh)
+        """Trains to train.steps (phase after phase, if the experiment has phases); returns the
+        last logged metrics (with the evaluation's, if any) and the final `state`."""
+        exp = self.exp = with_source(self.exp)  # init_from's architecture and tokenizer, if any
+        phases.check_phases(exp)
+        ends = [end for _, end in phases.bounds(exp)]
+        meshes = [make_mesh(self._phase(index).mesh) for index in range(len(ends))]
+        for index, mesh in enumerate(meshes):  # every phase is checked before the first one trains
+            self.stage.check(self._phase(index), mesh)
+            check_fit(self._phase(index), mesh)
         check_workdir(self.workdir)
-        if self.exp.optim.warmup_steps > self.exp.train.steps:
+        if exp.optim.warmup_steps > exp.train.steps:
             self.say(
-                f"warning: optim.warmup_steps={self.exp.optim.warmup_steps} is longer than the run "
-                f"(train.steps={self.exp.train.steps}): the learning rate never reaches optim.peak_lr."
+                f"warning: optim.warmup_steps={exp.optim.warmup_steps} is longer than the run "
+                f"(train.steps={exp.train.steps}): the learning rate never reaches optim.peak_lr."
             )
         lock = self._hold_workdir()
         try:
-            return self._run(mesh)
+            if not exp.phases:
+                return self._run(exp, meshes[0])
+            done = TrainCheckpointer.newest_step(self.workdir)
+            last: dict = {}
+            for index, end in enumerate(ends):
+                if done is not None and done >= end and index < len(ends) - 1:
+                    continue  # trained in an earlier run
+                last = self._run(self._phase(index), meshes[index], phase=index)
+                if int(last["state"].step) < end:
+                    break  # stopped on request inside the phase
+                self._average_phase(index)
+            return last
         finally:
             lock.release()
+
+    def _phase(self, index: int) -> Experiment:
+        """The experiment phase `index` trains (the whole experiment without phases). A later phase
+        starts from the checkpoint at its first step, never from init_from."""
+        if not self.exp.phases:
+            return self.exp
+        exp = phases.phase_experiment(self.exp, index)
+        return exp if index == 0 else exp.replace(init_from="")
+
+    def _average_phase(self, index: int) -> None:
+        """Polyak averaging at the end of a phase that asks for it (Phase.average_last)."""
+        count = self.exp.phases[index].average_last
+        out = self.workdir / "averaged" / phases.name(self.exp, index)
+        if not count or jax.process_index() != 0 or (out / "params").exists():
+            return
+        sources = newest_checkpoints(self.workdir, count)
+        cfg, params = average(sources, progress=False if self.quiet else None)
+        save_params(out, params, cfg)
+        self.say(f"averaged {', '.join(p.name for p in sources)} into {out}")
 
     def _hold_workdir(self) -> RunLock:
         """The workdir's lock, taken by process 0 for the whole job. Every process learns whether
@@ -418,14 +460,15 @@ class Trainer:
             raise refusal
         return lock
 
-    def _run(self, mesh) -> dict:
-        run = self.stage.start(self.exp, mesh, quiet=self.quiet)
+    def _run(self, exp: Experiment, mesh, phase: int | None = None) -> dict:
+        run = self.stage.start(exp, mesh, quiet=self.quiet)
         exp, unit = run.exp, self.stage.unit
         checkpoints = TrainCheckpointer(self.workdir, exp.checkpoint)
         record = json.loads(json.dumps(dataclasses.asdict(exp), default=str))
         if run.tokenizer_path is not None:  # the tokenizer used, so that a later stage finds it
             record["data"]["tokenizer_path"] = run.tokenizer_path
-        state = self._restore_or_start(run, checkpoints, data_record(record))
+        first = phases.bounds(self.exp)[phase][0] if phase is not None else 0
+        state = self._restore_or_start(run, checkpoints, data_record(record), first)
         run.init_state = run.abstract_state = None  # frees the host copy of a starting checkpoint
         start = int(state.step)
         if start >= exp.train.steps:
@@ -435,7 +478,8 @@ class Trainer:
             )
             checkpoints.close()
             return {"state": state}
-        self.say(f"{exp.name}: {run.summary or self._summary(run, mesh)}; workdir {self.workdir}")
+        label = exp.name if phase is None else f"{exp.name} {phases.name(exp, phase)}"
+        self.say(f"{label}: {run.summary or self._summary(run, mesh)}; workdir {self.workdir}")
         if jax.process_index() == 0:
             for path, cut in repair_event_files(self.workdir):
                 self.say(f"cut {cut} torn byte(s) from the end of {path} (left by an earlier fault)")
@@ -457,15 +501,26 @@ class Trainer:
         last["state"] = state
         return last
 
-    def _restore_or_start(self, run: Run, checkpoints: TrainCheckpointer, data: dict | None):
-        if run.exp.checkpoint.resume:
+    def _restore_or_start(self, run: Run, checkpoints: TrainCheckpointer, data: dict | None, first: int = 0):
+        """The newest checkpoint's state, or a fresh one. A phase that starts at step `first` > 0
+        takes the checkpoint at that step with its own data from the beginning."""
+        if run.exp.checkpoint.resume or first:
             restored = checkpoints.restore_latest(
-                run.abstract_state, run.data_iterator, model=run.exp.model, data_record=data
+                run.abstract_state,
+                run.data_iterator,
+                model=run.exp.model,
+                data_record=data,
+                fresh_data_at=first or None,
             )
-            if restored is not None:
+            if restored is not None and restored[1] >= first:
                 state, step = restored
                 self.say(f"resumed from {checkpoints.directory / str(step)}")
                 return state
+            if first:
+                raise ConfigError(
+                    f"Phase {phases.name(self.exp, phases.phase_at(self.exp, first))!r} starts from the "
+                    f"checkpoint at step {first}, and {checkpoints.directory} has none at or after it."
+                )
         return run.init_state()
 
     def _summary(self, run: Run, mesh) -> str:

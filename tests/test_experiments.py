@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from llama_jax import phases
 from llama_jax.config import (
     DEFAULT_RULES,
     ConfigError,
@@ -94,8 +95,11 @@ def test_recipe_token_budgets():
     assert llama2.optim.peak_lr == 1.5e-4 and llama2.optim.eps == 1e-5
     assert math.isclose(llama2.train.steps * 4 * 2**20, 2.0e12, rel_tol=1e-5)
     big = load_experiment("llama3_1_405b")
+    assert big.train.steps == phases.total_steps(big)
     assert (big.optim.peak_lr, big.optim.warmup_steps, big.optim.decay_steps) == (8e-5, 8000, 1_200_000)
-    assert big.optim.anneal_steps == math.ceil(40e6 / (16 * 2**20))  # the last 40M tokens
+    # The last 40M tokens: the anneal phase (the schedule's own anneal is off).
+    assert big.optim.anneal_steps == 0 and big.phases[-1].lr_to == 0.0
+    assert phases.steps(big, big.phases[-1]) == math.ceil(40e6 / (16 * 2**20))
     assert big.mesh.tensor == 8 and big.train.microbatches == 32
 
 
