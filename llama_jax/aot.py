@@ -27,6 +27,7 @@ import jax
 from llama_jax import phases
 from llama_jax.attention import compiling_for
 from llama_jax.config import ConfigError, apply_overrides, list_experiments, load_experiment
+from llama_jax.context_parallel import context_size
 from llama_jax.metrics import PEAK_TFLOPS, flops_per_token
 from llama_jax.optim import make_optimizer
 from llama_jax.sharding import MeshError, activation_sharding, check_batch, make_mesh
@@ -121,6 +122,12 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | 
         exp = exp.replace(model=exp.model.replace(compute_dtype="bfloat16"))
     mesh = make_mesh(exp.mesh, devices)
     check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
+    parts = context_size(mesh, exp.mesh.rules)
+    if parts > 1 and exp.train.seq_len % (2 * parts):
+        raise MeshError(
+            f"train.seq_len={exp.train.seq_len} is not a multiple of 2 x {parts}: context "
+            f"parallelism over {parts} devices cuts each sequence into {2 * parts} equal chunks."
+        )
     optimizer, schedule = make_optimizer(exp.optim, phases.total_steps(whole), phases.lr_segments(whole))
     start = time.perf_counter()
     stage, rules = Pretrain(), exp.mesh.rules  # the recipes compiled here are pretraining runs
@@ -272,21 +279,26 @@ def recipe_names() -> list[str]:
     targets a CPU). Post-training stages take other batches (pairs, rollouts) and are not compiled
     here."""
     experiments = {name: load_experiment(name) for name in list_experiments()}
-    names = []
-    for name, exp in experiments.items():
-        if exp.posttrain is None and _is_topology(exp.target):
-            names.append(name)
-            # A recipe in phases also shows its first phase at the model's full context (128K).
-            longest = [
-                i + 1
-                for i, phase in enumerate(exp.phases)
-                if phases.seq_len(exp, phase) == exp.model.max_seq_len
-            ]
-            names += [f"{name} --phase {longest[0]}"] if longest else []
-    return names
+    return with_long_phases(
+        [n for n, exp in experiments.items() if exp.posttrain is None and _is_topology(exp.target)]
+    )
 
 
-def _recipe(entry: str) -> tuple[str, int | None]:
+def with_long_phases(names: list[str]) -> list[str]:
+    """Each recipe, followed by "NAME --phase N" for the first of its phases at the model's full
+    context (128K), if it trains in phases."""
+    out = []
+    for name in names:
+        out.append(name)
+        exp = load_experiment(name)
+        longest = [
+            i + 1 for i, phase in enumerate(exp.phases) if phases.seq_len(exp, phase) == exp.model.max_seq_len
+        ]
+        out += [f"{name} --phase {longest[0]}"] if longest and "--phase" not in name else []
+    return out
+
+
+def split_recipe(entry: str) -> tuple[str, int | None]:
     """ "NAME" or "NAME --phase N" -> (NAME, N or None)."""
     name, _, phase = entry.partition(" --phase ")
     return name, int(phase) if phase else None
@@ -307,7 +319,8 @@ def table_row(exp, r: dict) -> str:
         if r["fits"] or "total_bytes" in r
         else f"does not fit ({r['temp_bytes'] / GIB:.0f} GiB)"
     )
-    mfu = f"{r['estimated_mfu']:.0%}" if "estimated_mfu" in r else "-"
+    # The cost analysis does not always give a time (a negative one for some long loops): "-".
+    mfu = f"{r['estimated_mfu']:.0%}" if math.isfinite(r.get("estimated_mfu", math.nan)) else "-"
     context = f", context {mesh['context']}" if mesh.get("context", 1) > 1 else ""
     return (
         f"| `{r['experiment']}` | {r['topology']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}{context} | "
@@ -335,7 +348,7 @@ def recipe_table(names, check_readme: str | None = None) -> int:
 
     rows, problems = [], []
     for entry in tqdm(names, desc="recipes", unit="recipe"):
-        name, phase = _recipe(entry)
+        name, phase = split_recipe(entry)
         exp = load_experiment(name)
         report = compile_for_topology(exp, parse_topology(exp.target), phase=phase)
         rows.append(table_row(phase_of(exp, phase), report))
@@ -383,7 +396,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.recipes is not None:
-            return recipe_table(args.recipes or recipe_names(), args.check)
+            if args.phase is not None:
+                raise ConfigError(
+                    "--phase compiles one experiment (--exp); --recipes lists their phases itself."
+                )
+            return recipe_table(
+                with_long_phases(args.recipes) if args.recipes else recipe_names(), args.check
+            )
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
         topology = args.topology or exp.target
         if not topology:

@@ -189,7 +189,8 @@ def context_parallel_attention(q, k, v, segment_ids, chosen: str):
     length = q.shape[1]
     context_parallel.check_length(length, parts)
     kernel = None
-    if chosen == "splash" and (length // parts) % 128 == 0:
+    # The kernel's split mask needs whole blocks per device and parts^2 dividing the length.
+    if chosen == "splash" and (length // parts) % 128 == 0 and length % parts**2 == 0:
         index = context_parallel.balanced_index(length, parts)
         kernel = splash_kernel(
             q.shape[2], length, interpret=target_platform() != "tpu", q_shards=parts, q_index=index

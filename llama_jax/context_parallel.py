@@ -34,7 +34,8 @@ def context_axes(mesh=None, rules=None) -> tuple[str, ...]:
     if mesh.empty:
         return ()
     rules = rules or nn.get_logical_axis_rules() or DEFAULT_RULES
-    axes = nn.logical_to_mesh_axes(("length",), rules)[0]
+    # Resolved beside `batch`, as in an activation: an axis the batch took does not split `length`.
+    axes = nn.logical_to_mesh_axes(("batch", "length"), rules)[1]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
 

@@ -100,6 +100,11 @@ def check_phases(exp: Experiment) -> None:
                 f"{label} averages its last {phase.average_last} checkpoints but only "
                 f"checkpoint.keep_last={exp.checkpoint.keep_last} are kept."
             )
+        if phase.average_last > len(checkpoint_steps(exp, index)):
+            raise ConfigError(
+                f"{label} averages its last {phase.average_last} checkpoints but saves only "
+                f"{len(checkpoint_steps(exp, index))}; set its checkpoint_every lower."
+            )
 
     total = total_steps(exp)
     if exp.train.steps != total:
@@ -122,11 +127,25 @@ def phase_experiment(exp: Experiment, index: int) -> Experiment:
     )
     model = exp.model.replace(rope_scaling=phase.rope_scaling) if phase.rope_scaling else exp.model
     sources = exp.data.sources
-    if phase.mixture:
-        sources = tuple(dataclasses.replace(s, weight=w) for s, w in zip(sources, phase.mixture))
+    if phase.mixture:  # a weight of 0 leaves the source out of the phase
+        sources = tuple(dataclasses.replace(s, weight=w) for s, w in zip(sources, phase.mixture) if w > 0)
     data = dataclasses.replace(exp.data, sources=sources, seed=exp.data.seed + index)
     mesh = dataclasses.replace(exp.mesh, context=phase.context) if phase.context else exp.mesh
     checkpoint = exp.checkpoint
     if phase.checkpoint_every:
         checkpoint = dataclasses.replace(checkpoint, every_steps=phase.checkpoint_every)
-    return exp.replace(train=train, model=model, data=data, mesh=mesh, checkpoint=checkpoint)
+    # Every phase's length and batch written out, so that the phases (and the schedule over them)
+    # come out the same from this experiment as from the whole one.
+    resolved = tuple(
+        dataclasses.replace(p, seq_len=seq_len(exp, p), batch_size=batch_size(exp, p)) for p in exp.phases
+    )
+    return exp.replace(train=train, model=model, data=data, mesh=mesh, checkpoint=checkpoint, phases=resolved)
+
+
+def checkpoint_steps(exp: Experiment, index: int) -> list[int]:
+    """The steps phase `index` saves a checkpoint at: its cadence (counted from step 0, as the
+    loop does) and its last step."""
+    start, end = bounds(exp)[index]
+    every = exp.phases[index].checkpoint_every or exp.checkpoint.every_steps
+    steps = [s for s in range(start + 1, end + 1) if every and s % every == 0] if every else []
+    return sorted(set(steps) | {end})

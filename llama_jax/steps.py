@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llama_jax.context_parallel import context_size
 from llama_jax.sharding import activation_sharding, tree_shardings
 
 Batch = dict[str, jax.Array]
@@ -96,8 +97,9 @@ def make_train_step(
 
 
 def _init_params(module: nn.Module, rng):
-    """Parameters still wrapped with their logical axis names."""
-    return module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    """Parameters still wrapped with their logical axis names. The dummy sequence splits into the
+    2 x context chunks that context parallelism needs (the parameters do not depend on it)."""
+    return module.init(rng, jnp.zeros((1, 2 * context_size()), jnp.int32))["params"]
 
 
 def _fresh_state(module: nn.Module, optimizer, rng, params=None) -> TrainState:

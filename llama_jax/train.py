@@ -22,6 +22,7 @@ import llama_jax.posttrain.ppo  # noqa: F401
 import llama_jax.posttrain.stages  # noqa: F401
 import llama_jax.stages.pretrain  # noqa: F401
 from llama_jax import distributed
+from llama_jax.averaging import AveragingError
 from llama_jax.checkpoint import CheckpointError, StalledWriteError
 from llama_jax.config import ConfigError, Experiment, apply_overrides, list_experiments, load_experiment
 from llama_jax.convert import ConversionError
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
         ConversionError,
         distributed.DistributedError,
         RunLockError,
+        AveragingError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from llama_jax import phases
 from llama_jax import steps as steps_lib
-from llama_jax.averaging import average, newest_checkpoints
-from llama_jax.checkpoint import TrainCheckpointer, data_record, save_params
+from llama_jax.averaging import AveragingError, write_average
+from llama_jax.checkpoint import TrainCheckpointer, data_record
 from llama_jax.config import ConfigError, Experiment
 from llama_jax.context_parallel import context_size
 from llama_jax.data.training import TrainingData, training_data
@@ -385,6 +385,7 @@ class Trainer:
     def __init__(self, exp: Experiment, workdir: str | Path, stage: Stage, *, quiet: bool = False):
         self.exp, self.workdir, self.stage, self.quiet = exp, Path(workdir), stage, quiet
         self.speak = not quiet and jax.process_index() == 0  # one process speaks for the job
+        self.stopped = False  # a stop was requested (SIGTERM, preemption): no further phase starts
         self.say = tqdm.write if self.speak else (lambda *a: None)
 
     def run(self) -> dict:
@@ -407,14 +408,16 @@ class Trainer:
         try:
             if not exp.phases:
                 return self._run(exp, meshes[0])
-            done = TrainCheckpointer.newest_step(self.workdir)
+            done = TrainCheckpointer.newest_step(self.workdir) if exp.checkpoint.resume else None
             last: dict = {}
             for index, end in enumerate(ends):
                 if done is not None and done >= end and index < len(ends) - 1:
-                    continue  # trained in an earlier run
+                    self._average_phase(index)  # trained in an earlier run (averaged, unless cut short)
+                    continue
+                last = {}  # the previous phase's state leaves the devices before this one starts
                 last = self._run(self._phase(index), meshes[index], phase=index)
-                if int(last["state"].step) < end:
-                    break  # stopped on request inside the phase
+                if self.stopped or int(last["state"].step) < end:
+                    break  # stopped on request
                 self._average_phase(index)
             return last
         finally:
@@ -432,11 +435,17 @@ class Trainer:
         """Polyak averaging at the end of a phase that asks for it (Phase.average_last)."""
         count = self.exp.phases[index].average_last
         out = self.workdir / "averaged" / phases.name(self.exp, index)
-        if not count or jax.process_index() != 0 or (out / "params").exists():
+        if not count or jax.process_index() != 0 or out.exists():
             return
-        sources = newest_checkpoints(self.workdir, count)
-        cfg, params = average(sources, progress=False if self.quiet else None)
-        save_params(out, params, cfg)
+        directory = self.workdir / "checkpoints"
+        saved = [s for s in phases.checkpoint_steps(self.exp, index) if (directory / str(s)).is_dir()]
+        if len(saved) < count:
+            raise AveragingError(
+                f"Phase {phases.name(self.exp, index)!r} should average its last {count} checkpoints, "
+                f"but {directory} holds {len(saved)} of them."
+            )
+        sources = [directory / str(s) for s in saved[-count:]]
+        write_average(sources, out, progress=False if self.quiet else None)  # all or nothing
         self.say(f"averaged {', '.join(p.name for p in sources)} into {out}")
 
     def _hold_workdir(self) -> RunLock:
@@ -564,6 +573,7 @@ class Trainer:
                 window.restart_clock()  # evaluation time is not training throughput
             bar.update()
             if stop.should_stop(done):
+                self.stopped = True
                 checkpoints.save(done, state, run.data_iterator, record, wait=True)
                 self.say(
                     f"stopping at {self.stage.unit} {done} on request; saved {checkpoints.directory / str(done)}"

@@ -69,21 +69,28 @@ def test_readme_table_covers_every_recipe_with_headroom():
     import re
     from pathlib import Path
 
-    from llama_jax.aot import HEADROOM, recipe_names
+    from llama_jax.aot import HEADROOM, phase_of, recipe_names, split_recipe
     from llama_jax.config import load_experiment
     from llama_jax.sharding import mesh_shape
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \| v\S+ \|.*$", readme, re.M)}
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([\w -]+)` \| v\S+ \|.*$", readme, re.M)}
     names = recipe_names()
-    assert len(names) == 12 and set(names) <= set(rows)
+    # Every recipe, and the 128K phase of each Llama 3.1 recipe in phases.
+    long = [n for n in names if "--phase" in n]
+    assert len(names) == 15 and set(names) <= set(rows)
+    assert sorted(n.split()[0] for n in long) == ["llama3_1_405b", "llama3_1_70b", "llama3_1_8b"]
     for name in names:
-        exp = load_experiment(name)
+        recipe, phase = split_recipe(name)
+        exp = phase_of(load_experiment(recipe), phase)
         cells = [c.strip() for c in rows[name].strip("|").split("|")]
         topology = parse_topology(exp.target)
         mesh = mesh_shape(exp.mesh, topology.chips)
+        context = f", context {mesh['context']}" if mesh["context"] > 1 else ""
         assert cells[1] == exp.target, name
-        assert cells[2] == f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}", name
+        assert cells[2] == f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}{context}", name
+        assert (mesh["context"] > 1) == (name in long), name
+        assert exp.train.seq_len == 131072 if name in long else exp.train.seq_len <= 8192, name
         assert cells[3:6] == [str(exp.train.microbatches), exp.model.remat, "splash"], name
         used = int(re.search(r"\((\d+)%\)", cells[6]).group(1))
         assert used <= 100 * (1 - HEADROOM), name

@@ -157,3 +157,17 @@ def test_mesh_context_is_an_override():
         apply_overrides(Experiment(), ["mesh.context=x"])
     with pytest.raises(MeshError, match="context=3"):
         make_mesh(MeshConfig(context=3, fsdp=1))
+
+
+def test_a_fresh_state_initialises_under_context_parallelism():
+    """A run from scratch creates its parameters on the context-parallel mesh (the init's dummy
+    sequence splits into 2 x context chunks), the same parameters as on one device."""
+    from llama_jax.optim import make_optimizer
+    from llama_jax.stages.pretrain import Pretrain
+
+    exp = Experiment(model=CFG, mesh=MeshConfig(context=4, fsdp=2))
+    optimizer, _ = make_optimizer(exp.optim, 10)
+    state = Pretrain().create_state(exp, optimizer, make_mesh(exp.mesh), jax.random.key(3))
+    single = init_params(CFG, jax.random.key(3))
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(single)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)

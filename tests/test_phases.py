@@ -92,6 +92,7 @@ def reference(tmp_path_factory):
     return workdir, result, shapes
 
 
+@pytest.mark.slow  # two compiled phases end to end: run by .ci/run after the suite
 def test_each_phase_trains_its_own_batch_and_schedule(reference):
     workdir, result, shapes = reference
     assert shapes == [(8, 64)] * 4 + [(4, 128)] * 4
@@ -111,6 +112,7 @@ def test_each_phase_trains_its_own_batch_and_schedule(reference):
     assert lrs[2] == pytest.approx(float(base(1)), rel=1e-5)
 
 
+@pytest.mark.slow  # two compiled phases end to end: run by .ci/run after the suite
 def test_phase_end_averages_its_newest_checkpoints(reference):
     workdir, _, _ = reference
     _, averaged = load_for_inference(workdir / "averaged" / "long")
@@ -121,6 +123,7 @@ def test_phase_end_averages_its_newest_checkpoints(reference):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # two compiled phases end to end: run by .ci/run after the suite
 def test_a_crash_inside_phase_two_resumes_bit_for_bit(reference, tmp_path, monkeypatch):
     ref_dir, _, _ = reference
     workdir = tmp_path / "crashed"
@@ -179,14 +182,35 @@ def test_bad_phase_lists_are_refused_in_one_sentence(tmp_path):
 def test_phase_experiment_applies_the_phase():
     exp = phased_experiment()
     mixed = exp.replace(
-        data=dataclasses.replace(exp.data, sources=exp.data.sources * 2),
-        phases=(dataclasses.replace(PHASES[0], mixture=(3.0, 1.0), context=2),),
+        data=dataclasses.replace(exp.data, sources=exp.data.sources * 3),
+        phases=(dataclasses.replace(PHASES[0], mixture=(3.0, 0.0, 1.0), context=2),),
         train=dataclasses.replace(exp.train, steps=4),
     )
     second = phases.phase_experiment(mixed, 0)
-    assert [s.weight for s in second.data.sources] == [3.0, 1.0]
+    assert [s.weight for s in second.data.sources] == [3.0, 1.0]  # the source weighted 0 left out
     assert second.mesh.context == 2 and second.train.steps == 4
     long = phases.phase_experiment(exp, 1)
     assert (long.train.seq_len, long.train.batch_size, long.train.steps) == (128, 4, 8)
     assert long.model.rope_scaling.factor == 2.0 and long.data.seed == exp.data.seed + 1
     assert math.isclose(phases.lr_segments(exp)[0][2], 0.0)
+
+
+@pytest.mark.parametrize("name", ["llama3_1_8b", "llama3_1_405b"])
+def test_every_phase_sees_the_whole_runs_schedule(name):
+    """A phase's experiment keeps the other phases' lengths and batches, so the schedule it
+    compiles (total steps, the anneal's line) is the whole run's."""
+    exp = load_experiment(name)
+    for index in range(len(exp.phases)):
+        phase_exp = phases.phase_experiment(exp, index)
+        assert phases.bounds(phase_exp) == phases.bounds(exp)
+        assert phases.lr_segments(phase_exp) == phases.lr_segments(exp)
+    anneal = phases.checkpoint_steps(exp, len(exp.phases) - 1)
+    assert len(anneal) >= exp.phases[-1].average_last == 3
+    assert anneal[-1] == exp.train.steps and anneal[0] > phases.bounds(exp)[-1][0]
+
+
+def test_a_phase_that_saves_too_few_checkpoints_to_average_is_refused(tmp_path):
+    exp = phased_experiment()
+    bad = exp.replace(phases=(PHASES[0], dataclasses.replace(PHASES[1], checkpoint_every=0, average_last=3)))
+    with pytest.raises(ConfigError, match="averages its last 3 checkpoints but saves only"):
+        train(bad, tmp_path / "bad", quiet=True)
