@@ -11,8 +11,8 @@ the document before each digit): chance is 1 in 100,000.
 
 One training run per seed, in phases (Experiment.phases, docs/reference.md "Training in phases"):
 
-    short  the Python standard library (the default corpus) mixed 1:1 with passkey documents of
-           up to 1x = `base_len` tokens, at seq_len 1x
+    short  the Python standard library (the default corpus) mixed with passkey documents of up
+           to 1x = `base_len` tokens (most of the tokens), at seq_len 1x
     2x, 4x, 8x
            the context doubled three times, each phase on passkey documents up to its length
            mixed with the corpus, with the RoPE scaling of Llama 3.1 (factor 8, the original
@@ -54,10 +54,14 @@ class Scale:
     n_heads: int = 4
     n_kv_heads: int = 2
     ffn_dim: int = 384
-    tokens_per_step: int = 4096
-    short_steps: int = 800
-    extension_steps: int = 100  # each of 2x, 4x, 8x
-    lr: float = 2e-3
+    vocab_size: int = 512  # a SentencePiece model of the corpus this size: digits are single tokens
+    tokens_per_step: int = 2048
+    short_steps: int = 1600
+    extension_steps: int = 200  # each of 2x, 4x, 8x
+    lr: float = 3e-3
+    # Mixing is by documents, and a corpus file is thousands of tokens: this weight makes the
+    # passkey documents most of the tokens.
+    corpus_weight: float = 0.02
     train_documents: int = 20000  # passkey documents per length band
     eval_documents: int = 50  # per length
     seeds: tuple[int, ...] = (0, 1)
@@ -144,8 +148,11 @@ def demo_experiment(scale: Scale, seed: int, tokenizer_path: str, passkeys: list
     scaling = RopeScaling(factor=8.0, original_max_position_embeddings=base)
 
     def phase(name: str, multiple: int, steps: int) -> Phase:
-        # The corpus and this phase's passkey band, 1:1 (the other bands left out).
-        mixture = tuple(1.0 if i in (0, MULTIPLES.index(multiple) + 1) else 0.0 for i in range(len(sources)))
+        # The corpus and this phase's passkey band (the other bands left out).
+        band = MULTIPLES.index(multiple) + 1
+        mixture = tuple(
+            scale.corpus_weight if i == 0 else 1.0 if i == band else 0.0 for i in range(len(sources))
+        )
         return Phase(
             name=name,
             tokens=steps * scale.tokens_per_step,
@@ -167,6 +174,7 @@ def demo_experiment(scale: Scale, seed: int, tokenizer_path: str, passkeys: list
         n_kv_heads=scale.n_kv_heads,
         head_dim=scale.dim // scale.n_heads,
         ffn_dim=scale.ffn_dim,
+        vocab_size=scale.vocab_size,
         max_seq_len=MULTIPLES[-1] * base,
     )
     return Experiment(
@@ -278,7 +286,7 @@ def main(argv=None) -> int:
     scale = SMOKE if args.smoke else Scale()
     root = Path(args.workdir)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    tokenizer_path = cached_tokenizer(STDLIB_TRAIN, 4096)
+    tokenizer_path = cached_tokenizer(STDLIB_TRAIN, scale.vocab_size, quiet=False)
     tokenizer = load_tokenizer(tokenizer_path)
     started = time.time()
     passkeys = make_data(root / "data", scale, tokenizer)

@@ -606,6 +606,20 @@ class Experiment:
     target: str = "cpu"
     description: str = ""
 
+    def __post_init__(self):
+        # An override of one phase's field arrives with the list as plain mappings (see
+        # _nested_override); a phase is a Phase again here, and RoPE scaling a RopeScaling.
+        def as_phase(item):
+            if not isinstance(item, Phase):
+                item = dict(item)
+                if item.get("rope_scaling") is not None and not isinstance(item["rope_scaling"], RopeScaling):
+                    item["rope_scaling"] = RopeScaling(**item["rope_scaling"])
+                item["mixture"] = tuple(item.get("mixture") or ())
+                item = Phase(**item)
+            return item
+
+        object.__setattr__(self, "phases", tuple(as_phase(p) for p in self.phases))
+
     def replace(self, **changes) -> "Experiment":
         return dataclasses.replace(self, **changes)
 

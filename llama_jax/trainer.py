@@ -270,7 +270,12 @@ def minimum_bytes_per_device(exp: Experiment, mesh) -> dict[str, float]:
     logits}. The compiler needs more (workspace, the layer being recomputed); `python -m
     llama_jax.aot` measures that. A lower bound never refuses a run that would fit."""
     cfg = exp.model
-    shards = mesh.shape["fsdp"] * mesh.shape["tensor"]  # the axes the parameters are split over
+    # The parameters split over the mesh axes of `embed` (FSDP; with context parallelism also the
+    # context axis) and over tensor parallelism.
+    rules = dict(exp.mesh.rules)
+    embed_axes = rules.get("embed") or ()
+    embed_axes = {embed_axes} if isinstance(embed_axes, str) else set(embed_axes)
+    shards = math.prod(mesh.shape[axis] for axis in embed_axes | {"tensor"} if axis in mesh.shape)
     state = count_params(cfg) * 4 * jnp.dtype(cfg.param_dtype).itemsize / shards
     # The batch axis is split over the mesh axes its rule names (by default data and fsdp).
     batch_axes = dict(exp.mesh.rules).get("batch") or ()

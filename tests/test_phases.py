@@ -214,3 +214,14 @@ def test_a_phase_that_saves_too_few_checkpoints_to_average_is_refused(tmp_path):
     bad = exp.replace(phases=(PHASES[0], dataclasses.replace(PHASES[1], checkpoint_every=0, average_last=3)))
     with pytest.raises(ConfigError, match="averages its last 3 checkpoints but saves only"):
         train(bad, tmp_path / "bad", quiet=True)
+
+
+def test_a_phase_is_overridden_like_any_field():
+    exp = apply_overrides(
+        load_experiment("llama3_1_8b"), ["phases.6.context=2", "phases.7.mixture=[1,3]", "phases.7.lr_to=0.5"]
+    )
+    assert all(isinstance(p, Phase) for p in exp.phases)
+    assert exp.phases[6].context == 2 and exp.phases[7].mixture == (1, 3) and exp.phases[7].lr_to == 0.5
+    assert exp.phases[6].rope_scaling is None and exp.phases[0].name == "pretrain"
+    with pytest.raises(ConfigError, match="phases.6.tokens=-1"):
+        apply_overrides(exp, ["phases.6.tokens=-1"])
