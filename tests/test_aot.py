@@ -38,7 +38,7 @@ def test_unknown_topology_is_one_sentence(capsys):
 def test_tiny_on_v5p_8_fits_and_is_sharded():
     exp = Experiment()
     report = compile_for_topology(exp, parse_topology("v5p-8"))
-    assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
     assert report["fits"] and report["hbm_bytes"] == 95 * 2**30
     # The arguments are the TrainState (fp32 params + two Adam moments) split 4 ways, not
     # replicated; TPU tiling pads small dims (head_dim 32), so a quarter is a lower bound.
@@ -49,7 +49,7 @@ def test_tiny_on_v5p_8_fits_and_is_sharded():
     # "auto" attention compiles the Pallas splash kernel for the TPU, not the XLA fallback.
     assert report["attention"] == "splash"
     # The report names the logical-axis rules the step was compiled with (the experiment's).
-    assert "rules: batch->data+fsdp, length->-, embed->fsdp, vocab->tensor" in format_report(report)
+    assert "rules: batch->data+fsdp, length->context, embed->fsdp, vocab->tensor" in format_report(report)
     xla = compile_for_topology(apply_overrides(exp, ["model.attention=xla"]), parse_topology("v5p-8"))
     assert xla["attention"] == "xla"
 
