@@ -27,7 +27,7 @@ import jax
 from llama_jax import phases
 from llama_jax.attention import compiling_for
 from llama_jax.config import ConfigError, apply_overrides, list_experiments, load_experiment
-from llama_jax.context_parallel import context_size
+from llama_jax.context_parallel import check_context_length
 from llama_jax.metrics import PEAK_TFLOPS, flops_per_token
 from llama_jax.optim import make_optimizer
 from llama_jax.sharding import MeshError, activation_sharding, check_batch, make_mesh
@@ -122,12 +122,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | 
         exp = exp.replace(model=exp.model.replace(compute_dtype="bfloat16"))
     mesh = make_mesh(exp.mesh, devices)
     check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
-    parts = context_size(mesh, exp.mesh.rules)
-    if parts > 1 and exp.train.seq_len % (2 * parts):
-        raise MeshError(
-            f"train.seq_len={exp.train.seq_len} is not a multiple of 2 x {parts}: context "
-            f"parallelism over {parts} devices cuts each sequence into {2 * parts} equal chunks."
-        )
+    check_context_length(exp.train.seq_len, mesh, exp.mesh.rules)
     optimizer, schedule = make_optimizer(exp.optim, phases.total_steps(whole), phases.lr_segments(whole))
     start = time.perf_counter()
     stage, rules = Pretrain(), exp.mesh.rules  # the recipes compiled here are pretraining runs

@@ -176,6 +176,11 @@ def cudnn_attention(q, k, v, segment_ids=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
+def _xla_local(q, k, v, q_segments, kv_segments, q_index):
+    """One device's queries (at sequence indices `q_index`) against every key, with XLA."""
+    return xla_attention(q, k, v, q_segments, kv_segments, q_index=q_index)
+
+
 def _cudnn_local(q, k, v, q_segments, kv_segments, q_index):
     """One device's queries (at sequence indices `q_index`) against every key, with cuDNN."""
     mask = attention_mask(q.shape[1], k.shape[1], q_segments, kv_segments, q_index=q_index)[:, None]
@@ -195,9 +200,7 @@ def context_parallel_attention(q, k, v, segment_ids, chosen: str):
         kernel = splash_kernel(
             q.shape[2], length, interpret=target_platform() != "tpu", q_shards=parts, q_index=index
         )
-    local = _cudnn_local if chosen == "cudnn" else xla_attention
-    if local is xla_attention:
-        local = lambda q, k, v, qs, ks, index: xla_attention(q, k, v, qs, ks, q_index=index)  # noqa: E731
+    local = _cudnn_local if chosen == "cudnn" else _xla_local
     return context_parallel.sharded_attention(q, k, v, segment_ids, local, splash_kernel=kernel)
 
 

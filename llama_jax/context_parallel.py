@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import DEFAULT_RULES
-from llama_jax.sharding import logical_to_spec
+from llama_jax.sharding import MeshError, logical_to_spec
 
 
 def context_axes(mesh=None, rules=None) -> tuple[str, ...]:
@@ -51,6 +51,16 @@ def check_length(length: int, parts: int) -> None:
         raise ValueError(
             f"A sequence of {length} tokens cannot be cut into the 2 x {parts} equal chunks that "
             f"context parallelism over {parts} devices needs; use a multiple of {2 * parts}."
+        )
+
+
+def check_context_length(seq_len: int, mesh, rules) -> None:
+    """A run's train.seq_len that the mesh's context parallelism cannot cut evenly: one sentence."""
+    parts = context_size(mesh, rules)
+    if parts > 1 and seq_len % (2 * parts):
+        raise MeshError(
+            f"train.seq_len={seq_len} is not a multiple of 2 x {parts}: context "
+            f"parallelism over {parts} devices cuts each sequence into {2 * parts} equal chunks."
         )
 
 

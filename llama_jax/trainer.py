@@ -32,7 +32,7 @@ from llama_jax import steps as steps_lib
 from llama_jax.averaging import AveragingError, write_average
 from llama_jax.checkpoint import TrainCheckpointer, data_record
 from llama_jax.config import ConfigError, Experiment
-from llama_jax.context_parallel import context_size
+from llama_jax.context_parallel import check_context_length, context_size
 from llama_jax.data.training import TrainingData, training_data
 from llama_jax.generate import generate
 from llama_jax.init_from import source_params, with_source
@@ -250,12 +250,7 @@ def check_training(exp: Experiment, mesh) -> None:
             f"train.seq_len={exp.train.seq_len} is longer than the model's max_seq_len={exp.model.max_seq_len}."
         )
     check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
-    parts = context_size(mesh, exp.mesh.rules)
-    if parts > 1 and exp.train.seq_len % (2 * parts):
-        raise MeshError(
-            f"train.seq_len={exp.train.seq_len} is not a multiple of 2 x {parts}: context "
-            f"parallelism over {parts} devices cuts each sequence into {2 * parts} equal chunks."
-        )
+    check_context_length(exp.train.seq_len, mesh, exp.mesh.rules)
     if exp.train.batch_size % jax.process_count():
         raise MeshError(
             f"train.batch_size={exp.train.batch_size} does not split evenly over "
