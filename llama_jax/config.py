@@ -52,6 +52,72 @@ class RopeScaling:
             )
 
 
+# The weights LoRA can adapt: every matrix of attention and the feed-forward, and the LM head.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+# How QLoRA stores the frozen base's matrices: int8 with a scale per output channel, or 4-bit NF4
+# in blocks of 64 with double-quantized block scales (the QLoRA paper's storage).
+LORA_BASE_QUANTIZATIONS = ("", "int8", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (docs/reference.md, "LoRA"): each targeted weight W [d_in, d_out] gains
+    A [d_in, rank] (normal, std 1/rank) and B [rank, d_out] (zeros, so training starts from the base
+    exactly) and computes x W + (alpha / rank) dropout(x) A B. Only A and B train; the base is frozen,
+    and with `quantize_base` stored quantized (QLoRA)."""
+
+    rank: int = 0  # 0: no adapters, every parameter trains
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("wq", "wv")
+    quantize_base: str = ""  # "": as model.param_dtype; "int8" or "nf4" (QLoRA)
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        check_ranges(
+            "lora",
+            self,
+            [
+                ("rank", non_negative, "at least 0 (0: no adapters)"),
+                ("alpha", positive, "positive"),
+                ("dropout", below_one, "in [0, 1)"),
+            ],
+        )
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(
+                f"lora.targets names {', '.join(map(repr, unknown))}, which is not a weight LoRA can adapt; "
+                f"choose from {', '.join(LORA_TARGETS)}."
+            )
+        if self.rank and not self.targets:
+            raise ValueError("lora.targets is empty: name at least one weight to adapt.")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora.targets names a weight twice: {list(self.targets)}.")
+        if self.quantize_base not in LORA_BASE_QUANTIZATIONS:
+            raise ValueError(
+                f"lora.quantize_base must be one of int8, nf4 or empty, not {self.quantize_base!r}."
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def weight_sides(self, cfg: "ModelConfig") -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of every targeted weight of `cfg`, as the matmul sees it."""
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        sides = {
+            "wq": (cfg.dim, q),
+            "wk": (cfg.dim, kv),
+            "wv": (cfg.dim, kv),
+            "wo": (q, cfg.dim),
+            "w1": (cfg.dim, cfg.ffn_dim),
+            "w3": (cfg.dim, cfg.ffn_dim),
+            "w2": (cfg.ffn_dim, cfg.dim),
+            "output": (cfg.dim, cfg.vocab_size),
+        }
+        return {t: sides[t] for t in self.targets}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     dim: int
@@ -78,8 +144,13 @@ class ModelConfig:
     # Attention backend, see attention.IMPLEMENTATIONS: "auto" is splash on TPU, cuDNN on GPU,
     # XLA on CPU (and XLA wherever a kernel does not apply).
     attention: str = "auto"
+    # Low-rank adapters on the weights (set from Experiment.lora; None: none). Not architecture:
+    # the base's shapes do not change.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.lora, dict):  # as stored beside a checkpoint
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         sizes = (
             "dim",
             "n_layers",
@@ -598,6 +669,8 @@ class Experiment:
     # Training in phases (phases.py): each with its own sequence length, batch, token budget, RoPE
     # scaling, data mixture and learning-rate segment; (): one phase of train.steps.
     phases: tuple[Phase, ...] = ()
+    # Low-rank adapters (LoRA; QLoRA with lora.quantize_base): rank 0 trains every parameter.
+    lora: LoraConfig = LoraConfig()
     # A post-training stage (SFT, reward model, DPO, PPO) and its settings; None: pretraining.
     posttrain: PosttrainConfig | None = None
     # The stage that trains (a name in the trainer's registry); "": "pretrain", or posttrain.stage.
@@ -619,6 +692,22 @@ class Experiment:
             return item
 
         object.__setattr__(self, "phases", tuple(as_phase(p) for p in self.phases))
+        # The model computes with the adapters the experiment asks for (lora is the one setting).
+        lora = self.lora if self.lora.rank else None
+        if self.model.lora != lora:
+            object.__setattr__(self, "model", dataclasses.replace(self.model, lora=lora))
+        if lora is not None:
+            if "output" in lora.targets and self.model.tie_embeddings:
+                raise ValueError(
+                    "lora.targets names output, but this model ties its head to the embeddings; "
+                    "adapt the other weights."
+                )
+            for target, (d_in, d_out) in lora.weight_sides(self.model).items():
+                if lora.rank > min(d_in, d_out):
+                    raise ValueError(
+                        f"lora.rank={lora.rank} is larger than the smaller side of {target} "
+                        f"({d_in} x {d_out}); choose at most {min(d_in, d_out)}."
+                    )
 
     def replace(self, **changes) -> "Experiment":
         return dataclasses.replace(self, **changes)

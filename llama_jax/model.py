@@ -25,7 +25,8 @@ import numpy as np
 from llama_jax.attention import attention
 from llama_jax.config import PRESETS, ModelConfig, RopeScaling, model_preset
 from llama_jax.context_parallel import balance, context_size, unbalance
-from llama_jax.quantize import QuantizedWeight
+from llama_jax.lora import DROPOUT_KEY, adapter_names
+from llama_jax.quantize import QUANTIZED
 
 # Logical axes of the activations (parameters name theirs where they are declared).
 ACTIVATION = ("batch", "length", "embed")
@@ -112,7 +113,7 @@ _REMAT_POLICIES = {
 def _project(x, w, dtype):
     """x [B, T, d_in] times w [d_in, ...out] as one 2-D matmul ([B*T, d_in] @ [d_in, prod(out)]),
     which XLA's CPU backend differentiates much faster than the 3-D einsum."""
-    if isinstance(w, QuantizedWeight):  # see quantize.py: it dequantizes inside its own matmul
+    if isinstance(w, QUANTIZED):  # see quantize.py: it dequantizes inside its own matmul
         return w.project(x, dtype)
     batch, length, d_in = x.shape
     out = x.reshape(batch * length, d_in) @ w.astype(dtype).reshape(d_in, -1)
@@ -123,6 +124,52 @@ def _weight(module: nn.Module, name: str, shape, axes, init):
     return module.param(
         name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype)
     )
+
+
+# Each adapted weight folds its own constant into the layer's dropout key.
+_DROPOUT_STREAMS = {name: i for i, name in enumerate(("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"))}
+
+
+def _adapters(module: nn.Module, name: str, in_shape, in_axes, out_shape, out_axes):
+    """(A [in..., rank], B [rank, out...]) of weight `name` if the model's LoRA adapts it, else None.
+    A tree without them (the base alone) runs the layer unadapted: that is how DPO's reference is
+    the policy with its adapters switched off."""
+    lora = module.cfg.lora
+    a_name, b_name = adapter_names(name)
+    if lora is None or name not in lora.targets:
+        return None
+    if not (module.is_initializing() or module.has_variable("params", a_name)):
+        return None
+    dtype = jnp.dtype(module.cfg.param_dtype)
+    # The LoRA paper's start: A Gaussian (std 1/rank), B zero, so that A B = 0 and the adapted
+    # model begins equal to its base.
+    a_init = nn.initializers.normal(1.0 / lora.rank)
+    a = module.param(
+        a_name, nn.with_logical_partitioning(a_init, (*in_axes, "lora_rank")), (*in_shape, lora.rank), dtype
+    )
+    b = module.param(
+        b_name,
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *out_axes)),
+        (lora.rank, *out_shape),
+        dtype,
+    )
+    return a, b
+
+
+def _adapted(module: nn.Module, name: str, x, w, adapters, dropout_key):
+    """x W, plus (alpha / rank) dropout(x) A B when the weight has adapters."""
+    dtype = module.cfg.dtype
+    out = _project(x, w, dtype)
+    if adapters is None:
+        return out
+    lora = module.cfg.lora
+    a, b = adapters
+    if dropout_key is not None and lora.dropout > 0:
+        key = jax.random.fold_in(dropout_key, _DROPOUT_STREAMS[name])
+        keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    low = _project(x, a.reshape(x.shape[-1], lora.rank), dtype)
+    return out + (lora.scale * _project(low, b, dtype)).astype(out.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -176,10 +223,11 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, cache: KVCache | None = None, layer=None):
+    def __call__(self, x, cos, sin, segment_ids, cache: KVCache | None = None, layer=None, dropout_key=None):
         """Self-attention of x [B, T, dim]; returns (out, cache). With a KV cache, this layer's new
         keys and values are written at (`layer`, cache.index) and the queries attend to the
-        layer's whole cache (the slots' segment ids mask what is empty or another document)."""
+        layer's whole cache (the slots' segment ids mask what is empty or another document).
+        `dropout_key`: LoRA dropout's key for this layer (None: no dropout)."""
         cfg, dtype = self.cfg, self.cfg.dtype
         init = nn.initializers.normal(cfg.init_std)
         wq = _weight(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), init)
@@ -190,10 +238,20 @@ class Attention(nn.Module):
             self, "wv", (cfg.dim, cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), init
         )
         wo = _weight(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.dim), ("heads", "head_dim", "embed"), init)
+        q_out, kv_out = (cfg.n_heads, cfg.head_dim), (cfg.n_kv_heads, cfg.head_dim)
+        adapters = {
+            "wq": _adapters(self, "wq", (cfg.dim,), ("embed",), q_out, ("heads", "head_dim")),
+            "wk": _adapters(self, "wk", (cfg.dim,), ("embed",), kv_out, ("kv_heads", "head_dim")),
+            "wv": _adapters(self, "wv", (cfg.dim,), ("embed",), kv_out, ("kv_heads", "head_dim")),
+            "wo": _adapters(self, "wo", q_out, ("heads", "head_dim"), (cfg.dim,), ("embed",)),
+        }
 
-        q = nn.with_logical_constraint(_project(x, wq, dtype), HEADS)
-        k = nn.with_logical_constraint(_project(x, wk, dtype), KV_HEADS)
-        v = nn.with_logical_constraint(_project(x, wv, dtype), KV_HEADS)
+        def project(name, inputs, w):
+            return _adapted(self, name, inputs, w, adapters[name], dropout_key)
+
+        q = nn.with_logical_constraint(project("wq", x, wq), HEADS)
+        k = nn.with_logical_constraint(project("wk", x, wk), KV_HEADS)
+        v = nn.with_logical_constraint(project("wv", x, wv), KV_HEADS)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             out = attention(q, k, v, segment_ids, implementation=cfg.attention)
@@ -211,7 +269,7 @@ class Attention(nn.Module):
             )
         out = nn.with_logical_constraint(out, HEADS)
         batch, length = out.shape[:2]
-        return _project(out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim), dtype), cache
+        return project("wo", out.reshape(batch, length, -1), wo.reshape(-1, cfg.dim)), cache
 
 
 class FeedForward(nn.Module):
@@ -220,15 +278,22 @@ class FeedForward(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
-        cfg, dtype = self.cfg, self.cfg.dtype
+    def __call__(self, x, dropout_key=None):
+        cfg = self.cfg
         init = nn.initializers.normal(cfg.init_std)
         w1 = _weight(self, "w1", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), init)
         w3 = _weight(self, "w3", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), init)
         w2 = _weight(self, "w2", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), init)
-        gate, up = _project(x, w1, dtype), _project(x, w3, dtype)
+
+        def project(name, inputs, w, sides):
+            (d_in, in_axis), (d_out, out_axis) = sides
+            adapters = _adapters(self, name, (d_in,), (in_axis,), (d_out,), (out_axis,))
+            return _adapted(self, name, inputs, w, adapters, dropout_key)
+
+        up_sides = ((cfg.dim, "embed"), (cfg.ffn_dim, "mlp"))
+        gate, up = project("w1", x, w1, up_sides), project("w3", x, w3, up_sides)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return _project(hidden, w2, dtype)
+        return project("w2", hidden, w2, ((cfg.ffn_dim, "mlp"), (cfg.dim, "embed")))
 
 
 class Block(nn.Module):
@@ -238,13 +303,16 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, cos, sin, segment_ids, layer):
+    def __call__(self, carry, cos, sin, segment_ids, dropout_key, layer):
         x, cache = carry
+        if dropout_key is not None:  # each layer draws its own LoRA dropout masks
+            dropout_key = jax.random.fold_in(dropout_key, layer)
         attended, cache = Attention(self.cfg, name="attention")(
-            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, layer
+            RMSNorm(self.cfg, name="attention_norm")(x), cos, sin, segment_ids, cache, layer, dropout_key
         )
         h = nn.with_logical_constraint(x + attended, ACTIVATION)
-        out = h + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(h))
+        normed = RMSNorm(self.cfg, name="ffn_norm")(h)
+        out = h + FeedForward(self.cfg, name="feed_forward")(normed, dropout_key)
         return (nn.with_logical_constraint(out, ACTIVATION), cache), None
 
 
@@ -298,6 +366,10 @@ class Llama(nn.Module):
         table = nn.with_logical_constraint(embeddings, ("vocab", None))
         x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(cfg.dtype), ACTIVATION)
         cos, sin = rotary_tables(positions, cfg)
+        # LoRA dropout's key for this step, if the training step put one in (lora.with_dropout_key).
+        dropout_key = None
+        if cfg.lora is not None and self.has_variable("params", DROPOUT_KEY):
+            dropout_key = jax.random.wrap_key_data(self.get_variable("params", DROPOUT_KEY))
 
         if cache is not None:
             if segment_ids is None:
@@ -313,14 +385,16 @@ class Llama(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 3 + (0,),
+                in_axes=(nn.broadcast,) * 4 + (0,),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            (x, cache), _ = stack(cfg, name="layers")((x, cache), cos, sin, segment_ids, layers)
+            (x, cache), _ = stack(cfg, name="layers")((x, cache), cos, sin, segment_ids, dropout_key, layers)
         else:
             for i in range(cfg.n_layers):
-                (x, cache), _ = block(cfg, name=f"layers_{i}")((x, cache), cos, sin, segment_ids, layers[i])
+                (x, cache), _ = block(cfg, name=f"layers_{i}")(
+                    (x, cache), cos, sin, segment_ids, dropout_key, layers[i]
+                )
 
         x = nn.with_logical_constraint(unbalance(RMSNorm(cfg, name="norm")(x), parts), ACTIVATION)
         if not with_head:
@@ -335,6 +409,9 @@ class Llama(nn.Module):
                 ("embed", "vocab"),
                 nn.initializers.normal(cfg.init_std),
             )
+            adapters = _adapters(self, "output", (cfg.dim,), ("embed",), (cfg.vocab_size,), ("vocab",))
+            if adapters is not None:
+                head = adapted_head(head, *adapters, cfg.lora)
         logits = nn.with_logical_constraint(lm_logits(x, head), ("batch", "length", "vocab"))
         return logits if cache is None else (logits, cache.advanced(length))
 
@@ -346,9 +423,22 @@ def lm_logits(hidden, head):
     return logits.reshape(*hidden.shape[:-1], head.shape[-1])
 
 
+def adapted_head(head, a, b, lora):
+    """The head with its LoRA adapter folded in (W + alpha / rank A B): the loss applies the head
+    chunk by chunk, so it takes the head as one matrix (LoRA dropout does not reach the head)."""
+    delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)) * lora.scale
+    return (head.astype(jnp.float32) + delta).astype(head.dtype)
+
+
 def lm_head(params, cfg: ModelConfig):
-    """The [dim, vocab] output projection: `output`, or the transposed embeddings if tied."""
-    return params["tok_embeddings"].T if cfg.tie_embeddings else params["output"]
+    """The [dim, vocab] output projection: `output` (with its LoRA adapter, if it has one), or the
+    transposed embeddings if tied."""
+    if cfg.tie_embeddings:
+        return params["tok_embeddings"].T
+    a, b = adapter_names("output")
+    if cfg.lora is not None and a in params:
+        return adapted_head(params["output"], params[a], params[b], cfg.lora)
+    return params["output"]
 
 
 def _init_variables(cfg: ModelConfig, rng):

@@ -28,8 +28,10 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama_jax.config import ModelConfig
+from llama_jax.sharding import logical_to_spec
 
 MODES = ("int8", "fp8")
 INT8_MAX = 127.0
@@ -86,6 +88,101 @@ class QuantizedWeight:
             x_fp8, x_scale = quantize_rows_fp8(flat)
             out = jax.lax.dot(x_fp8, weight, preferred_element_type=jnp.float32) * x_scale * scale
         return out.astype(dtype).reshape(batch, length, *self.value.shape[1:])
+
+
+NF4_BLOCK = 64  # weights per NF4 absmax block, along the input side (the QLoRA paper's size)
+
+
+def _nf4_code() -> np.ndarray:
+    """The 16 NormalFloat4 values (the QLoRA paper, section 3): quantiles of N(0, 1) with 8 levels
+    for the positive half and 7 for the negative, an exact zero, scaled into [-1, 1]. The outer
+    quantiles are taken at 1 - delta with delta = (1/30 + 1/32) / 2, so that none is infinite."""
+    from scipy.stats import norm
+
+    top = 1 - 0.5 * (1 / 30 + 1 / 32)
+    positive = norm.ppf(np.linspace(top, 0.5, 9)[:-1])
+    negative = -norm.ppf(np.linspace(top, 0.5, 8)[:-1])
+    values = np.sort(np.concatenate([positive, negative, [0.0]]))
+    return (values / np.abs(values).max()).astype(np.float32)
+
+
+NF4_CODE = _nf4_code()
+
+
+@flax.struct.dataclass
+class NF4Weight:
+    """A [d_in..., out...] matrix in 4-bit NormalFloat: `codes` (uint4, the weight's shape) index
+    NF4_CODE, times an absmax per block of NF4_BLOCK inputs of each output channel. The absmaxes
+    are themselves quantized (the paper's double quantization): int8 `block_scale` [blocks, out...]
+    with an fp32 `scale_step` and `scale_mean` per output channel, so a block's absmax is
+    block_scale * scale_step + scale_mean (about 0.13 bits per weight instead of 0.5)."""
+
+    codes: jax.Array
+    block_scale: jax.Array
+    scale_step: jax.Array
+    scale_mean: jax.Array
+
+    @property
+    def shape(self):
+        return self.codes.shape
+
+    def reshape(self, *shape) -> "NF4Weight":
+        """Only to [d_in, d_out...] where d_in is the product of the input axes (wo's flattening)."""
+        codes = self.codes.reshape(*shape)
+        out = codes.shape[1:]
+        blocks = codes.shape[0] // NF4_BLOCK
+        return NF4Weight(
+            codes,
+            self.block_scale.reshape(blocks, *out),
+            self.scale_step.reshape(1, *out),
+            self.scale_mean.reshape(1, *out),
+        )
+
+    def dequantize(self, dtype=jnp.float32):
+        d_in = self.block_scale.shape[0] * NF4_BLOCK
+        out_shape = self.codes.shape[len(self.codes.shape) - (self.block_scale.ndim - 1) :]
+        codes = self.codes.reshape(d_in // NF4_BLOCK, NF4_BLOCK, -1)
+        absmax = self.block_scale.astype(jnp.float32) * self.scale_step + self.scale_mean
+        values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)] * absmax.reshape(-1, 1, codes.shape[-1])
+        return values.reshape(*self.codes.shape[: len(self.codes.shape) - len(out_shape)], *out_shape).astype(
+            dtype
+        )
+
+    def project(self, x, dtype):
+        """x [B, T, d_in] times this weight, dequantized in the compute dtype inside the matmul."""
+        batch, length, d_in = x.shape
+        weight = self.dequantize(dtype).reshape(d_in, -1)
+        out = jnp.dot(x.reshape(batch * length, d_in), weight, preferred_element_type=jnp.float32)
+        return out.astype(dtype).reshape(
+            batch, length, *self.codes.shape[len(self.codes.shape) - (self.block_scale.ndim - 1) :]
+        )
+
+
+def quantize_nf4(w, input_axes: int = 1) -> NF4Weight:
+    """NF4 with double-quantized block absmaxes; the input side must be a multiple of NF4_BLOCK."""
+    out_shape = w.shape[input_axes:]
+    d_in = math.prod(w.shape[:input_axes])
+    if d_in % NF4_BLOCK:
+        raise ValueError(
+            f"NF4 needs the input side of every matrix to be a multiple of {NF4_BLOCK}, not {d_in}."
+        )
+    blocks = w.astype(jnp.float32).reshape(d_in // NF4_BLOCK, NF4_BLOCK, -1)
+    absmax = jnp.maximum(jnp.max(jnp.abs(blocks), axis=1), _MIN_SCALE_BASE)  # [blocks, out]
+    code = jnp.asarray(NF4_CODE)
+    codes = jnp.argmin(jnp.abs((blocks / absmax[:, None])[..., None] - code), axis=-1)
+    mean = jnp.mean(absmax, axis=0, keepdims=True)
+    step = jnp.maximum(jnp.max(jnp.abs(absmax - mean), axis=0, keepdims=True), _MIN_SCALE_BASE) / INT8_MAX
+    block_scale = jnp.clip(jnp.round((absmax - mean) / step), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return NF4Weight(
+        codes.reshape(w.shape).astype(jnp.uint4),
+        block_scale.reshape(d_in // NF4_BLOCK, *out_shape),
+        step.reshape(1, *out_shape),
+        mean.reshape(1, *out_shape),
+    )
+
+
+# The stored forms `model._project` hands its matmul to.
+QUANTIZED = (QuantizedWeight, NF4Weight)
 
 
 def _channel_max(w, input_axes: int):
@@ -155,3 +252,85 @@ def quantize_params(params, cfg: ModelConfig, mode: str) -> tuple[ModelConfig, d
 def weight_bytes(params) -> int:
     """Bytes of every array in the tree (quantized weights count their values and scales)."""
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+
+
+# --- QLoRA: the frozen base of a LoRA run, stored quantized --------------------------------------
+
+
+def _quantize_stacked(w, input_axes: int, stacked: bool, mode: str):
+    """`w` quantized per output channel; with `stacked`, axis 0 counts layers (its own scales),
+    so that nn.scan slices value and scale alike."""
+    if not stacked:
+        return (quantize_int8 if mode == "int8" else quantize_nf4)(w, input_axes)
+    if mode == "int8":
+        return jax.vmap(lambda layer: quantize_int8(layer, input_axes))(w)
+    return jax.vmap(lambda layer: quantize_nf4(layer, input_axes))(w)
+
+
+def _map_base_weights(tree, fn, stacked=False, module=None):
+    """`tree` with fn(weight, input_axes, stacked) at every attention and feed-forward matrix."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = _map_base_weights(
+                value, fn, stacked or key == "layers", key if key in ("attention", "feed_forward") else None
+            )
+        elif module is not None and key in _INPUT_AXES:
+            out[key] = fn(value, _INPUT_AXES[key], stacked)
+        else:
+            out[key] = value
+    return out
+
+
+def quantize_base(base, mode: str):
+    """The base's attention and feed-forward matrices quantized for QLoRA (`mode` int8 or nf4), in
+    either layer layout; embeddings, the head and the norms keep their dtype."""
+    return _map_base_weights(dict(base), lambda w, axes, stacked: _quantize_stacked(w, axes, stacked, mode))
+
+
+def _quantized_layout(shape, spec, input_axes: int, stacked: bool, mode: str):
+    """(shapes, logical specs) of each array of a quantized matrix of `shape` with logical `spec`,
+    as the QuantizedWeight or NF4Weight it becomes (the layer axis first, if `stacked`)."""
+    lead = 1 if stacked else 0
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+    head, inputs, outputs = shape[:lead], shape[lead : lead + input_axes], shape[lead + input_axes :]
+    head_spec, out_spec = spec[:lead], spec[lead + input_axes :]
+    P = jax.sharding.PartitionSpec
+    if mode == "int8":
+        scale = (*head, *(1,) * input_axes, *outputs)
+        return QuantizedWeight(tuple(shape), scale, "int8"), QuantizedWeight(P(*spec), P(*spec), "int8")
+    blocks = (*head, math.prod(inputs) // NF4_BLOCK, *outputs)
+    channel = (*head, 1, *outputs)
+    per_block = P(*head_spec, None, *out_spec)
+    return (
+        NF4Weight(tuple(shape), blocks, channel, channel),
+        NF4Weight(P(*spec), per_block, per_block, per_block),
+    )
+
+
+def quantized_shardings(shapes, logical_specs, shardings, mode: str, mesh, rules):
+    """`shardings` of a base tree with each quantized matrix's sharding split over its arrays: the
+    stored values as the weight, scales with the weight's output axes (the input side whole)."""
+
+    def build(shape_tree, spec_tree, sharding_tree, stacked=False, module=None):
+        out = {}
+        for key, shape in shape_tree.items():
+            spec, sharding = spec_tree[key], sharding_tree[key]
+            if isinstance(shape, dict):
+                inner = key if key in ("attention", "feed_forward") else None
+                out[key] = build(shape, spec, sharding, stacked or key == "layers", inner)
+            elif module is not None and key in _INPUT_AXES:
+                layout, specs = _quantized_layout(shape.shape, spec, _INPUT_AXES[key], stacked, mode)
+                out[key] = jax.tree.map(
+                    lambda leaf_shape, leaf_spec: jax.sharding.NamedSharding(
+                        mesh, logical_to_spec(leaf_spec, leaf_shape, mesh, rules)
+                    ),
+                    layout,
+                    specs,
+                    is_leaf=lambda x: isinstance(x, (tuple, jax.sharding.PartitionSpec)),
+                )
+            else:
+                out[key] = sharding
+        return out
+
+    return build(dict(shapes), dict(logical_specs), dict(shardings))

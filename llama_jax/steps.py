@@ -42,19 +42,27 @@ def make_train_step(
     schedule: optax.Schedule,
     microbatches: int = 1,
     count_name: str = "target_tokens",
+    dropout_seed: int | None = None,
 ) -> Callable:
     """A pure `train_step(state, batch, frozen=None) -> (state, metrics)`: gradients of `loss_fn`
-    summed over `microbatches` slices of the batch, one optimizer update."""
+    summed over `microbatches` slices of the batch, one optimizer update. With `dropout_seed`, the
+    loss also takes `rng=`, a key of its own for every step and microbatch (LoRA's dropout)."""
 
-    def loss_and_aux(params, batch, frozen):
-        loss_sum, count, metric_sums = loss_fn(params, batch, frozen)
+    def loss_and_aux(params, batch, frozen, rng):
+        extra = {} if rng is None else {"rng": rng}
+        loss_sum, count, metric_sums = loss_fn(params, batch, frozen, **extra)
         return loss_sum, (count, metric_sums)
 
     grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch, frozen=None):
+        def rng(micro):
+            if dropout_seed is None:
+                return None
+            return jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state.step), micro)
+
         if microbatches == 1:
-            (loss_sum, (count, sums)), grads = grad_fn(state.params, batch, frozen)
+            (loss_sum, (count, sums)), grads = grad_fn(state.params, batch, frozen, rng(0))
         else:
             # Row i goes to microbatch i % microbatches, so each device's rows spread evenly.
             split = jax.tree.map(
@@ -63,11 +71,14 @@ def make_train_step(
             )
 
             def accumulate(total, micro):
-                return jax.tree.map(jnp.add, total, grad_fn(state.params, micro, frozen)), None
+                index, rows = micro
+                return jax.tree.map(jnp.add, total, grad_fn(state.params, rows, frozen, rng(index))), None
 
-            shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], split), frozen)
+            first = jax.tree.map(lambda x: x[0], split)
+            shapes = jax.eval_shape(grad_fn, state.params, first, frozen, rng(0))
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-            ((loss_sum, (count, sums)), grads), _ = jax.lax.scan(accumulate, zeros, split)
+            micro = (jnp.arange(microbatches), split)
+            ((loss_sum, (count, sums)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
         # Sum over tokens, then one division: the same gradient however the batch is split.
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -102,17 +113,22 @@ def _init_params(module: nn.Module, rng):
     return module.init(rng, jnp.zeros((1, 2 * context_size()), jnp.int32))["params"]
 
 
-def _fresh_state(module: nn.Module, optimizer, rng, params=None) -> TrainState:
+def _identity(params):
+    return params
+
+
+def _fresh_state(module: nn.Module, optimizer, rng, params=None, trainable=_identity) -> TrainState:
+    """`trainable` picks what the state trains from the module's parameters (LoRA: the adapters)."""
     if params is None:
-        params = nn.meta.unbox(_init_params(module, rng))
+        params = trainable(nn.meta.unbox(_init_params(module, rng)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def state_shardings(module: nn.Module, optimizer, mesh, rules) -> TrainState:
+def state_shardings(module: nn.Module, optimizer, mesh, rules, trainable=_identity) -> TrainState:
     """Shardings of the whole TrainState of `module`, from its parameters' logical axes."""
 
     def init_boxed(rng):
-        params = _init_params(module, rng)
+        params = trainable(_init_params(module, rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
     boxed = jax.eval_shape(lambda: init_boxed(jax.random.key(0)))  # traced: no device needed
@@ -126,16 +142,22 @@ def abstract_state(init: Callable[[], Any], shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-def abstract_train_state(module: nn.Module, optimizer, shardings) -> TrainState:
-    return abstract_state(lambda: _fresh_state(module, optimizer, jax.random.key(0)), shardings)
+def abstract_train_state(module: nn.Module, optimizer, shardings, trainable=_identity) -> TrainState:
+    return abstract_state(
+        lambda: _fresh_state(module, optimizer, jax.random.key(0), trainable=trainable), shardings
+    )
 
 
-def create_train_state(module: nn.Module, optimizer, mesh, rules, rng, shardings, params=None) -> TrainState:
+def create_train_state(
+    module: nn.Module, optimizer, mesh, rules, rng, shardings, params=None, trainable=_identity
+) -> TrainState:
     """A fresh TrainState, initialised directly into its shardings (never whole on one host); from
     host `params` (e.g. a checkpoint's) instead of a random init if given."""
     with activation_sharding(mesh, rules):
         if params is None:
-            return jax.jit(lambda rng: _fresh_state(module, optimizer, rng), out_shardings=shardings)(rng)
+            return jax.jit(
+                lambda rng: _fresh_state(module, optimizer, rng, trainable=trainable), out_shardings=shardings
+            )(rng)
         return jax.jit(
             lambda p: _fresh_state(module, optimizer, None, p),
             in_shardings=(shardings.params,),
@@ -162,13 +184,17 @@ def compile_steps(
     *,
     microbatches: int = 1,
     count_name: str = "target_tokens",
-    frozen: bool = False,
+    frozen: Any = False,
+    dropout_seed: int | None = None,
 ) -> CompiledSteps:
     """Train and eval steps of `loss_fn` with explicit in/out shardings. With `frozen`, both take
-    frozen parameters as a last argument, sharded as the trained ones."""
-    frozen_shardings = (state_shardings.params,) if frozen else ()
+    frozen parameters as a last argument: True shards them as the trained ones, a tree of
+    shardings as it says."""
+    if frozen is True:
+        frozen = state_shardings.params
+    frozen_shardings = () if frozen is False or frozen is None else (frozen,)
     train_step = jax.jit(
-        make_train_step(loss_fn, optimizer, schedule, microbatches, count_name),
+        make_train_step(loss_fn, optimizer, schedule, microbatches, count_name, dropout_seed),
         in_shardings=(state_shardings, batch_sharding, *frozen_shardings),
         out_shardings=(state_shardings, None),
         donate_argnums=0,

@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from llama_jax import phases
+from llama_jax import lora_training, phases
 from llama_jax import steps as steps_lib
 from llama_jax.averaging import AveragingError, write_average
 from llama_jax.checkpoint import TrainCheckpointer, data_record
 from llama_jax.config import ConfigError, Experiment
 from llama_jax.context_parallel import check_context_length, context_size
+from llama_jax.convert.peft import save_peft
 from llama_jax.data.training import TrainingData, training_data
 from llama_jax.generate import generate
 from llama_jax.init_from import source_params, with_source
@@ -144,25 +145,51 @@ class Stage:
 
     # --- the state and the compiled steps (also what aot.py and the tests build on) ---------
 
+    # With LoRA (exp.lora.rank > 0) the state trains the adapters only: the frozen base is every
+    # step's first frozen input (lora_training.py).
+
     def state_shardings(self, exp: Experiment, optimizer, mesh) -> steps_lib.TrainState:
-        return steps_lib.state_shardings(self.module(exp), optimizer, mesh, exp.mesh.rules)
+        return steps_lib.state_shardings(
+            self.module(exp), optimizer, mesh, exp.mesh.rules, lora_training.trainable_part(exp)
+        )
 
     def abstract_state(self, exp: Experiment, optimizer, mesh, shardings=None) -> steps_lib.TrainState:
         shardings = shardings or self.state_shardings(exp, optimizer, mesh)
-        return steps_lib.abstract_train_state(self.module(exp), optimizer, shardings)
+        return steps_lib.abstract_train_state(
+            self.module(exp), optimizer, shardings, lora_training.trainable_part(exp)
+        )
 
     def create_state(self, exp, optimizer, mesh, rng, shardings=None, params=None) -> steps_lib.TrainState:
+        """A fresh state; from host `params` (init_from's) if given, but never with LoRA, whose
+        state starts from fresh adapters (the parameters go to the base)."""
         shardings = shardings or self.state_shardings(exp, optimizer, mesh)
+        if lora_training.enabled(exp):
+            params = None
         return steps_lib.create_train_state(
-            self.module(exp), optimizer, mesh, exp.mesh.rules, rng, shardings, params
+            self.module(exp),
+            optimizer,
+            mesh,
+            exp.mesh.rules,
+            rng,
+            shardings,
+            params,
+            lora_training.trainable_part(exp),
         )
 
     def compile(
         self, exp, optimizer, schedule, mesh, shardings=None, frozen=False
     ) -> steps_lib.CompiledSteps:
-        """The jitted train and eval steps of the stage's loss, with explicit shardings."""
+        """The jitted train and eval steps of the stage's loss, with explicit shardings (with LoRA,
+        `frozen` is the shardings of (base, the stage's frozen parameters or None))."""
+        loss, dropout_seed = self.loss(exp), None
+        if lora_training.enabled(exp):
+            loss = lora_training.adapted_loss(loss)
+            if exp.lora.dropout > 0:
+                dropout_seed = exp.train.seed
+            if frozen is False or frozen is None:
+                frozen = (lora_training.base_shardings(self.module(exp), exp, mesh), None)
         return steps_lib.compile_steps(
-            self.loss(exp),
+            loss,
             optimizer,
             schedule,
             shardings or self.state_shardings(exp, optimizer, mesh),
@@ -170,6 +197,7 @@ class Stage:
             microbatches=exp.train.microbatches,
             count_name=self.count_name,
             frozen=frozen,
+            dropout_seed=dropout_seed,
         )
 
     def start(self, exp: Experiment, mesh, quiet: bool = False) -> Run:
@@ -178,7 +206,22 @@ class Stage:
         shardings = self.state_shardings(exp, optimizer, mesh)
         exp, inputs = self.prepare(exp, mesh, shardings.params, quiet)
         frozen = () if inputs.frozen is None else (inputs.frozen,)
-        compiled = self.compile(exp, optimizer, schedule, mesh, shardings, frozen=bool(frozen))
+        has_reference = bool(frozen)
+        params_of = lambda state: state.params  # noqa: E731 - the model's whole tree, for sampling
+        if lora_training.enabled(exp):
+            module = self.module(exp)
+            base = lora_training.place_base(module, exp, mesh, inputs.initial_params)
+            inputs.initial_params = None  # the host copy is on the mesh now: let it go
+            inner = frozen[0] if frozen else None
+            if inner is lora_training.BASE:  # DPO's reference: the base with its adapters off
+                inner = base
+            inner_shardings = None if inner is None else jax.tree.map(lambda x: x.sharding, inner)
+            frozen_shardings = (lora_training.base_shardings(module, exp, mesh), inner_shardings)
+            frozen = ((base, inner),)
+            compiled = self.compile(exp, optimizer, schedule, mesh, shardings, frozen=frozen_shardings)
+            params_of = lambda state: lora_training.full_params(base, state.params)  # noqa: E731
+        else:
+            compiled = self.compile(exp, optimizer, schedule, mesh, shardings, frozen=bool(frozen))
         data = inputs.data
 
         def step(state, index):
@@ -199,14 +242,14 @@ class Stage:
             step=step,
             data_iterator=data.train,
             evaluate=evaluate if data.eval is not None else None,
-            sample=self._sampler(exp, data),
+            sample=self._sampler(exp, data, params_of),
             tokens_per_step=self.tokens_per_step(exp),
             # A frozen reference's forward pass adds a third of a training step's FLOPs.
-            flops_per_step=flops * (4 / 3 if frozen else 1),
+            flops_per_step=flops * (4 / 3 if has_reference else 1),
             tokenizer_path=data.tokenizer.path if data.tokenizer is not None else None,
         )
 
-    def _sampler(self, exp: Experiment, data: TrainingData) -> Callable[[Any], str] | None:
+    def _sampler(self, exp: Experiment, data: TrainingData, params_of) -> Callable[[Any], str] | None:
         if not exp.train.sample_tokens or data.tokenizer is None:
             return None
         prompt = self.sample_prompt(exp, data)
@@ -217,7 +260,12 @@ class Stage:
         def sample(state) -> str:
             stops = data.tokenizer.stop_ids if chat else ()
             ids = generate(
-                state.params, exp.model, [prompt], exp.train.sampling, stop_tokens=stops, seed=exp.train.seed
+                params_of(state),
+                exp.model,
+                [prompt],
+                exp.train.sampling,
+                stop_tokens=stops,
+                seed=exp.train.seed,
             )
             reply = [t for t in ids[0] if t not in set(stops)]
             return f"{data.sample_prompt}{data.tokenizer.decode(reply)!s}"
@@ -488,7 +536,7 @@ class Trainer:
             checkpoints.close()
             return {"state": state}
         label = exp.name if phase is None else f"{exp.name} {phases.name(exp, phase)}"
-        self.say(f"{label}: {run.summary or self._summary(run, mesh)}; workdir {self.workdir}")
+        self.say(f"{label}: {run.summary or self._summary(run, mesh, state)}; workdir {self.workdir}")
         if jax.process_index() == 0:
             for path, cut in repair_event_files(self.workdir):
                 self.say(f"cut {cut} torn byte(s) from the end of {path} (left by an earlier fault)")
@@ -504,11 +552,26 @@ class Trainer:
         finally:
             checkpoints.close()  # waits for the last write, also when the loop ends on an error
             writer.close()
+        if lora_training.enabled(exp) and int(state.step) == exp.train.steps:
+            self._export_adapters(exp, state)
         # Every process takes part in sampling (the parameters span them all); one prints.
         if run.sample is not None and not self.quiet and int(state.step) == exp.train.steps:
             self.say(f"sample: {run.sample(state)}")
         last["state"] = state
         return last
+
+    def _export_adapters(self, exp: Experiment, state) -> None:
+        """A finished LoRA run's adapters in Hugging Face PEFT's layout, WORKDIR/adapter (loads
+        with peft onto the transformers model of the base; `python -m llama_jax.convert
+        --merge-lora` folds them into it)."""
+        from jax.experimental import multihost_utils
+
+        out = self.workdir / "adapter"
+        adapters = multihost_utils.process_allgather(state.params, tiled=True)  # every process takes part
+        if jax.process_index() != 0 or out.exists():
+            return
+        save_peft(adapters, exp.model, exp.lora, out, base=exp.init_from)
+        self.say(f"adapters in PEFT's layout: {out}")
 
     def _restore_or_start(self, run: Run, checkpoints: TrainCheckpointer, data: dict | None, first: int = 0):
         """The newest checkpoint's state, or a fresh one. A phase that starts at step `first` > 0
@@ -532,11 +595,17 @@ class Trainer:
                 )
         return run.init_state()
 
-    def _summary(self, run: Run, mesh) -> str:
+    def _summary(self, run: Run, mesh, state) -> str:
         exp, devices = run.exp, jax.devices()
         peak, peak_source = peak_flops_per_second()
+        trained = ""
+        if lora_training.enabled(exp):
+            n = lora_training.trainable_count(state.params)
+            trained = (
+                f" ({n / 1e6:,.2f}M trained: LoRA rank {exp.lora.rank} on {', '.join(exp.lora.targets)})"
+            )
         return (
-            f"{count_params(exp.model) / 1e6:,.1f}M parameters, mesh {dict(mesh.shape)} on "
+            f"{count_params(exp.model.replace(lora=None)) / 1e6:,.1f}M parameters{trained}, mesh {dict(mesh.shape)} on "
             f"{len(devices)} {devices[0].platform} device(s), {run.tokens_per_step:,} tokens/step, "
             f"{exp.train.steps} steps; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})"
         )

@@ -5,10 +5,13 @@ Examples:
     python -m llama_jax.convert --from meta Llama3.1-8B --to llama_jax ckpt/llama3_1_8b
     python -m llama_jax.convert --from llama_jax ckpt/run --to hf out/hf --dtype bfloat16
     python -m llama_jax.convert --from hf Llama-3.1-8B --to meta out/meta --shards 2
+    python -m llama_jax.convert --from hf Llama-3.2-1B --to hf out/merged --merge-lora my-adapter
 
 Sources: `hf` (config.json + safetensors), `meta` (params.json + consolidated.NN.pth), `llama_jax`
 (a parameters checkpoint from `checkpoint.save_params`). Destinations: `llama_jax`, `hf`, `meta`
-(in `--shards` model-parallel shards, bfloat16 unless `--dtype` says otherwise).
+(in `--shards` model-parallel shards, bfloat16 unless `--dtype` says otherwise). `--merge-lora`
+folds a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, see peft.py)
+into the source's weights before they are written: a plain model with the adapters built in.
 A bad input is one sentence on stderr and exit status 1.
 """
 
@@ -30,6 +33,7 @@ from llama_jax.convert import tree
 from llama_jax.convert.common import ConversionError, check_tokenizer_fits, require_empty_destination
 from llama_jax.convert.hf import hf_tensor_mappings, load_hf, save_hf
 from llama_jax.convert.meta import FAMILIES, load_meta, save_meta
+from llama_jax.convert.peft import merge_peft_into, read_peft_config
 from llama_jax.tokenizer import load_tokenizer
 
 SOURCES = ("hf", "meta", "llama_jax")
@@ -201,6 +205,12 @@ def _parser() -> argparse.ArgumentParser:
         "recorded); --no-tokenizer writes the weights alone",
     )
     parser.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
+    parser.add_argument(
+        "--merge-lora",
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) of the "
+        "source model, folded into its weights (W + lora_alpha / r A B) before they are written",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -221,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = False if args.no_progress else None
     try:
         require_empty_destination(Path(destination))  # before the (long) read
+        if args.merge_lora:
+            read_peft_config(args.merge_lora)  # likewise: a bad adapter directory fails at once
         tokenizer = None
         if not args.no_tokenizer:
             tokenizer_path = args.tokenizer or source_tokenizer(source_kind, source)
@@ -233,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             rope_scaling_factor=args.rope_scaling_factor,
             progress=progress,
         )
+        if args.merge_lora:
+            params = merge_peft_into(params, cfg, args.merge_lora)
         written = write_params(
             destination_kind,
             params,
@@ -255,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     n_params = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
+    merged = f" with the LoRA adapters of {args.merge_lora} merged" if args.merge_lora else ""
     print(
-        f"Converted {len(hf_tensor_mappings(cfg))} tensors, {n_params:,} parameters: "
+        f"Converted {len(hf_tensor_mappings(cfg))} tensors, {n_params:,} parameters{merged}: "
         f"{_bytes_under(Path(written)):,} bytes written to {written}."
     )
     return 0

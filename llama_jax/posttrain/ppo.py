@@ -266,6 +266,11 @@ class PPO(ChatStage):
     latest_metrics = ()  # every metric is averaged over the iterations logged
 
     def check(self, exp: Experiment, mesh) -> None:
+        if exp.model.lora is not None:
+            raise ConfigError(
+                "PPO does not train LoRA adapters yet (lora.rank must be 0 for the ppo stage); "
+                "SFT, the reward model, DPO and pretraining do."
+            )
         check_ppo(exp, mesh)
 
     def start(self, exp: Experiment, mesh, quiet: bool = False) -> Run:

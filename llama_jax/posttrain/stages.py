@@ -8,8 +8,10 @@ tokens, and evaluate on the whole held-out split.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+from llama_jax import lora_training
 from llama_jax.chat_template import encode_chat
 from llama_jax.config import Experiment
 from llama_jax.data.training import TrainingData
@@ -94,6 +96,14 @@ class DPO(PairStage):
         exp, tokenizer, template, train, held_out, initial = self.pair_inputs(
             exp, mesh, param_shardings, quiet, reward_model=False
         )
+        if exp.model.lora is not None and not exp.posttrain.reference:
+            # LoRA: the reference is the policy with its adapters switched off, i.e. the frozen base
+            # every step already reads; no second copy of the weights, and nothing to precompute.
+            exp = exp.replace(posttrain=dataclasses.replace(exp.posttrain, reference_logprobs="online"))
+            data = inputs_lib.pair_data(exp, train, held_out, tokenizer, template)
+            return exp, StageInputs(data, initial_params=initial, frozen=lora_training.BASE)
+        if exp.model.lora is not None:  # the state holds adapters; a reference is a whole model
+            param_shardings = lora_training.base_shardings(self.module(exp), exp, mesh, quantized=False)
         reference = inputs_lib.reference_params(exp, initial, self.module(exp), param_shardings)
         frozen = None
         if exp.posttrain.reference_logprobs == "online":
