@@ -552,7 +552,9 @@ class Trainer:
         finally:
             checkpoints.close()  # waits for the last write, also when the loop ends on an error
             writer.close()
-        if lora_training.enabled(exp) and int(state.step) == exp.train.steps:
+        # A language model's adapters go out in PEFT's layout (a reward model's, with their scalar
+        # head, stay in its checkpoints).
+        if lora_training.enabled(exp) and int(state.step) == exp.train.steps and "score" not in state.params:
             self._export_adapters(exp, state)
         # Every process takes part in sampling (the parameters span them all); one prints.
         if run.sample is not None and not self.quiet and int(state.step) == exp.train.steps:

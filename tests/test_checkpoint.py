@@ -30,7 +30,11 @@ def _env(tmp_path):
     return env
 
 
-def _command(workdir):
+# LoRA with dropout: the adapters and Adam's moments of them, and the dropout masks, resume exactly.
+LORA = ("lora.rank=4", "lora.targets=[wq,wv,w1,w2]", "lora.dropout=0.1")
+
+
+def _command(workdir, extra=()):
     return [
         sys.executable,
         "-m",
@@ -45,6 +49,7 @@ def _command(workdir):
         "train.sample_tokens=0",
         "checkpoint.every_steps=3",
         "optim.warmup_steps=3",
+        *extra,
     ]
 
 
@@ -55,10 +60,10 @@ def _logged_steps(workdir):
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def _start_and_signal(workdir, env, after_step, sig):
+def _start_and_signal(workdir, env, after_step, sig, extra=()):
     """Starts a run, sends `sig` once a step past `after_step` is logged, returns (process, output)."""
     process = subprocess.Popen(
-        _command(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _command(workdir, extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -82,25 +87,29 @@ def _losses(workdir):
 
 
 @pytest.mark.faults  # a real SIGKILL / full disk: run by .ci/run after the suite
-def test_sigterm_then_sigkill_then_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("extra", [(), LORA], ids=["full", "lora"])
+def test_sigterm_then_sigkill_then_resume_is_exact(tmp_path, extra):
     env = _env(tmp_path)
     reference = tmp_path / "reference"
-    done = subprocess.run(_command(reference), env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_command(reference, extra), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
 
     run = tmp_path / "interrupted"
     # SIGTERM: the run finishes its step, saves, and exits cleanly.
-    process, output = _start_and_signal(run, env, after_step=2, sig=signal.SIGTERM)
+    process, output = _start_and_signal(run, env, after_step=2, sig=signal.SIGTERM, extra=extra)
     assert process.returncode == 0, output
     stopped = int(output.split("stopping at step ")[1].split()[0])
     assert 2 < stopped < STEPS and (run / "checkpoints" / str(stopped)).is_dir()
     # SIGKILL: no chance to save; the restart resumes from the last complete checkpoint.
-    process, output = _start_and_signal(run, env, after_step=stopped + 4, sig=signal.SIGKILL)
+    process, output = _start_and_signal(run, env, after_step=stopped + 4, sig=signal.SIGKILL, extra=extra)
     assert process.returncode == -signal.SIGKILL, output
     assert max(_logged_steps(run)) < STEPS
-    done = subprocess.run(_command(run), env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_command(run, extra), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed from" in done.stdout + done.stderr
+    if extra:  # the checkpoints hold the adapters alone
+        names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(_final_params(run))]
+        assert names and all(n.endswith(("_lora_a']", "_lora_b']")) for n in names), names
 
     # Same losses at every step and the same final parameters, bit for bit.
     assert _losses(run) == _losses(reference) and len(_losses(run)) == STEPS

@@ -163,6 +163,7 @@ def test_training_moves_the_adapters_alone():
         assert np.array_equal(np.asarray(now), before)
 
 
+@pytest.mark.slow  # two meshes trained: after the suite
 @pytest.mark.parametrize("microbatches", [1, 2])
 def test_lora_on_a_2x2x2_mesh_equals_one_device(microbatches):
     assert len(jax.devices()) == 8
@@ -241,6 +242,7 @@ def test_qlora_base_is_quantized_and_computes_as_its_dequantized_weights(mode, t
     assert float(jnp.max(jnp.abs(quantized - full))) < tolerance * float(jnp.max(jnp.abs(full)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_qlora_trains_on_a_sharded_quantized_base(mode):
     lora = _lora(targets=("wq", "wv", "w1", "w2"), quantize_base=mode)

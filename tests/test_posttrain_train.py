@@ -13,6 +13,7 @@ from llama_jax.checkpoint import save_params
 from llama_jax.config import (
     CheckpointConfig,
     Experiment,
+    LoraConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
@@ -216,3 +217,49 @@ def test_experiment_files_point_at_their_inputs(name, message, tmp_path, capsys,
     monkeypatch.chdir(tmp_path)  # where data/ and runs/ do not exist
     assert train_lib.main(["--exp", name, "--workdir", str(tmp_path / "w")]) == 2
     assert capsys.readouterr().err.strip() == message
+
+
+LORA = LoraConfig(rank=8, alpha=16.0, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+
+
+def test_lora_sft_trains_adapters_alone_and_writes_peft_files(sft_run, files):
+    exp = _experiment(files, "sft", 12, init_from=str(sft_run)).replace(lora=LORA)
+    workdir = files["root"] / "sft_lora"
+    out = train_lib.train(exp, workdir, quiet=True)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(out["state"].params)]
+    assert names and all(n.endswith(("_lora_a']", "_lora_b']")) for n in names)
+    losses = [row["loss"] for row in _metrics(workdir) if "loss" in row]
+    assert len(losses) == 12 and np.isfinite(losses).all()
+    # The adapters, in PEFT's layout, fold into the base to give the trained model.
+    from llama_jax.checkpoint import CheckpointError, load_for_inference
+    from llama_jax.convert.peft import load_peft
+
+    lora, adapters = load_peft(workdir / "adapter", MODEL)
+    assert lora.rank == 8 and set(lora.targets) == set(LORA.targets)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(out["state"].params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    # A LoRA run's checkpoint is not a whole model: one sentence says how to merge it.
+    with pytest.raises(CheckpointError, match="holds LoRA adapters, not a whole model"):
+        load_for_inference(workdir)
+
+
+def test_lora_dpo_reference_is_the_base_with_adapters_off(sft_run, files):
+    exp = _experiment(files, "dpo", 4, init_from=str(sft_run), beta=0.5).replace(lora=LORA)
+    workdir = files["root"] / "dpo_lora"
+    train_lib.train(exp, workdir, quiet=True)
+    steps = [r for r in _metrics(workdir) if "loss" in r]
+    first = steps[0]
+    # Step 1: B = 0, so the policy is its reference (the base) exactly.
+    assert first["margin"] == pytest.approx(0.0, abs=1e-6) and first["chosen_reward"] == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert first["loss"] == pytest.approx(np.log(2) + 0.2 * first["chosen_nll"], rel=1e-5)
+    assert len(steps) == 4 and steps[-1]["margin"] > 0
+
+
+def test_lora_reward_model_trains_its_head_and_adapters(sft_run, files):
+    exp = _experiment(files, "rm", 20, init_from=str(sft_run), eval_fraction=0.1).replace(lora=LORA)
+    out = train_lib.train(exp, files["root"] / "rm_lora", quiet=True)
+    assert set(out["state"].params) == {"backbone", "score"}
+    assert np.abs(np.asarray(out["state"].params["score"]["kernel"])).max() > 0
+    assert out["eval_accuracy"] >= 0.9
