@@ -148,6 +148,7 @@ def _train(mesh_cfg, devices, lora, steps=4, microbatches=1):
     return np.array(losses), state, base, base_before
 
 
+@pytest.mark.slow
 def test_training_moves_the_adapters_alone():
     lora = _lora(targets=("wq", "wv", "w2"))
     losses, state, base, base_before = _train(MeshConfig(1, 1, 1), jax.devices()[:1], lora)
@@ -181,6 +182,7 @@ def test_lora_on_a_2x2x2_mesh_equals_one_device(microbatches):
     assert "tensor" in tuple(b.sharding.spec)  # B's heads as wq's heads
 
 
+@pytest.mark.slow
 def test_dropout_draws_new_masks_each_step_and_none_in_evaluation():
     lora = _lora(targets=("wq", "w1"), dropout=0.5)
     exp = Experiment(model=MODEL, lora=lora, train=TrainConfig(batch_size=4, seq_len=16, loss_chunk=16))
@@ -216,6 +218,7 @@ def test_nf4_code_and_double_quantized_scales():
     assert error < 0.12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,tolerance", [("int8", 0.02), ("nf4", 0.3)])
 def test_qlora_base_is_quantized_and_computes_as_its_dequantized_weights(mode, tolerance):
     lora = _lora(targets=("wq", "w2"), quantize_base=mode)
