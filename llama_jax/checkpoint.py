@@ -269,6 +269,14 @@ class TrainCheckpointer:
         if "model" not in saved:
             return
         differing = architecture_differences(saved["model"], model, RESUME_FIELDS)
+        # LoRA's rank and targets shape the state (the adapters) as the architecture shapes a
+        # whole model's: a change is a different run, not a damaged checkpoint.
+        saved_lora, lora = saved["model"].get("lora"), model.lora
+        shape = lambda cfg: None if not cfg else (cfg["rank"], sorted(cfg["targets"]))  # noqa: E731
+        ours = None if lora is None else {"rank": lora.rank, "targets": list(lora.targets)}
+        if shape(saved_lora) != shape(ours):
+            describe = lambda s: "no LoRA" if s is None else f"LoRA rank {s[0]} on {', '.join(s[1])}"  # noqa: E731
+            differing = [*differing, ("adapters", describe(shape(saved_lora)), describe(shape(ours)))]
         if differing:
             changes = ", ".join(f"{k} {old} -> {ours}" for k, old, ours in differing)
             raise CheckpointError(

@@ -278,3 +278,17 @@ def test_bad_lora_settings_are_one_sentence(overrides, message):
     with pytest.raises(ConfigError) as err:
         apply_overrides(Experiment(), overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_resume_with_other_adapters_is_refused_not_taken_for_damage(tmp_path):
+    import dataclasses
+
+    from llama_jax.checkpoint import CheckpointError, TrainCheckpointer
+    from llama_jax.config import CheckpointConfig
+
+    checkpoints = TrainCheckpointer(tmp_path, CheckpointConfig())
+    saved = {"model": dataclasses.asdict(MODEL.replace(lora=_lora(rank=4, targets=("wq", "wv"))))}
+    checkpoints._check_model(saved, MODEL.replace(lora=_lora(rank=4, targets=("wv", "wq"), alpha=2.0)))
+    for other in (MODEL.replace(lora=_lora(rank=8, targets=("wq", "wv"))), MODEL):
+        with pytest.raises(CheckpointError, match="adapters LoRA rank 4 on wq, wv -> "):
+            checkpoints._check_model(saved, other)
