@@ -73,6 +73,7 @@ def test_a_fresh_adapter_leaves_the_model_exactly_its_base(scan_layers):
     assert np.array_equal(np.asarray(plain), np.asarray(adapted))
 
 
+@pytest.mark.slow
 def test_merged_equals_unmerged_and_switched_off_is_the_base():
     lora = _lora()
     params = init_params(MODEL.replace(lora=lora), jax.random.key(0))
@@ -94,6 +95,7 @@ def test_merged_equals_unmerged_and_switched_off_is_the_base():
     )
 
 
+@pytest.mark.slow
 def test_the_adapter_is_x_a_b_times_alpha_over_rank():
     """One layer's wq against the formula, from the logits' change of a one-layer model."""
     cfg = MODEL.replace(n_layers=1)

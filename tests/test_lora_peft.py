@@ -162,6 +162,7 @@ def test_bfloat16_adapters_stay_bfloat16(hf_model_dir, tmp_path):
     _assert_trees_equal(loaded, jax.tree.map(lambda a: np.asarray(a).astype(np.float32), adapters))
 
 
+@pytest.mark.slow  # against peft's own training-side objects: after the suite
 @pytest.mark.parametrize(
     "target_modules",
     [PEFT_NAMES, r".*\.(q_proj|v_proj|down_proj)", ["q_proj", "o_proj", "lm_head"]],
@@ -293,6 +294,7 @@ def test_save_refuses_a_used_destination_and_a_mismatched_config(hf_model_dir, t
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
+@pytest.mark.slow
 def test_cli_merges_adapters_into_the_written_model(hf_model_dir, tmp_path, capsys):
     _, path = hf_model_dir(**MODEL)
     cfg, _ = load_hf(path)
