@@ -456,14 +456,12 @@ def load_for_inference(path: str | Path) -> tuple[ModelConfig, dict]:
                 )
                 verify(restored["state"], (restored["experiment"].get(CHECKSUMS) or {}).get("state"))
                 cfg = model_config_from_dict(restored["experiment"]["model"])
-                if cfg.lora is not None:
-                    raise CheckpointError(_lora_run_message(directory.parent, restored["experiment"]))
-            except CheckpointError:
-                raise
             except Exception as err:  # noqa: BLE001 - Orbax and TensorStore raise many kinds for a bad file
                 reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
                 print(f"warning: checkpoint {directory / str(step)} is damaged ({reason}).", file=sys.stderr)
                 continue
+            if cfg.lora is not None:
+                raise CheckpointError(_lora_run_message(directory.parent, restored["experiment"]))
             return cfg, restored["state"]["params"]
     raise CheckpointError(f"No checkpoint in {directory} restores cleanly (the last one tried: {reason}).")
 
