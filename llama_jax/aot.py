@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from llama_jax import phases
+from llama_jax import lora_training, phases
 from llama_jax.attention import compiling_for
 from llama_jax.config import ConfigError, apply_overrides, list_experiments, load_experiment
 from llama_jax.context_parallel import check_context_length
@@ -108,8 +108,10 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | 
     whole, exp = exp, phase_of(exp, phase)
 
     try:
+        # One chip is less than libtpu's default host (2x2): say the host holds just that chip.
+        single = {"chips_per_host_bounds": (1, 1, 1)} if topology.chips == 1 else {}
         description = topologies.get_topology_desc(
-            platform="tpu", topology_name=topology.libtpu_name, num_slices=slices
+            platform="tpu", topology_name=topology.libtpu_name, num_slices=slices, **single
         )
     except Exception as err:  # libtpu missing or the name unknown to it
         raise ConfigError(
@@ -125,10 +127,15 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | 
     check_context_length(exp.train.seq_len, mesh, exp.mesh.rules)
     optimizer, schedule = make_optimizer(exp.optim, phases.total_steps(whole), phases.lr_segments(whole))
     start = time.perf_counter()
-    stage, rules = Pretrain(), exp.mesh.rules  # the recipes compiled here are pretraining runs
+    # The recipes compiled here are pretraining runs, or SFT with LoRA: the same text batches and
+    # next-token loss, with the frozen base as the step's extra input.
+    stage, rules = Pretrain(), exp.mesh.rules
     shardings = stage.state_shardings(exp, optimizer, mesh)
     steps = stage.compile(exp, optimizer, schedule, mesh, shardings)
     state = stage.abstract_state(exp, optimizer, mesh, shardings)
+    frozen = ()
+    if lora_training.enabled(exp):
+        frozen = ((lora_training.abstract_base(stage.module(exp), exp, mesh), None),)
     batch_shardings = steps.batch_sharding
     batch = {
         key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[key])
@@ -146,7 +153,7 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | 
     }
     # The model's constraints resolve against this mesh; attention "auto" means the TPU's kernel.
     with activation_sharding(mesh, rules), compiling_for("tpu"):
-        lowered = steps.train_step.lower(state, batch)
+        lowered = steps.train_step.lower(state, batch, *frozen)
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as err:
@@ -271,12 +278,15 @@ TABLE_HEADER = (
 
 def recipe_names() -> list[str]:
     """The pretraining experiments whose target is a TPU slice (every published recipe; `tiny`
-    targets a CPU). Post-training stages take other batches (pairs, rollouts) and are not compiled
-    here."""
+    targets a CPU), and the LoRA and QLoRA SFT ones (text batches too). The other post-training
+    stages take other batches (pairs, rollouts) and are not compiled here."""
     experiments = {name: load_experiment(name) for name in list_experiments()}
-    return with_long_phases(
-        [n for n, exp in experiments.items() if exp.posttrain is None and _is_topology(exp.target)]
-    )
+
+    def compiled_here(exp) -> bool:
+        text = exp.posttrain is None or (exp.posttrain.stage == "sft" and exp.lora.rank > 0)
+        return text and _is_topology(exp.target)
+
+    return with_long_phases([n for n, exp in experiments.items() if compiled_here(exp)])
 
 
 def with_long_phases(names: list[str]) -> list[str]:

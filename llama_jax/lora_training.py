@@ -44,6 +44,15 @@ def _frozen_part(params):
     return lora_lib.split(params)[1]
 
 
+def _stored(base, exp: Experiment):
+    """The frozen base as it is kept: in the compute dtype (every use casts it there first, so
+    this changes no result, and a frozen weight needs no fp32 master copy), quantized if asked."""
+    dtype = exp.model.dtype
+    base = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, base)
+    mode = exp.model.lora.quantize_base
+    return quantize_base(base, mode) if mode else base
+
+
 def base_shardings(module: nn.Module, exp: Experiment, mesh, *, quantized: bool = True):
     """Shardings of the frozen base (quantized as lora.quantize_base says, unless not `quantized`),
     from its logical axes."""
@@ -60,33 +69,27 @@ def base_shardings(module: nn.Module, exp: Experiment, mesh, *, quantized: bool 
 def abstract_base(module: nn.Module, exp: Experiment, mesh):
     """The base's shapes and dtypes with their shardings (for ahead-of-time compilation)."""
     shardings = base_shardings(module, exp, mesh)
-    mode = exp.model.lora.quantize_base
-
-    def init():
-        base = _frozen_part(nn.meta.unbox(_init_params(module, jax.random.key(0))))
-        return quantize_base(base, mode) if mode else base
-
-    shapes = jax.eval_shape(init)
+    shapes = jax.eval_shape(
+        lambda: _stored(_frozen_part(nn.meta.unbox(_init_params(module, jax.random.key(0)))), exp)
+    )
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def place_base(module: nn.Module, exp: Experiment, mesh, host_params=None):
     """The frozen base on the mesh: `host_params` (init_from's, host arrays) or, without them, the
-    random initialisation of train.seed; quantized there if lora.quantize_base says so."""
-    mode = exp.model.lora.quantize_base
+    random initialisation of train.seed; in the compute dtype, and quantized if lora.quantize_base
+    says so."""
     # Shardings first: unboxing the logical axes inside the mesh context would constrain them.
     plain = base_shardings(module, exp, mesh, quantized=False)
     stored = base_shardings(module, exp, mesh)
     with activation_sharding(mesh, exp.mesh.rules):
         if host_params is None:
-            base = jax.jit(
-                lambda rng: _frozen_part(nn.meta.unbox(_init_params(module, rng))), out_shardings=plain
+            return jax.jit(
+                lambda rng: _stored(_frozen_part(nn.meta.unbox(_init_params(module, rng))), exp),
+                out_shardings=stored,
             )(jax.random.key(exp.train.seed))
-        else:
-            base = jax.device_put(_frozen_part(host_params), plain)
-        if mode:
-            base = jax.jit(lambda b: quantize_base(b, mode), out_shardings=stored, donate_argnums=0)(base)
-    return base
+        base = jax.device_put(_frozen_part(host_params), plain)
+        return jax.jit(lambda b: _stored(b, exp), out_shardings=stored, donate_argnums=0)(base)
 
 
 def adapted_loss(loss_fn):
