@@ -29,7 +29,7 @@ RECIPES = [name for name in list_experiments() if name != "tiny" and name not in
 def test_every_preset_has_a_recipe():
     assert set(POSTTRAINING) == {
         f"{size}_{stage}" for size in ("llama3_8b", "tiny") for stage in ("sft", "rm", "dpo", "ppo")
-    }
+    } | {"llama3_1_8b_qlora_sft", "llama3_1_70b_lora_sft"}
     assert set(RECIPES) == {
         "llama1_7b",
         "llama1_13b",
@@ -74,7 +74,10 @@ def test_posttraining_builds_abstractly_on_a_mesh(name):
     mesh = make_mesh(exp.mesh, jax.devices())
     optimizer, _ = make_optimizer(exp.optim, exp.train.steps)
     params = stage_of(exp).state_shardings(exp, optimizer, mesh).params
-    if exp.posttrain.stage == "rm":  # the backbone plus a scalar head, no LM head
+    if exp.lora.rank:  # the state trains the adapters alone
+        leaves = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        assert leaves and all(n.endswith(("_lora_a']", "_lora_b']")) for n in leaves)
+    elif exp.posttrain.stage == "rm":  # the backbone plus a scalar head, no LM head
         assert set(params) == {"backbone", "score"} and "output" not in params["backbone"]
     else:
         assert "output" in params or exp.model.tie_embeddings
