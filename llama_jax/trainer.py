@@ -249,7 +249,9 @@ class Stage:
             tokenizer_path=data.tokenizer.path if data.tokenizer is not None else None,
         )
 
-    def _sampler(self, exp: Experiment, data: TrainingData, params_of) -> Callable[[Any], str] | None:
+    def _sampler(self, exp: Experiment, data: TrainingData, params_of=None) -> Callable[[Any], str] | None:
+        """The end-of-run sample; `params_of(state)` gives the whole model (default: state.params)."""
+        params_of = params_of or (lambda state: state.params)
         if not exp.train.sample_tokens or data.tokenizer is None:
             return None
         prompt = self.sample_prompt(exp, data)
