@@ -92,6 +92,11 @@ def place_base(module: nn.Module, exp: Experiment, mesh, host_params=None):
         return jax.jit(lambda b: _stored(b, exp), out_shardings=stored, donate_argnums=0)(base)
 
 
+def fresh_trainable(module: nn.Module, exp: Experiment, rng):
+    """The trainable part of a fresh initialisation (traceable: jit or eval_shape it)."""
+    return trainable_part(exp)(nn.meta.unbox(_init_params(module, rng)))
+
+
 def adapted_loss(loss_fn):
     """The stage's loss `loss(params, batch, frozen)` as a loss of the trainable part: its frozen
     argument is (base, the stage's own frozen parameters or None), and `rng` (the step's) draws

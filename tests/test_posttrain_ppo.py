@@ -1,6 +1,7 @@
 """PPO: the rollout layout, one iteration's advantages against a direct computation, a short run
 that learns from a scoring function, its checkpoint as a policy, resume, and bad settings."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ from llama_jax.checkpoint import load_for_inference
 from llama_jax.config import (
     CheckpointConfig,
     Experiment,
+    LoraConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
@@ -204,3 +206,26 @@ def test_bad_settings_are_one_sentence_and_exit_2(files, tmp_path, capsys, monke
     assert train_lib.main(["--exp", "x", "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("error: ") and message in err, err
+
+
+@pytest.mark.slow  # a real PPO run: after the suite
+def test_ppo_with_lora_trains_policy_and_value_adapters(files):
+    exp = _experiment(files, 8).replace(
+        lora=LoraConfig(rank=8, alpha=16.0, targets=("wq", "wv", "w1", "w2", "output"))
+    )
+    exp = exp.replace(optim=dataclasses.replace(exp.optim, peak_lr=1e-2))
+    workdir = files["root"] / "lora"
+    out = train_lib.train(exp, workdir, quiet=True)
+    state = out["state"]
+    names = lambda tree: [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]  # noqa: E731
+    assert all(n.endswith(("_lora_a']", "_lora_b']")) for n in names(state.params))
+    # The value model: its own adapters and its scalar head, apart from the policy's.
+    assert set(state.value_params) == {"backbone", "score"}
+    assert all(n.endswith(("_lora_a']", "_lora_b']")) for n in names(state.value_params["backbone"]))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "score" in r]
+    # Step 1: the adapters are zero, so the policy is its reference: no KL.
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    first, final = np.mean([r["score"] for r in steps[:2]]), np.mean([r["score"] for r in steps[-2:]])
+    assert final > first + 3, (first, final)
+    assert (workdir / "adapter" / "adapter_config.json").is_file()

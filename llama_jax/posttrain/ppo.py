@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llama_jax import lora as lora_lib
+from llama_jax import lora_training
 from llama_jax.chat_template import encode_chat
 from llama_jax.config import ConfigError, Experiment, ModelConfig
 from llama_jax.data.sources import COUNTERS, SKIPPED
@@ -75,15 +77,25 @@ def _values(params, cfg, batch):
     return ScalarModel(cfg).apply({"params": params}, batch["tokens"], None, batch["segment_ids"])
 
 
+def whole(bases, params, value_params):
+    """(policy, value model) as whole parameter trees: with LoRA (`bases` = their frozen bases)
+    the trained adapters joined to them, else as they are."""
+    if bases is None:
+        return params, value_params
+    return lora_lib.merge(bases[0], params), lora_lib.merge(bases[1], value_params)
+
+
 def make_ppo_functions(exp: Experiment, value_cfg: ModelConfig, policy_opt, value_opt, schedule):
-    """(advantages, update): the jitted pieces of an iteration.
+    """(advantages, update): the jitted pieces of an iteration. Both take `bases` last: None, or
+    with LoRA the (policy, value model) frozen bases that PPOState's adapters are trained on.
 
     Per-token arrays are indexed by the position that predicts the token (t predicts t + 1), so
     the mask of the actions is `next_token(response_mask)` and V_t is the value model at position t."""
     cfg, settings, chunk = exp.model, exp.posttrain.ppo, exp.train.loss_chunk
 
     @jax.jit
-    def advantages(params, reference, value_params, batch, scores):
+    def advantages(params, reference, value_params, batch, scores, bases=None):
+        params, value_params = whole(bases, params, value_params)
         mask = next_token(batch["response_mask"])
         log_probs = next_token_log_probs(params, cfg, batch["tokens"], batch["segment_ids"], chunk)
         ref_log_probs = next_token_log_probs(reference, cfg, batch["tokens"], batch["segment_ids"], chunk)
@@ -108,13 +120,15 @@ def make_ppo_functions(exp: Experiment, value_cfg: ModelConfig, policy_opt, valu
         }
         return rollouts, stats
 
-    def policy_loss(params, minibatch):
+    def policy_loss(params, minibatch, bases):
+        params, _ = whole(bases, params, {})
         log_probs = next_token_log_probs(params, cfg, minibatch["tokens"], minibatch["segment_ids"], chunk)
         return losses.ppo_policy_loss(
             log_probs, minibatch["old_log_probs"], minibatch["advantages"], minibatch["mask"], settings.clip
         )
 
-    def value_loss(value_params, minibatch):
+    def value_loss(value_params, minibatch, bases):
+        _, value_params = whole(bases, {}, value_params)
         return losses.ppo_value_loss(
             _values(value_params, value_cfg, minibatch),
             minibatch["old_values"],
@@ -124,10 +138,10 @@ def make_ppo_functions(exp: Experiment, value_cfg: ModelConfig, policy_opt, valu
         )
 
     @jax.jit
-    def update(state: PPOState, minibatch):
-        (loss, stats), grads = jax.value_and_grad(policy_loss, has_aux=True)(state.params, minibatch)
+    def update(state: PPOState, minibatch, bases=None):
+        (loss, stats), grads = jax.value_and_grad(policy_loss, has_aux=True)(state.params, minibatch, bases)
         updates, opt_state = policy_opt.update(grads, state.opt_state, state.params)
-        v_loss, v_grads = jax.value_and_grad(value_loss)(state.value_params, minibatch)
+        v_loss, v_grads = jax.value_and_grad(value_loss)(state.value_params, minibatch, bases)
         v_updates, value_opt_state = value_opt.update(v_grads, state.value_opt_state, state.value_params)
         updated = state.replace(
             params=optax.apply_updates(state.params, updates),
@@ -266,11 +280,6 @@ class PPO(ChatStage):
     latest_metrics = ()  # every metric is averaged over the iterations logged
 
     def check(self, exp: Experiment, mesh) -> None:
-        if exp.model.lora is not None:
-            raise ConfigError(
-                "PPO does not train LoRA adapters yet (lora.rank must be 0 for the ppo stage); "
-                "SFT, the reward model, DPO and pretraining do."
-            )
         check_ppo(exp, mesh)
 
     def start(self, exp: Experiment, mesh, quiet: bool = False) -> Run:
@@ -284,8 +293,13 @@ class PPO(ChatStage):
         value_optim = dataclasses.replace(exp.optim, peak_lr=ppo.value_lr or exp.optim.peak_lr)
         value_opt, _ = make_optimizer(value_optim, total_updates)
         rules = exp.mesh.rules
-        policy = state_shardings(Llama(exp.model), policy_opt, mesh, rules)
-        value = state_shardings(ScalarModel(value_cfg), value_opt, mesh, rules)
+        lora = lora_training.enabled(exp)
+        scorer_cfg = value_cfg
+        if lora:  # the value model trains its own adapters (and its head) on its frozen base
+            value_cfg = value_cfg.replace(lora=exp.model.lora)
+        trainable = lora_training.trainable_part(exp)
+        policy = state_shardings(Llama(exp.model), policy_opt, mesh, rules, trainable)
+        value = state_shardings(ScalarModel(value_cfg), value_opt, mesh, rules, trainable)
         shardings = PPOState(
             step=policy.step,
             params=policy.params,
@@ -294,7 +308,15 @@ class PPO(ChatStage):
             value_opt_state=value.opt_state,
         )
         if isinstance(scorer, RewardModelScorer):  # scored on the mesh, sharded as the value model
-            scorer.params = jax.device_put(host_value, value.params)
+            whole_value = state_shardings(ScalarModel(scorer_cfg), value_opt, mesh, rules).params
+            scorer.params = jax.device_put(host_value, whole_value)
+        bases = None
+        if lora:
+            value_exp = exp.replace(model=value_cfg)
+            bases = (
+                lora_training.place_base(Llama(exp.model), exp, mesh, host_policy),
+                lora_training.place_base(ScalarModel(value_cfg), value_exp, mesh, host_value),
+            )
         functions = make_ppo_functions(exp, value_cfg, policy_opt, value_opt, schedule)
 
         def fresh_state(policy_params, value_params):
@@ -306,14 +328,30 @@ class PPO(ChatStage):
                 value_opt_state=value_opt.init(value_params),
             )
 
+        def initial_trainable(rng):
+            """With LoRA: fresh adapters for both, the value model's head as it starts (the
+            reward model's, or zero)."""
+            p = lora_training.fresh_trainable(Llama(exp.model), exp, rng)
+            v = lora_training.fresh_trainable(ScalarModel(value_cfg), exp, rng)
+            return p, {**v, "score": jax.tree.map(jnp.asarray, host_value["score"])}
+
         def init_state():
             with activation_sharding(mesh, rules):
                 init = jax.jit(
                     fresh_state, in_shardings=(policy.params, value.params), out_shardings=shardings
                 )
+                if lora:
+                    fresh = jax.jit(initial_trainable, out_shardings=(policy.params, value.params))
+                    return init(*fresh(jax.random.key(exp.train.seed)))
                 return init(host_policy, host_value)
 
-        reference = jax.device_put(host_reference, policy.params)
+        if not lora:
+            reference = jax.device_put(host_reference, policy.params)
+        elif exp.posttrain.reference:  # a reference checkpoint: a whole model beside the base
+            plain = lora_training.base_shardings(Llama(exp.model), exp, mesh, quantized=False)
+            reference = jax.device_put(lora_lib.split(host_reference)[1], plain)
+        else:
+            reference = bases[0]  # the policy with its adapters off: no second copy
         iterations = PPOIterations(
             exp,
             tokenizer,
@@ -324,16 +362,22 @@ class PPO(ChatStage):
             functions,
             schedule,
             updates_per_iteration,
+            bases,
         )
         data = TrainingData(None, None, tokenizer, exp.train.sample_prompt, chat_template=template)
         settings = exp.posttrain
         return Run(
             exp=exp,
-            abstract_state=abstract_state(lambda: fresh_state(host_policy, host_value), shardings),
+            abstract_state=abstract_state(
+                (lambda: fresh_state(*initial_trainable(jax.random.key(0))))
+                if lora
+                else (lambda: fresh_state(host_policy, host_value)),
+                shardings,
+            ),
             init_state=init_state,
             step=iterations.step,
             evaluate=iterations.evaluate if eval_prompts else None,
-            sample=self._sampler(exp, data),
+            sample=self._sampler(exp, data, lambda state: whole(bases, state.params, {})[0]),
             tokenizer_path=exp.data.tokenizer_path,
             summary=(
                 f"PPO, {exp.train.steps} iterations of {exp.train.batch_size} prompts, "
@@ -349,9 +393,20 @@ class PPOIterations:
     advantages and minibatch updates."""
 
     def __init__(
-        self, exp, tokenizer, prompts, eval_prompts, scorer, reference, functions, schedule, updates
+        self,
+        exp,
+        tokenizer,
+        prompts,
+        eval_prompts,
+        scorer,
+        reference,
+        functions,
+        schedule,
+        updates,
+        bases=None,
     ):
         self.exp, self.tokenizer, self.scorer = exp, tokenizer, scorer
+        self.bases = bases  # with LoRA: the (policy, value model) frozen bases
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.reference = reference  # the frozen reference's parameters, on the mesh
         self.advantages, self.update = functions
@@ -390,11 +445,12 @@ class PPOIterations:
 
     def step(self, state: PPOState, iteration: int):
         exp, ppo = self.exp, self.exp.posttrain.ppo
+        policy = whole(self.bases, state.params, {})[0]
         batch, responses, scores = self.rollouts(
-            state.params, self.prompts_for(iteration), exp.train.seed * 1_000_003 + iteration, ppo.sampling
+            policy, self.prompts_for(iteration), exp.train.seed * 1_000_003 + iteration, ppo.sampling
         )
         data, stats = self.advantages(
-            state.params, self.reference, state.value_params, batch, jnp.asarray(scores)
+            state.params, self.reference, state.value_params, batch, jnp.asarray(scores), self.bases
         )
         rng = np.random.default_rng([exp.train.seed, iteration, 1])
         update_metrics = []
@@ -402,7 +458,7 @@ class PPOIterations:
             order = rng.permutation(exp.train.batch_size)
             for i in range(0, exp.train.batch_size, ppo.minibatch_size):
                 rows = order[i : i + ppo.minibatch_size]
-                state, metrics = self.update(state, {k: v[rows] for k, v in data.items()})
+                state, metrics = self.update(state, {k: v[rows] for k, v in data.items()}, self.bases)
                 update_metrics.append(metrics)
         state = state.replace(step=state.step + 1)
         fetched = jax.device_get(update_metrics)
@@ -421,6 +477,7 @@ class PPOIterations:
         greedy = dataclasses.replace(self.exp.posttrain.ppo.sampling, temperature=0.0)
         total, size = 0.0, self.exp.train.batch_size
         for i in range(0, len(self.eval_prompts), size):
-            _, _, scores = self.rollouts(state.params, self.eval_prompts[i : i + size], 0, greedy)
+            policy = whole(self.bases, state.params, {})[0]
+            _, _, scores = self.rollouts(policy, self.eval_prompts[i : i + size], 0, greedy)
             total += float(np.sum(scores))
         return {"eval_score": total / len(self.eval_prompts)}
