@@ -428,10 +428,41 @@ def load_params(path: str | Path, shardings=None) -> tuple[ModelConfig, dict]:
 
 def load_for_inference(path: str | Path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) from a parameters checkpoint (`save_params`), a training workdir
-    (its newest checkpoint) or one of its `checkpoints/STEP` directories."""
+    (its newest checkpoint) or one of its `checkpoints/STEP` directories. A LoRA run's checkpoints
+    hold adapters, not a model: refused in one sentence (init_from.load_model merges them)."""
+    cfg, params, record, workdir = _load_newest(path)
+    if cfg.lora is not None:
+        raise CheckpointError(_lora_run_message(workdir, record))
+    return cfg, params
+
+
+def load_adapters(path: str | Path) -> tuple[ModelConfig, dict, str]:
+    """(ModelConfig with its LoRA settings, the adapters, the base the run recorded as init_from
+    or "") of a LoRA run's workdir or checkpoint."""
+    cfg, params, record, workdir = _load_newest(path)
+    if cfg.lora is None:
+        raise CheckpointError(f"{workdir} was not trained with LoRA: it holds a whole model.")
+    return cfg, params, record.get("init_from") or ""
+
+
+def is_lora_run(path: str | Path) -> bool:
+    """Whether `path` is a LoRA run's workdir or checkpoint (by the experiment it recorded)."""
+    path = Path(path).absolute()
+    for record in (path / "experiment.json", path.parent.parent / "experiment.json"):
+        if record.is_file():
+            try:
+                return bool((json.loads(record.read_text()).get("lora") or {}).get("rank"))
+            except (OSError, ValueError, AttributeError):
+                return False
+    return False
+
+
+def _load_newest(path: str | Path) -> tuple[ModelConfig, dict, dict, Path]:
+    """(cfg, params, experiment record, workdir) of the newest checkpoint that restores cleanly."""
     path = Path(path).absolute()
     if (path / MODEL_CONFIG_FILE).is_file():
-        return load_params(path)
+        cfg, params = load_params(path)
+        return cfg, params, {}, path
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if path.name.isdigit() and (path / "state").is_dir():
@@ -460,9 +491,7 @@ def load_for_inference(path: str | Path) -> tuple[ModelConfig, dict]:
                 reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
                 print(f"warning: checkpoint {directory / str(step)} is damaged ({reason}).", file=sys.stderr)
                 continue
-            if cfg.lora is not None:
-                raise CheckpointError(_lora_run_message(directory.parent, restored["experiment"]))
-            return cfg, restored["state"]["params"]
+            return cfg, restored["state"]["params"], restored["experiment"], directory.parent
     raise CheckpointError(f"No checkpoint in {directory} restores cleanly (the last one tried: {reason}).")
 
 

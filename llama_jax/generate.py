@@ -222,15 +222,15 @@ def load_model(ckpt: str | None, hf: str | None, tokenizer_path: str | None = No
     """(cfg, params, tokenizer) for the CLIs: a llama_jax checkpoint or HF directory, and its
     tokenizer (a file or a directory; default: the HF directory's `tokenizer.model`,
     `original/tokenizer.model` or `tokenizer.json`), checked to belong together."""
-    from llama_jax.checkpoint import load_for_inference
     from llama_jax.convert import load_hf
+    from llama_jax.init_from import load_model as load_checkpoint  # a LoRA run comes merged
     from llama_jax.tokenizer import load_tokenizer
 
     tokenizer_path = tokenizer_path or hf
     if tokenizer_path is None or not Path(tokenizer_path).exists():
         raise GenerationError("No tokenizer: pass --tokenizer path/to/tokenizer.model (or tokenizer.json).")
     tokenizer = load_tokenizer(tokenizer_path)
-    cfg, params = load_hf(hf) if hf else load_for_inference(ckpt)
+    cfg, params = load_hf(hf) if hf else load_checkpoint(ckpt)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GenerationError(
             f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "

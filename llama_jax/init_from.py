@@ -18,7 +18,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llama_jax.checkpoint import MODEL_CONFIG_FILE, CheckpointError, load_for_inference
+from llama_jax import lora as lora_lib
+from llama_jax.checkpoint import (
+    MODEL_CONFIG_FILE,
+    CheckpointError,
+    is_lora_run,
+    load_adapters,
+    load_for_inference,
+)
 from llama_jax.config import (
     ARCHITECTURE_FIELDS,
     ConfigError,
@@ -124,7 +131,7 @@ def source_params(path: str | Path, model: ModelConfig, *, progress: bool | None
     elif kind == "meta":
         found, params = load_meta(path, param_dtype=dtype, scan_layers=model.scan_layers, progress=progress)
     else:
-        found, params = load_for_inference(path)
+        found, params = load_model(path)
         if found.scan_layers != model.scan_layers:
             raise CheckpointError(
                 f"init_from {path} was saved with scan_layers={found.scan_layers} and the experiment "
@@ -137,6 +144,24 @@ def source_params(path: str | Path, model: ModelConfig, *, progress: bool | None
         raise CheckpointError(f"init_from {path} is a model of another architecture ({changes}).")
     cast = np.dtype(dtype)
     return jax.tree.map(lambda x: np.asarray(x).astype(cast, copy=False), params)
+
+
+def load_model(path: str | Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of a whole model from a llama_jax checkpoint or training workdir; a
+    LoRA run's adapters come folded into the base it started from (its recorded init_from, of any
+    kind, itself possibly a LoRA run), so that a LoRA run is a model like any other."""
+    if not is_lora_run(path):
+        return load_for_inference(path)
+    cfg, adapters, base = load_adapters(path)
+    if not base:
+        raise CheckpointError(
+            f"{path} trained LoRA adapters on a random base (no init_from): there is no model to fold them into."
+        )
+    if not Path(base).exists():
+        raise CheckpointError(f"{path} trained LoRA adapters on {base}, which no longer exists.")
+    plain = cfg.replace(lora=None)
+    base_params = source_params(base, plain, progress=False)
+    return plain, lora_lib.merged_weights(lora_lib.merge(base_params, adapters), cfg.lora)
 
 
 def source_tokenizer(path: str | Path) -> str | None:

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.chat_template import default_template
-from llama_jax.checkpoint import CheckpointError, load_for_inference
+from llama_jax.checkpoint import CheckpointError
 from llama_jax.config import ConfigError, Experiment, ModelConfig, architecture_differences
 from llama_jax.data.training import DataError, TrainingData, cached_tokenizer, training_data
-from llama_jax.init_from import source_kind, source_params, source_tokenizer
+from llama_jax.init_from import load_model, source_kind, source_params, source_tokenizer
 from llama_jax.posttrain import data as pdata
 from llama_jax.posttrain.steps import pair_batch_shardings, response_log_probs
 from llama_jax.scalar_model import from_llama
@@ -39,7 +39,7 @@ def load_checkpoint_params(path: str, cfg: ModelConfig, what: str, *, reward_mod
     or with `reward_model` a ScalarModel's (a Llama checkpoint gets a zero head)."""
     if not Path(path).exists():
         raise CheckpointError(f"The {what} {path} does not exist.")
-    found, params = load_for_inference(path)
+    found, params = load_model(path)  # a LoRA run: its adapters folded into its base
     differing = architecture_differences(found, cfg)
     if differing:
         changes = ", ".join(f"{k} {ours} where the experiment has {theirs}" for k, ours, theirs in differing)

@@ -130,12 +130,13 @@ def load_function(spec: str) -> Callable:
 
 def load_reward_model(path: str, vocab_size: int | None = None) -> tuple[ModelConfig, dict]:
     """(cfg, params) of a reward model checkpoint (an `rm` run's workdir or an export of one)."""
-    from llama_jax.checkpoint import CheckpointError, load_for_inference
+    from llama_jax.checkpoint import CheckpointError
+    from llama_jax.init_from import load_model
 
     if not Path(path).exists():
         raise ScoringError(f"The reward model {path} does not exist.")
     try:
-        cfg, params = load_for_inference(path)
+        cfg, params = load_model(path)
     except CheckpointError as err:
         raise ScoringError(str(err)) from None
     if "score" not in params:
