@@ -5,11 +5,12 @@ matrices of every layer, side by side.
     python experiments/lora_demo.py [--seeds 0 1] [--workdir runs/lora_demo] [--smoke]
 
 Per seed (WORKDIR/seedS): `base` as in posttrain_demo.py (trained in full: it stands in for the
-pretrained model both start from); then for each of full and lora: `sft_MODE` from base, rejection
-sampling from it (K replies per problem, the checker's best and worst make a DPO pair),
-`dpo_MODE` from it on those pairs. A LoRA stage's adapters (WORKDIR/.../adapter, PEFT's layout)
-are folded into its base with `python -m llama_jax.convert --merge-lora` (`sft_lora_merged`,
-`dpo_lora_merged`): that model is what the next stage starts from and what is evaluated. The
+pretrained model), then `sft_full` and `sft_lora`, both from base on the gold chats; rejection
+sampling from sft_full (K replies per problem, the checker's best and worst make a DPO pair), and
+`dpo_full` and `dpo_lora`, both from sft_full on those pairs. Each pair of runs differs only in
+what trains. A LoRA stage's adapters (WORKDIR/.../adapter, PEFT's layout) are folded into its
+base with `python -m llama_jax.convert --merge-lora` (`sft_lora_merged`, `dpo_lora_merged`),
+which is what is evaluated. The
 table: held-out accuracy (greedy, the mean over seeds), parameters trained, optimizer-state bytes
 and the median step time of each stage. Every step resumes as posttrain_demo.py's do.
 """
@@ -45,17 +46,13 @@ def experiment(stage: str, mode: str, seed: int, scale, data: dict, seed_dir: Pa
     from llama_jax.data.config import SourceConfig
 
     exp = demo.stage_experiment(stage, seed, scale, data, seed_dir)
-    start = {
-        "sft": seed_dir / "base",
-        "dpo": seed_dir / ("sft_lora_merged" if mode == "lora" else "sft_full"),
-    }
+    # Both SFTs start from base; both DPOs from the full SFT, on the same sampled pairs: each
+    # comparison differs in what trains, nothing else.
+    start = {"sft": seed_dir / "base", "dpo": seed_dir / "sft_full"}
     exp = exp.replace(name=f"lora_demo_{stage}_{mode}_seed{seed}", init_from=str(start[stage]))
     if stage == "dpo":
-        exp = exp.replace(
-            data=dataclasses.replace(
-                exp.data, sources=(SourceConfig(str(seed_dir / f"rs_pairs_{mode}.jsonl")),)
-            )
-        )
+        pairs = SourceConfig(str(seed_dir / "rs_pairs_full.jsonl"))
+        exp = exp.replace(data=dataclasses.replace(exp.data, sources=(pairs,)))
     if mode == "lora":
         optim = dataclasses.replace(exp.optim, peak_lr=exp.optim.peak_lr * LORA_LR_FACTOR[stage])
         exp = exp.replace(
@@ -147,10 +144,9 @@ def run_seed(seed: int, scale, data: dict, root: Path, log) -> dict:
     for mode in MODES:
         for stage in STAGES:
             exp = experiment(stage, mode, seed, scale, data, seed_dir)
-            if stage == "dpo" and not demo.finished(seed_dir / f"dpo_{mode}"):
-                source = seed_dir / ("sft_lora_merged" if mode == "lora" else "sft_full")
-                n = pairs_from(source, seed_dir / f"rs_pairs_{mode}.jsonl", seed, scale, data)
-                log(f"seed {seed}: {n} DPO pairs sampled from {source.name}")
+            if stage == "dpo" and mode == "full" and not demo.finished(seed_dir / "dpo_full"):
+                n = pairs_from(seed_dir / "sft_full", seed_dir / "rs_pairs_full.jsonl", seed, scale, data)
+                log(f"seed {seed}: {n} DPO pairs sampled from sft_full")
             workdir = seed_dir / f"{stage}_{mode}"
             train_stage(exp, workdir, log)
             evaluated = f"{stage}_{mode}"
