@@ -322,6 +322,13 @@ def minimum_bytes_per_device(exp: Experiment, mesh) -> dict[str, float]:
     embed_axes = {embed_axes} if isinstance(embed_axes, str) else set(embed_axes)
     shards = math.prod(mesh.shape[axis] for axis in embed_axes | {"tensor"} if axis in mesh.shape)
     state = count_params(cfg) * 4 * jnp.dtype(cfg.param_dtype).itemsize / shards
+    if cfg.lora is not None:
+        # The adapters with their gradients and moments, and the frozen base once: in the compute
+        # dtype, or for QLoRA at least its quantized bytes (NF4's 4 bits; the rest stays wider).
+        base = count_params(cfg.replace(lora=None))
+        per_weight = {"nf4": 0.5, "int8": 1.0}.get(cfg.lora.quantize_base, jnp.dtype(cfg.dtype).itemsize)
+        adapters = (count_params(cfg) - base) * 4 * jnp.dtype(cfg.param_dtype).itemsize
+        state = (base * per_weight + adapters) / shards
     # The batch axis is split over the mesh axes its rule names (by default data and fsdp).
     batch_axes = dict(exp.mesh.rules).get("batch") or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)

@@ -294,3 +294,18 @@ def test_a_resume_with_other_adapters_is_refused_not_taken_for_damage(tmp_path):
     for other in (MODEL.replace(lora=_lora(rank=8, targets=("wq", "wv"))), MODEL):
         with pytest.raises(CheckpointError, match="adapters LoRA rank 4 on wq, wv -> "):
             checkpoints._check_model(saved, other)
+
+
+def test_the_fit_check_counts_a_frozen_base_once_and_the_adapters_state():
+    """A QLoRA 8B fits one 16 GiB chip (the compiler's figure is in the README): the lower bound
+    must not refuse it, as counting the base's gradients and moments would."""
+    from llama_jax.config import load_experiment
+    from llama_jax.trainer import minimum_bytes_per_device
+
+    exp = load_experiment("llama3_1_8b_qlora_sft")
+    exp = exp.replace(model=exp.model.replace(compute_dtype="bfloat16"))
+    mesh = make_mesh(exp.mesh, jax.devices()[:1])
+    need = minimum_bytes_per_device(exp, mesh)
+    assert 3.5 * 2**30 < need["state"] < 12.9 * 2**30  # 8B: NF4 matrices at least; the compiler's total
+    full = minimum_bytes_per_device(exp.replace(lora=LoraConfig()), mesh)
+    assert full["state"] > 10 * need["state"]
