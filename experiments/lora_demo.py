@@ -41,7 +41,7 @@ LORA_RANK = 8
 LORA_LR_FACTOR = {"sft": 5.0, "dpo": 4.0}
 
 
-def experiment(stage: str, mode: str, seed: int, scale, data: dict, seed_dir: Path):
+def lora_stage_experiment(stage: str, mode: str, seed: int, scale, data: dict, seed_dir: Path):
     from llama_jax.config import LoraConfig
     from llama_jax.data.config import SourceConfig
 
@@ -143,7 +143,7 @@ def run_seed(seed: int, scale, data: dict, root: Path, log) -> dict:
     result = {}
     for mode in MODES:
         for stage in STAGES:
-            exp = experiment(stage, mode, seed, scale, data, seed_dir)
+            exp = lora_stage_experiment(stage, mode, seed, scale, data, seed_dir)
             if stage == "dpo" and mode == "full" and not demo.finished(seed_dir / "dpo_full"):
                 n = pairs_from(seed_dir / "sft_full", seed_dir / "rs_pairs_full.jsonl", seed, scale, data)
                 log(f"seed {seed}: {n} DPO pairs sampled from sft_full")
