@@ -189,10 +189,7 @@ def table(results: dict[int, dict], seeds: list[int]) -> str:
                     f"{statistics.median(c['step_time_s'] for c in cells) * 1e3:.0f} ms",
                 ]
             )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    text = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
-    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(text)
+    return demo.markdown_table(lines)
 
 
 def main(argv=None) -> int:

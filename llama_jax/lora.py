@@ -13,9 +13,6 @@ frozen base beside it; `merge` joins the two for the forward pass.
 
 from __future__ import annotations
 
-from typing import Any
-
-import jax
 import numpy as np
 
 from llama_jax.config import LoraConfig
@@ -73,10 +70,6 @@ def merge(base, trainable) -> dict:
     return out
 
 
-def count(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
 def _delta(a, b, weight_shape, xp):
     """scale-free A B reshaped to the weight: A [L?, in..., r] and B [L?, r, out...], with the
     layer axis L when the layers are stacked (W then [L, in..., out...])."""
@@ -122,8 +115,3 @@ def with_dropout_key(params, key_data) -> dict:
         if isinstance(value, dict) and name != DROPOUT_KEY:
             params[name] = with_dropout_key(value, key_data) if "tok_embeddings" in value else value
     return params
-
-
-def without_adapters(tree: Any) -> dict:
-    """The base alone (the model with its adapters switched off)."""
-    return _partition(_as_dicts(tree), lambda path: not is_adapter(path[-1]))

@@ -112,14 +112,5 @@ def adapted_loss(loss_fn):
     return loss
 
 
-def full_params(base, trainable):
-    """The model's whole parameter tree (for sampling and evaluation outside the step)."""
-    return lora_lib.merge(base, trainable)
-
-
-def optimizer_state_bytes(state) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state.opt_state))
-
-
 def trainable_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -260,23 +260,20 @@ def weight_bytes(params) -> int:
 def _quantize_stacked(w, input_axes: int, stacked: bool, mode: str):
     """`w` quantized per output channel; with `stacked`, axis 0 counts layers (its own scales),
     so that nn.scan slices value and scale alike."""
-    if not stacked:
-        return (quantize_int8 if mode == "int8" else quantize_nf4)(w, input_axes)
-    if mode == "int8":
-        return jax.vmap(lambda layer: quantize_int8(layer, input_axes))(w)
-    return jax.vmap(lambda layer: quantize_nf4(layer, input_axes))(w)
+    quantize = quantize_int8 if mode == "int8" else quantize_nf4
+    return jax.vmap(lambda layer: quantize(layer, input_axes))(w) if stacked else quantize(w, input_axes)
 
 
-def _map_base_weights(tree, fn, stacked=False, module=None):
-    """`tree` with fn(weight, input_axes, stacked) at every attention and feed-forward matrix."""
+def _map_base_weights(tree, fn, path=(), stacked=False):
+    """`tree` with fn(path, leaf, input_axes, stacked) at every attention and feed-forward matrix
+    (`stacked`: under `layers`, the scanned layout's leading layer axis)."""
     out = {}
     for key, value in tree.items():
+        here = (*path, key)
         if isinstance(value, dict):
-            out[key] = _map_base_weights(
-                value, fn, stacked or key == "layers", key if key in ("attention", "feed_forward") else None
-            )
-        elif module is not None and key in _INPUT_AXES:
-            out[key] = fn(value, _INPUT_AXES[key], stacked)
+            out[key] = _map_base_weights(value, fn, here, stacked or key == "layers")
+        elif path and path[-1] in ("attention", "feed_forward") and key in _INPUT_AXES:
+            out[key] = fn(here, value, _INPUT_AXES[key], stacked)
         else:
             out[key] = value
     return out
@@ -285,7 +282,9 @@ def _map_base_weights(tree, fn, stacked=False, module=None):
 def quantize_base(base, mode: str):
     """The base's attention and feed-forward matrices quantized for QLoRA (`mode` int8 or nf4), in
     either layer layout; embeddings, the head and the norms keep their dtype."""
-    return _map_base_weights(dict(base), lambda w, axes, stacked: _quantize_stacked(w, axes, stacked, mode))
+    return _map_base_weights(
+        dict(base), lambda _, w, axes, stacked: _quantize_stacked(w, axes, stacked, mode)
+    )
 
 
 def _quantized_layout(shape, spec, input_axes: int, stacked: bool, mode: str):
@@ -312,25 +311,20 @@ def quantized_shardings(shapes, logical_specs, shardings, mode: str, mesh, rules
     """`shardings` of a base tree with each quantized matrix's sharding split over its arrays: the
     stored values as the weight, scales with the weight's output axes (the input side whole)."""
 
-    def build(shape_tree, spec_tree, sharding_tree, stacked=False, module=None):
-        out = {}
-        for key, shape in shape_tree.items():
-            spec, sharding = spec_tree[key], sharding_tree[key]
-            if isinstance(shape, dict):
-                inner = key if key in ("attention", "feed_forward") else None
-                out[key] = build(shape, spec, sharding, stacked or key == "layers", inner)
-            elif module is not None and key in _INPUT_AXES:
-                layout, specs = _quantized_layout(shape.shape, spec, _INPUT_AXES[key], stacked, mode)
-                out[key] = jax.tree.map(
-                    lambda leaf_shape, leaf_spec: jax.sharding.NamedSharding(
-                        mesh, logical_to_spec(leaf_spec, leaf_shape, mesh, rules)
-                    ),
-                    layout,
-                    specs,
-                    is_leaf=lambda x: isinstance(x, (tuple, jax.sharding.PartitionSpec)),
-                )
-            else:
-                out[key] = sharding
-        return out
+    def at(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree
 
-    return build(dict(shapes), dict(logical_specs), dict(shardings))
+    def split(path, _, input_axes, stacked):
+        layout, specs = _quantized_layout(
+            at(shapes, path).shape, at(logical_specs, path), input_axes, stacked, mode
+        )
+        return jax.tree.map(
+            lambda shape, spec: jax.sharding.NamedSharding(mesh, logical_to_spec(spec, shape, mesh, rules)),
+            layout,
+            specs,
+            is_leaf=lambda x: isinstance(x, (tuple, jax.sharding.PartitionSpec)),
+        )
+
+    return _map_base_weights(dict(shardings), split)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from llama_jax import lora as lora_lib
 from llama_jax import lora_training, phases
 from llama_jax import steps as steps_lib
 from llama_jax.averaging import AveragingError, write_average
@@ -219,7 +220,7 @@ class Stage:
             frozen_shardings = (lora_training.base_shardings(module, exp, mesh), inner_shardings)
             frozen = ((base, inner),)
             compiled = self.compile(exp, optimizer, schedule, mesh, shardings, frozen=frozen_shardings)
-            params_of = lambda state: lora_training.full_params(base, state.params)  # noqa: E731
+            params_of = lambda state: lora_lib.merge(base, state.params)  # noqa: E731
         else:
             compiled = self.compile(exp, optimizer, schedule, mesh, shardings, frozen=bool(frozen))
         data = inputs.data

@@ -272,6 +272,22 @@ def _models(exp: Experiment):
     return host_policy, host_reference, value_cfg, host_value, scorer
 
 
+def _frozen_inputs(exp, mesh, value_cfg, host_policy, host_value, host_reference, policy_shardings):
+    """(bases, reference) on the mesh: with LoRA the (policy, value model) frozen bases, else None;
+    the reference, which under LoRA is the policy's base itself (adapters off, no second copy)
+    unless posttrain.reference names a checkpoint."""
+    if not lora_training.enabled(exp):
+        return None, jax.device_put(host_reference, policy_shardings.params)
+    bases = (
+        lora_training.place_base(Llama(exp.model), exp, mesh, host_policy),
+        lora_training.place_base(ScalarModel(value_cfg), exp.replace(model=value_cfg), mesh, host_value),
+    )
+    if not exp.posttrain.reference:
+        return bases, bases[0]
+    plain = lora_training.base_shardings(Llama(exp.model), exp, mesh, quantized=False)
+    return bases, jax.device_put(host_reference, plain)
+
+
 @register_stage("ppo")
 class PPO(ChatStage):
     """Each step of the loop is one PPO iteration: rollouts, scores, advantages, updates."""
@@ -310,13 +326,9 @@ class PPO(ChatStage):
         if isinstance(scorer, RewardModelScorer):  # scored on the mesh, sharded as the value model
             whole_value = state_shardings(ScalarModel(scorer_cfg), value_opt, mesh, rules).params
             scorer.params = jax.device_put(host_value, whole_value)
-        bases = None
-        if lora:
-            value_exp = exp.replace(model=value_cfg)
-            bases = (
-                lora_training.place_base(Llama(exp.model), exp, mesh, host_policy),
-                lora_training.place_base(ScalarModel(value_cfg), value_exp, mesh, host_value),
-            )
+        bases, reference = _frozen_inputs(
+            exp, mesh, value_cfg, host_policy, host_value, host_reference, policy
+        )
         functions = make_ppo_functions(exp, value_cfg, policy_opt, value_opt, schedule)
 
         def fresh_state(policy_params, value_params):
@@ -345,13 +357,6 @@ class PPO(ChatStage):
                     return init(*fresh(jax.random.key(exp.train.seed)))
                 return init(host_policy, host_value)
 
-        if not lora:
-            reference = jax.device_put(host_reference, policy.params)
-        elif exp.posttrain.reference:  # a reference checkpoint: a whole model beside the base
-            plain = lora_training.base_shardings(Llama(exp.model), exp, mesh, quantized=False)
-            reference = jax.device_put(lora_lib.split(host_reference)[1], plain)
-        else:
-            reference = bases[0]  # the policy with its adapters off: no second copy
         iterations = PPOIterations(
             exp,
             tokenizer,
