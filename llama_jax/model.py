@@ -42,12 +42,17 @@ class KVCache:
     keys, values  [n_layers, batch, max_len, n_kv_heads, head_dim]
     segment_ids   [batch, max_len]: the segment id of every slot (0: empty or padding)
     index         []: the next slot to write; every row writes at the same index
+
+    `wraps` (the server's slots, serving.py): a ring of one-token steps. The index goes back to 0
+    after the last slot, and a query sees every slot of its row whatever their order (its segment
+    ids alone say which are its own), so rows that started at different times share one index.
     """
 
     keys: jax.Array
     values: jax.Array
     segment_ids: jax.Array
     index: jax.Array
+    wraps: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -100,7 +105,18 @@ class KVCache:
         )
 
     def advanced(self, length: int) -> KVCache:
+        if self.wraps:
+            return self.replace(index=(self.index + length) % self.keys.shape[2])
         return self.replace(index=self.index + length)
+
+    def query_offset(self, length: int):
+        """Where the first of `length` new queries sits for the causal mask: its own slot, or in a
+        ring the last slot, so that every slot precedes it."""
+        if self.wraps:
+            if length != 1:
+                raise ValueError("A wrapping KV cache takes one token per step.")
+            return self.keys.shape[2] - 1
+        return self.index
 
 
 _REMAT_POLICIES = {
@@ -264,7 +280,7 @@ class Attention(nn.Module):
                 v_layer,
                 segment_ids,
                 cache.segment_ids,
-                q_offset=cache.index,
+                q_offset=cache.query_offset(q.shape[1]),
                 implementation=cfg.attention,
             )
         out = nn.with_logical_constraint(out, HEADS)

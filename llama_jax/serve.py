@@ -1,0 +1,527 @@
+"""An OpenAI-compatible HTTP server for llama_jax and Hugging Face models.
+
+    python -m llama_jax.serve (--ckpt DIR | --hf DIR) [--tokenizer F] [--quant int8|fp8]
+                              [--port 8000] [--slots 8] [--max-len N] [--queue 64]
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer family's chat format;
+Llama 3.1 tool calls), GET /v1/models, GET /health. `stream: true` answers with server-sent events
+as OpenAI's API does; every response carries usage counts (a stream in its last chunk). Requests
+are decoded together by continuous batching (serving.py): beyond the slots they wait in a bounded
+queue, beyond the queue they get HTTP 429. A request the server cannot take gets an OpenAI-style
+JSON error with a 4xx status; the other requests go on.
+
+The app is FastAPI on uvicorn; `make_app(engine, tokenizer, name)` builds it for any engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import json
+import secrets
+import sys
+import time
+from typing import Any, Literal, Union
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from llama_jax.chat_template import PYTHON_TAG, ChatTemplateError, encode_chat
+from llama_jax.serving import Engine, QueueFull, Request, RequestError
+
+MAX_STOP_STRINGS = 4
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's API answers it: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+# ---------------------------------------------------------------------- request bodies
+
+
+class _Sampling(BaseModel):
+    # Fields OpenAI has and we do not read (logit_bias, user, ...) are accepted and ignored.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # not OpenAI's, as vLLM takes it
+    n: int = Field(default=1, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = Field(default=None, ge=0, lt=2**32)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "ipython"]
+    content: Union[str, list[dict[str, Any]], None] = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+
+
+# ---------------------------------------------------------------------- text of a choice
+
+
+class _Choice:
+    """One generated sequence: its tokens, its text so far, and what of it has been sent.
+
+    Text is decoded from all tokens so far (token-by-token decoding would lose SentencePiece's
+    spaces and split UTF-8 characters). Text that could be the start of a stop string is held
+    back until the next tokens show it is not."""
+
+    def __init__(self, index: int, tokenizer, stops: list[str]):
+        self.index, self.tokenizer, self.stops = index, tokenizer, stops
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already streamed
+        self.finish_reason: str | None = None
+        self.stopped_by_string = False
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        for stop in self.stops:
+            at = text.find(stop, max(self.sent - len(stop), 0))
+            if at != -1:
+                text, self.stopped_by_string = text[:at], True
+        self.text = text
+
+    def ready_text(self) -> str:
+        """New text that is safe to send now."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            if self.text.endswith("\ufffd"):  # the rest of a multi-byte character is coming
+                return ""
+            for stop in self.stops:  # hold back a possible beginning of a stop string
+                for cut in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text.endswith(stop[:cut]):
+                        end = min(end, len(self.text) - cut)
+                        break
+        new = self.text[self.sent : max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return new
+
+
+def _stop_strings(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+        raise ApiError(400, f"'stop' takes up to {MAX_STOP_STRINGS} non-empty strings.", "stop")
+    return stops
+
+
+# ---------------------------------------------------------------------- tool calls (Llama 3.1)
+
+
+def _tool_call(text: str) -> dict | None:
+    """An OpenAI tool call from a Llama 3.1 call: JSON {"name", "parameters"} (custom tools) or
+    `tool.call(key=value, ...)` (built-in tools); None if the text is neither."""
+    text = text.strip()
+    try:
+        call = json.loads(text)
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            arguments = call.get("parameters", call.get("arguments", {}))
+            return {"name": call["name"], "arguments": json.dumps(arguments)}
+    except json.JSONDecodeError:
+        pass
+    try:
+        node = ast.parse(text, mode="eval").body
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+            arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+            return {"name": node.func.value.id, "arguments": json.dumps(arguments)}
+    except (SyntaxError, ValueError):
+        pass
+    return None
+
+
+def _content_text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, "Only text content parts are supported.", "messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _llama_messages(body: ChatBody) -> list[dict]:
+    """OpenAI messages as Llama 3.1 reads them: an assistant's tool_calls become its
+    `<|python_tag|>` JSON call, `tools` become a system message listing them."""
+    messages = []
+    for message in body.messages:
+        content = _content_text(message.content)
+        if message.role == "assistant" and message.tool_calls:
+            function = message.tool_calls[0].get("function") or {}
+            try:
+                parameters = json.loads(function.get("arguments") or "{}")
+            except json.JSONDecodeError:
+                raise ApiError(400, "A tool call's arguments are not JSON.", "messages") from None
+            content = PYTHON_TAG + json.dumps({"name": function.get("name"), "parameters": parameters})
+        messages.append({"role": message.role, "content": content})
+    if body.tools:
+        listing = "\n\n".join(json.dumps(tool.get("function", tool)) for tool in body.tools)
+        system = (
+            "Environment: ipython\n\nYou have access to the following functions. To call one, "
+            'respond with JSON of the form {"name": function name, "parameters": {argument name: '
+            "value}} and nothing else.\n\n" + listing
+        )
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": system + "\n\n" + messages[0]["content"]}
+        else:
+            messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
+    app = FastAPI(title="llama_jax", docs_url=None, redoc_url=None)
+    created = int(time.time())
+    python_tag = tokenizer.special_tokens.get(PYTHON_TAG)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON.", None
+        else:
+            message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid value')}."
+            param = where[0] if where else None
+        return JSONResponse(ApiError(400, message, param).body(), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "steps": engine.steps, **engine.load()}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": name, "object": "model", "created": created, "owned_by": "llama_jax", "max_model_len": engine.max_len}
+        return {"object": "list", "data": [card]}
+
+    def check_model(body: _Sampling):
+        if body.model is not None and body.model != name:
+            raise ApiError(404, f"The model '{body.model}' does not exist; this server has '{name}'.", "model", "not_found_error")
+
+    def max_tokens_for(body: _Sampling, prompt: list[int], default: int | None) -> int:
+        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if limit is None:
+            limit = default if default is not None else engine.max_len - len(prompt)
+        if len(prompt) >= engine.max_len:
+            raise ApiError(400, f"The prompt has {len(prompt)} tokens; the server's context is {engine.max_len}.", "messages")
+        if len(prompt) + limit > engine.max_len:
+            raise ApiError(
+                400,
+                f"The prompt ({len(prompt)} tokens) plus max_tokens ({limit}) exceed the server's "
+                f"context of {engine.max_len} tokens.",
+                "max_tokens",
+            )
+        return limit
+
+    async def run(http: HttpRequest, body: _Sampling, prompts: list[list[int]], max_tokens: int):
+        """Start n choices per prompt; yields (choice, event) as tokens and finishes arrive."""
+        if body.n > engine.slots:
+            raise ApiError(400, f"n is at most {engine.slots} (the server's slots).", "n")
+        stops = _stop_strings(body.stop)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        choices, requests = [], []
+        for prompt in prompts:
+            for _ in range(body.n):
+                choice = _Choice(len(choices), tokenizer, stops)
+
+                def on_token(token, choice=choice):
+                    loop.call_soon_threadsafe(events.put_nowait, (choice, "token", token))
+
+                def on_finish(reason, choice=choice):
+                    loop.call_soon_threadsafe(events.put_nowait, (choice, "finish", reason))
+
+                choices.append(choice)
+                requests.append(
+                    Request(
+                        prompt,
+                        max_tokens,
+                        temperature=body.temperature,
+                        top_k=body.top_k,
+                        top_p=body.top_p,
+                        seed=(seed + choice.index) % 2**32,
+                        stop_ids=tokenizer.stop_ids,
+                        on_token=on_token,
+                        on_finish=on_finish,
+                    )
+                )
+        try:
+            engine.submit(*requests)
+        except QueueFull as err:
+            raise ApiError(429, str(err), None, "rate_limit_error") from None
+        except RequestError as err:
+            raise ApiError(400, str(err)) from None
+        return choices, requests, events
+
+    async def events_of(http, choices, requests, events):
+        """(choice, new text) as it becomes safe to send, until every choice has finished."""
+        unfinished = len(choices)
+        try:
+            while unfinished:
+                try:
+                    choice, kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if choice.finish_reason is not None:
+                    continue  # e.g. the engine's "cancelled" after a stop string ended it here
+                if kind == "token":
+                    choice.add(value)
+                    if choice.stopped_by_string:
+                        choice.finish_reason = "stop"
+                        engine.cancel(requests[choice.index])
+                else:
+                    choice.finish_reason = "stop" if value == "stop" else "length" if value == "length" else value
+                if choice.finish_reason is not None:
+                    unfinished -= 1
+                if choice.finish_reason == "error":
+                    raise ApiError(500, "The model failed while generating.", None, "server_error")
+                yield choice
+        finally:
+            for request in requests:
+                engine.cancel(request)  # a no-op for finished ones; frees the slots of the rest
+
+    def usage(prompts, choices) -> dict:
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = sum(len(c.tokens) for c in choices)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def sse(data) -> str:
+        return f"data: {json.dumps(data)}\n\n"
+
+    # ------------------------------------------------------------------ /v1/completions
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HttpRequest):
+        check_model(body)
+        raw = body.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or not raw:
+            raw = [raw]
+        prompts = []
+        for prompt in raw:
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ApiError(400, "The prompt is empty.", "prompt")
+                prompts.append(tokenizer.encode(prompt, bos=True))
+            else:
+                if not prompt:
+                    raise ApiError(400, "The prompt is empty.", "prompt")
+                if any(t < 0 or t >= engine.cfg.vocab_size for t in prompt):
+                    raise ApiError(400, f"A prompt token is outside the vocabulary of {engine.cfg.vocab_size}.", "prompt")
+                prompts.append(list(prompt))
+        max_tokens = max(max_tokens_for(body, p, 16) for p in prompts)
+        choices, requests, events = await run(http, body, prompts, max_tokens)
+        ident, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+
+        def chunk(choice_list, with_usage=None):
+            out = {"id": ident, "object": "text_completion", "created": now, "model": name, "choices": choice_list}
+            if with_usage is not None:
+                out["usage"] = with_usage
+            return out
+
+        if body.stream:
+
+            async def stream():
+                async for choice in events_of(http, choices, requests, events):
+                    text = choice.ready_text()
+                    if text or choice.finish_reason:
+                        item = {"index": choice.index, "text": text, "logprobs": None, "finish_reason": choice.finish_reason}
+                        yield sse(chunk([item]))
+                yield sse(chunk([], usage(prompts, choices)))
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        async for _ in events_of(http, choices, requests, events):
+            pass
+        items = [
+            {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices
+        ]
+        return chunk(items, usage(prompts, choices))
+
+    # ------------------------------------------------------------------ /v1/chat/completions
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, http: HttpRequest):
+        check_model(body)
+        try:
+            prompt = encode_chat(tokenizer, _llama_messages(body), template=template, add_generation_prompt=True).ids
+        except ChatTemplateError as err:
+            raise ApiError(400, str(err), "messages") from None
+        max_tokens = max_tokens_for(body, prompt, None)
+        choices, requests, events = await run(http, body, [prompt], max_tokens)
+        ident, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+
+        def is_tool_call(choice) -> bool:
+            return bool(choice.tokens) and (choice.tokens[0] == python_tag or (body.tools and choice.text.lstrip().startswith("{")))
+
+        def message_of(choice) -> tuple[dict, str]:
+            if is_tool_call(choice):
+                text = tokenizer.decode([t for t in choice.tokens if t != python_tag])
+                call = _tool_call(text)
+                if call is not None:
+                    tool = {"id": f"call_{secrets.token_hex(8)}", "type": "function", "function": call}
+                    return {"role": "assistant", "content": None, "tool_calls": [tool]}, "tool_calls"
+            return {"role": "assistant", "content": choice.text}, choice.finish_reason
+
+        def chunk(choice_list, with_usage=None):
+            out = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": name, "choices": choice_list}
+            if with_usage is not None:
+                out["usage"] = with_usage
+            return out
+
+        if body.stream:
+
+            async def stream():
+                for choice in choices:
+                    yield sse(chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+                async for choice in events_of(http, choices, requests, events):
+                    if is_tool_call(choice) or (body.tools and not choice.text.strip()):
+                        if choice.finish_reason is None:
+                            continue  # a tool call is sent whole, once it has ended
+                        message, reason = message_of(choice)
+                        delta = {k: v for k, v in message.items() if k != "role"}
+                        if "tool_calls" in delta:
+                            delta["tool_calls"] = [dict(delta["tool_calls"][0], index=0)]
+                        yield sse(chunk([{"index": choice.index, "delta": delta, "finish_reason": reason}]))
+                        continue
+                    text = choice.ready_text()
+                    if text or choice.finish_reason:
+                        delta = {"content": text} if text else {}
+                        yield sse(chunk([{"index": choice.index, "delta": delta, "finish_reason": choice.finish_reason}]))
+                yield sse(chunk([], usage([prompt], choices)))
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        async for _ in events_of(http, choices, requests, events):
+            pass
+        items = []
+        for choice in choices:
+            message, reason = message_of(choice)
+            items.append({"index": choice.index, "message": message, "logprobs": None, "finish_reason": reason})
+        return {
+            "id": ident,
+            "object": "chat.completion",
+            "created": now,
+            "model": name,
+            "choices": items,
+            "usage": usage([prompt], choices),
+        }
+
+    return app
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_jax.serve", description="Serve a model with an OpenAI-compatible HTTP API."
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="a llama_jax parameters checkpoint or training workdir")
+    source.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one")
+    parser.add_argument("--quant", choices=("int8", "fp8"), default=None, help="quantize the weights for serving")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--name", default=None, help="the model's id in the API (default: the directory's name)")
+    parser.add_argument("--slots", type=int, default=8, help="requests decoded at once")
+    parser.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot")
+    parser.add_argument("--max-len", type=int, default=None, help="tokens per slot (default: the model's context)")
+    parser.add_argument("--tensor", type=int, default=1, help="devices that split each layer (tensor parallelism)")
+    parser.add_argument(
+        "--template", choices=("llama2", "llama3", "hf"), default=None, help="chat format (default: the tokenizer's family's)"
+    )
+    args = parser.parse_args(argv)
+
+    from pathlib import Path
+
+    import jax
+
+    from llama_jax.checkpoint import CheckpointError
+    from llama_jax.config import MeshConfig
+    from llama_jax.convert import ConversionError
+    from llama_jax.generate import GenerationError, load_model
+    from llama_jax.model import param_logical_axes
+    from llama_jax.quantize import quantize_params
+    from llama_jax.sharding import MeshError, make_mesh, tree_shardings
+
+    try:
+        if not 1 <= args.port <= 65535:
+            raise RequestError(f"--port must be between 1 and 65535, got {args.port}.")
+        cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
+        mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=args.tensor))
+        params = jax.device_put(params, tree_shardings(params, param_logical_axes(cfg), mesh))
+        if args.quant:
+            cfg, params = quantize_params(params, cfg, args.quant)
+        engine = Engine(params, cfg, slots=args.slots, max_len=args.max_len, queue_size=args.queue, mesh=mesh)
+        name = args.name or Path(args.ckpt or args.hf).resolve().name
+        app = make_app(engine, tokenizer, name, args.template)
+    except (RequestError, GenerationError, CheckpointError, ConversionError, MeshError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+    from tqdm import tqdm
+
+    with tqdm(total=len(engine.buckets) + 1, desc="compiling", unit="shape", file=sys.stderr) as bar:
+        engine.warm_up(lambda what: (bar.set_postfix_str(what), bar.update(1)))
+    engine.start()
+    print(f"Serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    except (OSError, SystemExit) as err:
+        print(f"error: cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
