@@ -39,7 +39,9 @@ MAX_STOP_STRINGS = 4
 class ApiError(Exception):
     """An error answered as OpenAI's API answers it: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
@@ -50,20 +52,59 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------- request bodies
 
 
+# OpenAI's fields that change nothing here (accepted and ignored), and those this server does not
+# implement (refused unless they hold OpenAI's default, rather than silently answering otherwise).
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "tool_choice")
+UNSUPPORTED_FIELDS = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+}
+
+
 class _Sampling(BaseModel):
-    # Fields OpenAI has and we do not read (logit_bias, user, ...) are accepted and ignored.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # not OpenAI's, as vLLM takes it
+    top_k: int = Field(default=0, ge=0)  # not OpenAI's; vLLM's extension
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
     n: int = Field(default=1, ge=1)
     stop: Union[str, list[str], None] = None
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None
+    tool_choice: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+
+    def check_supported(self) -> None:
+        for field, defaults in UNSUPPORTED_FIELDS.items():
+            value = getattr(self, field)
+            if not any(value == d and type(value) is type(d) for d in defaults):
+                raise ApiError(400, f"'{field}' is not supported by this server.", field)
+        if self.tool_choice not in (None, "auto", "none"):
+            raise ApiError(400, "Only tool_choice 'auto' and 'none' are supported.", "tool_choice")
 
 
 class CompletionBody(_Sampling):
@@ -150,7 +191,11 @@ def _tool_call(text: str) -> dict | None:
         pass
     try:
         node = ast.parse(text, mode="eval").body
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+        ):
             arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
             return {"name": node.func.value.id, "arguments": json.dumps(arguments)}
     except (SyntaxError, ValueError):
@@ -217,6 +262,11 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
         where = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             message, param = "The request body is not valid JSON.", None
+        elif first.get("type") == "extra_forbidden":
+            message, param = (
+                f"Unrecognized request argument: {'.'.join(where)}.",
+                where[-1] if where else None,
+            )
         else:
             message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid value')}."
             param = where[0] if where else None
@@ -228,19 +278,35 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": name, "object": "model", "created": created, "owned_by": "llama_jax", "max_model_len": engine.max_len}
+        card = {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "llama_jax",
+            "max_model_len": engine.max_len,
+        }
         return {"object": "list", "data": [card]}
 
     def check_model(body: _Sampling):
+        body.check_supported()
         if body.model is not None and body.model != name:
-            raise ApiError(404, f"The model '{body.model}' does not exist; this server has '{name}'.", "model", "not_found_error")
+            raise ApiError(
+                404,
+                f"The model '{body.model}' does not exist; this server has '{name}'.",
+                "model",
+                "not_found_error",
+            )
 
     def max_tokens_for(body: _Sampling, prompt: list[int], default: int | None) -> int:
         limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if limit is None:
             limit = default if default is not None else engine.max_len - len(prompt)
         if len(prompt) >= engine.max_len:
-            raise ApiError(400, f"The prompt has {len(prompt)} tokens; the server's context is {engine.max_len}.", "messages")
+            raise ApiError(
+                400,
+                f"The prompt has {len(prompt)} tokens; the server's context is {engine.max_len}.",
+                "messages",
+            )
         if len(prompt) + limit > engine.max_len:
             raise ApiError(
                 400,
@@ -278,7 +344,7 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
                         top_k=body.top_k,
                         top_p=body.top_p,
                         seed=(seed + choice.index) % 2**32,
-                        stop_ids=tokenizer.stop_ids,
+                        stop_ids=() if body.ignore_eos else tokenizer.stop_ids,
                         on_token=on_token,
                         on_finish=on_finish,
                     )
@@ -310,7 +376,9 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
                         choice.finish_reason = "stop"
                         engine.cancel(requests[choice.index])
                 else:
-                    choice.finish_reason = "stop" if value == "stop" else "length" if value == "length" else value
+                    choice.finish_reason = (
+                        "stop" if value == "stop" else "length" if value == "length" else value
+                    )
                 if choice.finish_reason is not None:
                     unfinished -= 1
                 if choice.finish_reason == "error":
@@ -350,14 +418,22 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
                 if not prompt:
                     raise ApiError(400, "The prompt is empty.", "prompt")
                 if any(t < 0 or t >= engine.cfg.vocab_size for t in prompt):
-                    raise ApiError(400, f"A prompt token is outside the vocabulary of {engine.cfg.vocab_size}.", "prompt")
+                    raise ApiError(
+                        400, f"A prompt token is outside the vocabulary of {engine.cfg.vocab_size}.", "prompt"
+                    )
                 prompts.append(list(prompt))
         max_tokens = max(max_tokens_for(body, p, 16) for p in prompts)
         choices, requests, events = await run(http, body, prompts, max_tokens)
         ident, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
         def chunk(choice_list, with_usage=None):
-            out = {"id": ident, "object": "text_completion", "created": now, "model": name, "choices": choice_list}
+            out = {
+                "id": ident,
+                "object": "text_completion",
+                "created": now,
+                "model": name,
+                "choices": choice_list,
+            }
             if with_usage is not None:
                 out["usage"] = with_usage
             return out
@@ -368,7 +444,12 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
                 async for choice in events_of(http, choices, requests, events):
                     text = choice.ready_text()
                     if text or choice.finish_reason:
-                        item = {"index": choice.index, "text": text, "logprobs": None, "finish_reason": choice.finish_reason}
+                        item = {
+                            "index": choice.index,
+                            "text": text,
+                            "logprobs": None,
+                            "finish_reason": choice.finish_reason,
+                        }
                         yield sse(chunk([item]))
                 yield sse(chunk([], usage(prompts, choices)))
                 yield "data: [DONE]\n\n"
@@ -378,7 +459,8 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
         async for _ in events_of(http, choices, requests, events):
             pass
         items = [
-            {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices
+            {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            for c in choices
         ]
         return chunk(items, usage(prompts, choices))
 
@@ -388,7 +470,9 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
     async def chat(body: ChatBody, http: HttpRequest):
         check_model(body)
         try:
-            prompt = encode_chat(tokenizer, _llama_messages(body), template=template, add_generation_prompt=True).ids
+            prompt = encode_chat(
+                tokenizer, _llama_messages(body), template=template, add_generation_prompt=True
+            ).ids
         except ChatTemplateError as err:
             raise ApiError(400, str(err), "messages") from None
         max_tokens = max_tokens_for(body, prompt, None)
@@ -396,7 +480,9 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
         ident, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
         def is_tool_call(choice) -> bool:
-            return bool(choice.tokens) and (choice.tokens[0] == python_tag or (body.tools and choice.text.lstrip().startswith("{")))
+            return bool(choice.tokens) and (
+                choice.tokens[0] == python_tag or (body.tools and choice.text.lstrip().startswith("{"))
+            )
 
         def message_of(choice) -> tuple[dict, str]:
             if is_tool_call(choice):
@@ -408,7 +494,13 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
             return {"role": "assistant", "content": choice.text}, choice.finish_reason
 
         def chunk(choice_list, with_usage=None):
-            out = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": name, "choices": choice_list}
+            out = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": name,
+                "choices": choice_list,
+            }
             if with_usage is not None:
                 out["usage"] = with_usage
             return out
@@ -417,7 +509,17 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
 
             async def stream():
                 for choice in choices:
-                    yield sse(chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+                    yield sse(
+                        chunk(
+                            [
+                                {
+                                    "index": choice.index,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
                 async for choice in events_of(http, choices, requests, events):
                     if is_tool_call(choice) or (body.tools and not choice.text.strip()):
                         if choice.finish_reason is None:
@@ -431,7 +533,17 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
                     text = choice.ready_text()
                     if text or choice.finish_reason:
                         delta = {"content": text} if text else {}
-                        yield sse(chunk([{"index": choice.index, "delta": delta, "finish_reason": choice.finish_reason}]))
+                        yield sse(
+                            chunk(
+                                [
+                                    {
+                                        "index": choice.index,
+                                        "delta": delta,
+                                        "finish_reason": choice.finish_reason,
+                                    }
+                                ]
+                            )
+                        )
                 yield sse(chunk([], usage([prompt], choices)))
                 yield "data: [DONE]\n\n"
 
@@ -442,7 +554,9 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
         items = []
         for choice in choices:
             message, reason = message_of(choice)
-            items.append({"index": choice.index, "message": message, "logprobs": None, "finish_reason": reason})
+            items.append(
+                {"index": choice.index, "message": message, "logprobs": None, "finish_reason": reason}
+            )
         return {
             "id": ident,
             "object": "chat.completion",
@@ -466,16 +580,32 @@ def main(argv=None) -> int:
     source.add_argument("--ckpt", help="a llama_jax parameters checkpoint or training workdir")
     source.add_argument("--hf", help="a Hugging Face model directory (config.json + safetensors)")
     parser.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or a directory holding one")
-    parser.add_argument("--quant", choices=("int8", "fp8"), default=None, help="quantize the weights for serving")
+    parser.add_argument(
+        "--quant", choices=("int8", "fp8"), default=None, help="quantize the weights for serving"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--name", default=None, help="the model's id in the API (default: the directory's name)")
+    parser.add_argument(
+        "--name", default=None, help="the model's id in the API (default: the directory's name)"
+    )
     parser.add_argument("--slots", type=int, default=8, help="requests decoded at once")
     parser.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot")
-    parser.add_argument("--max-len", type=int, default=None, help="tokens per slot (default: the model's context)")
-    parser.add_argument("--tensor", type=int, default=1, help="devices that split each layer (tensor parallelism)")
     parser.add_argument(
-        "--template", choices=("llama2", "llama3", "hf"), default=None, help="chat format (default: the tokenizer's family's)"
+        "--max-len", type=int, default=None, help="tokens per slot (default: the model's context)"
+    )
+    parser.add_argument(
+        "--buckets",
+        default=None,
+        help="prompt lengths compiled for prefill, e.g. 128,512,2048 (default: powers of two)",
+    )
+    parser.add_argument(
+        "--tensor", type=int, default=1, help="devices that split each layer (tensor parallelism)"
+    )
+    parser.add_argument(
+        "--template",
+        choices=("llama2", "llama3", "hf"),
+        default=None,
+        help="chat format (default: the tokenizer's family's)",
     )
     args = parser.parse_args(argv)
 
@@ -494,15 +624,39 @@ def main(argv=None) -> int:
     try:
         if not 1 <= args.port <= 65535:
             raise RequestError(f"--port must be between 1 and 65535, got {args.port}.")
+        try:
+            buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else None
+        except ValueError:
+            raise RequestError(
+                f"--buckets takes lengths separated by commas, got {args.buckets!r}."
+            ) from None
+        if buckets and min(buckets) < 1:
+            raise RequestError("--buckets must be positive lengths.")
         cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
         mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=args.tensor))
         params = jax.device_put(params, tree_shardings(params, param_logical_axes(cfg), mesh))
         if args.quant:
             cfg, params = quantize_params(params, cfg, args.quant)
-        engine = Engine(params, cfg, slots=args.slots, max_len=args.max_len, queue_size=args.queue, mesh=mesh)
+        engine = Engine(
+            params,
+            cfg,
+            slots=args.slots,
+            max_len=args.max_len,
+            queue_size=args.queue,
+            buckets=buckets,
+            mesh=mesh,
+        )
         name = args.name or Path(args.ckpt or args.hf).resolve().name
         app = make_app(engine, tokenizer, name, args.template)
-    except (RequestError, GenerationError, CheckpointError, ConversionError, MeshError, ValueError, FileNotFoundError) as err:
+    except (
+        RequestError,
+        GenerationError,
+        CheckpointError,
+        ConversionError,
+        MeshError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -512,7 +666,11 @@ def main(argv=None) -> int:
     with tqdm(total=len(engine.buckets) + 1, desc="compiling", unit="shape", file=sys.stderr) as bar:
         engine.warm_up(lambda what: (bar.set_postfix_str(what), bar.update(1)))
     engine.start()
-    print(f"Serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", file=sys.stderr, flush=True)
+    print(
+        f"Serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except (OSError, SystemExit) as err:

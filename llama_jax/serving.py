@@ -107,7 +107,9 @@ def _prefill(params, cache, tokens, positions, segment_ids, slot, temperature, t
     cache)."""
     bucket = tokens.shape[1]
     small = KVCache.empty(cfg, 1, bucket, cache.keys.dtype)
-    logits, small = Llama(cfg).apply({"params": params}, tokens, small, positions, segment_ids, method=Llama.decode)
+    logits, small = Llama(cfg).apply(
+        {"params": params}, tokens, small, positions, segment_ids, method=Llama.decode
+    )
     token = sample_rows(logits[:, -1], _row_keys(seed, jnp.zeros_like(seed)), temperature, top_k, top_p)
 
     max_len = cache.keys.shape[2]
@@ -159,7 +161,9 @@ class Engine:
         if slots < 1 or queue_size < 0:
             raise RequestError("The server needs at least one slot and a queue size of at least 0.")
         if not 2 <= max_len <= cfg.max_seq_len:
-            raise RequestError(f"The cache length must be between 2 and the model's context of {cfg.max_seq_len}.")
+            raise RequestError(
+                f"The cache length must be between 2 and the model's context of {cfg.max_seq_len}."
+            )
         self.cfg, self.params, self.max_len = cfg, params, max_len
         self.slots, self.queue_size = slots, queue_size
         self.buckets = tuple(sorted({min(b, max_len) for b in (buckets or default_buckets(max_len))}))
@@ -184,9 +188,7 @@ class Engine:
             )()
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         outs = (replicated, self._cache_sharding)
-        self._prefill_fn = jax.jit(
-            lambda *a: _prefill(*a, cfg=cfg), out_shardings=outs, donate_argnums=(1,)
-        )
+        self._prefill_fn = jax.jit(lambda *a: _prefill(*a, cfg=cfg), out_shardings=outs, donate_argnums=(1,))
         self._decode_fn = jax.jit(lambda *a: _decode(*a, cfg=cfg), out_shardings=outs, donate_argnums=(1,))
 
     def _context(self):
@@ -275,7 +277,9 @@ class Engine:
                 raise QueueFull("The server is shutting down.")
             free = self._slots.count(None)
             if len(self._waiting) + len(requests) > self.queue_size + free:
-                raise QueueFull(f"All {self.slots} slots are busy and the queue of {self.queue_size} is full.")
+                raise QueueFull(
+                    f"All {self.slots} slots are busy and the queue of {self.queue_size} is full."
+                )
             self._waiting.extend(requests)
             self._cond.notify()
 
