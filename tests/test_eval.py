@@ -145,6 +145,36 @@ def test_cli_perplexity_choices_and_quant(small_checkpoint, task_files, capsys):
     assert float(table["perplexity"]) == pytest.approx(expected.perplexity, rel=0.02)
 
 
+def test_without_bos_and_text_measures(small_checkpoint, task_files, capsys):
+    ckpt, tokenizer_path, cfg, params = small_checkpoint
+    tokenizer = load_tokenizer(tokenizer_path)
+    assert continuation_tokens(tokenizer, "the cat ", "sat", bos=False)[0] == tokenizer.encode("the cat")
+    # An empty context is BOS, with or without BOS in front of texts, as in lm-evaluation-harness.
+    assert continuation_tokens(tokenizer, "", "sat", bos=False) == ([1], tokenizer.encode("sat"))
+
+    text, _, choices = task_files
+    base = ["--ckpt", str(ckpt), "--tokenizer", tokenizer_path, "--seq-len", "32", "--no-bos"]
+    assert eval_lib.main(base + ["--perplexity", str(text)]) == 0
+    table = _table(capsys.readouterr().out)
+    content = text.read_text()
+    ids = tokenizer.encode(content)
+    expected = perplexity(params, cfg, [ids], seq_len=32, texts=[content])
+    assert table["BOS"] == "no" and table["tokens"] == f"{len(ids) - 1:,}" == f"{expected.tokens:,}"
+    # The text ends with a space: the harness counts the empty piece after it as a word.
+    words, n_bytes = 7 * 20 + 1, len(content.encode("utf-8"))
+    assert table["words"] == f"{words:,}" and table["bytes"] == f"{n_bytes:,}"
+    ll = -expected.nll * expected.tokens
+    assert float(table["word perplexity"]) == pytest.approx(math.exp(-ll / words), rel=1e-3)
+    assert float(table["byte perplexity"]) == pytest.approx(math.exp(-ll / n_bytes), rel=1e-3)
+    assert float(table["bits per byte"]) == pytest.approx(-ll / n_bytes / math.log(2), rel=1e-3)
+
+    assert eval_lib.main(base + ["--choices", str(choices)]) == 0
+    table = _table(capsys.readouterr().out)
+    questions = eval_lib.read_questions(choices)
+    scores = score_choices(params, cfg, tokenizer, questions, seq_len=32, bos=False)
+    assert table["acc_bytes"] == f"{scores.acc_bytes:.4f}"
+
+
 @pytest.mark.parametrize(
     "case,message",
     [
