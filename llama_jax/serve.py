@@ -663,7 +663,9 @@ def main(argv=None) -> int:
     import uvicorn
     from tqdm import tqdm
 
-    with tqdm(total=len(engine.buckets) + 1, desc="compiling", unit="shape", file=sys.stderr) as bar:
+    with tqdm(
+        total=len(engine.buckets) + len(engine.row_buckets), desc="compiling", unit="shape", file=sys.stderr
+    ) as bar:
         engine.warm_up(lambda what: (bar.set_postfix_str(what), bar.update(1)))
     engine.start()
     print(

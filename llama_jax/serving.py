@@ -15,7 +15,10 @@ request never waits for a long one and a finished one frees its row at the next 
   compiled prefill per bucket), and its keys and values are copied into its row so that they end
   at the cache's shared write index. The row's segment ids mark its own slots; the decode step's
   queries see only those, wherever the ring has put them.
-* The decode step is compiled once. Every compilation happens in `start()`.
+* The decode step runs the first R slots only, R the smallest power of two (or all the slots)
+  that covers every busy one; new requests take the lowest free slot, so a lightly loaded server
+  does not compute its idle rows. One compiled step per R; every compilation happens in
+  `warm_up()`, before the server listens.
 * Each request samples with its own temperature, top-k, top-p and seed: the key of its n-th token
   is `fold_in(key(seed), n)`, so its tokens do not depend on which other requests share the step.
 * Requests beyond the free slots wait in a queue of `queue_size`; beyond it `submit` raises
@@ -128,11 +131,25 @@ def _prefill(params, cache, tokens, positions, segment_ids, slot, temperature, t
 
 
 def _decode(params, cache, last, positions, live, temperature, top_k, top_p, seeds, counts, *, cfg):
-    """One token for every slot: (tokens [S], cache). Free slots (live 0) run as padding."""
-    logits, cache = Llama(cfg).apply(
-        {"params": params}, last[:, None], cache, positions[:, None], live[:, None], method=Llama.decode
+    """One token for each of the first R slots (R: the length of `last`): (tokens [R], cache).
+    Free slots among them (live 0) run as padding; the slots after them are not computed."""
+    rows = last.shape[0]
+    active = cache
+    if rows < cache.keys.shape[1]:
+        active = cache.replace(
+            keys=cache.keys[:, :rows], values=cache.values[:, :rows], segment_ids=cache.segment_ids[:rows]
+        )
+    logits, active = Llama(cfg).apply(
+        {"params": params}, last[:, None], active, positions[:, None], live[:, None], method=Llama.decode
     )
-    return sample_rows(logits[:, -1], _row_keys(seeds, counts), temperature, top_k, top_p), cache
+    if rows < cache.keys.shape[1]:
+        active = cache.replace(
+            keys=jax.lax.dynamic_update_slice(cache.keys, active.keys, (0,) * 5),
+            values=jax.lax.dynamic_update_slice(cache.values, active.values, (0,) * 5),
+            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, active.segment_ids, (0, 0)),
+            index=active.index,
+        )
+    return sample_rows(logits[:, -1], _row_keys(seeds, counts), temperature, top_k, top_p), active
 
 
 @dataclasses.dataclass
@@ -177,6 +194,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for /health and tests)
+        self.row_buckets = tuple(sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)}))
 
         cache = jax.eval_shape(lambda: KVCache.empty(cfg, slots, max_len).replace(wraps=True))
         axes = KVCache.logical_axes().replace(wraps=True)
@@ -218,8 +236,16 @@ class Engine:
             )
         return int(np.asarray(token)[0])
 
-    def _run_decode(self) -> np.ndarray:
-        rows = self._slots
+    def decode_rows(self, busy: int) -> int:
+        """The slots a decode step computes when the last busy slot is `busy - 1`."""
+        return next(r for r in self.row_buckets if r >= busy)
+
+    def _run_decode(self, count: int | None = None) -> np.ndarray:
+        """One decode step over the first `count` slots (default: as many as the busy ones need)."""
+        if count is None:
+            last_busy = max((i for i, s in enumerate(self._slots) if s is not None), default=0)
+            count = self.decode_rows(last_busy + 1)
+        rows = self._slots[:count]
         live = np.array([s is not None for s in rows], np.int32)
 
         def column(get, dtype, empty=0):
@@ -248,9 +274,10 @@ class Engine:
             self._run_prefill(0, Request(prompt=[0] * bucket, max_tokens=1))
             if progress:
                 progress(f"prefill {bucket}")
-        self._run_decode()
-        if progress:
-            progress("decode")
+        for rows in self.row_buckets:
+            self._run_decode(rows)
+            if progress:
+                progress(f"decode {rows}")
 
     # ------------------------------------------------------------------ requests
 
@@ -359,7 +386,7 @@ class Engine:
                     self._emit(index, self._run_prefill(index, self._slots[index].request))
                 if any(s is not None for s in self._slots):
                     tokens = self._run_decode()
-                    for index, slot in enumerate(self._slots):
+                    for index, slot in enumerate(self._slots[: len(tokens)]):
                         if slot is not None:
                             self._emit(index, int(tokens[index]))
             except Exception:  # a device error ends the requests it touched, not the server
