@@ -62,7 +62,7 @@ def start_server(ckpt, tokenizer, slots: int, max_len: int, log_path: Path):
     port = _free_port()
     command = [sys.executable, "-m", "llama_jax.serve", "--ckpt", str(ckpt), "--tokenizer", str(tokenizer)]
     command += ["--port", str(port), "--slots", str(slots), "--queue", "1024", "--max-len", str(max_len)]
-    command += ["--name", "bench", "--buckets", "64"]
+    command += ["--name", "bench"]
     log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -138,10 +138,10 @@ def main():
 
         # One at a time through generate (the same greedy work, no stop token), compiled first.
         sampling = SamplingConfig(args.max_tokens)
-        llama_generate(params, cfg, [prompts[0]], sampling, prompt_bucket=64)
+        llama_generate(params, cfg, [prompts[0]], sampling)
         start = time.perf_counter()
         for prompt in prompts:
-            llama_generate(params, cfg, [prompt], sampling, prompt_bucket=64)
+            llama_generate(params, cfg, [prompt], sampling)
         sequential_s = time.perf_counter() - start
         sequential_tps = args.requests * args.max_tokens / sequential_s
 

@@ -322,3 +322,48 @@ def test_beyond_the_queue_is_429(server):
     refused, ended = asyncio.run(scenario())
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
     assert all(r.status_code == 200 for r in ended)
+
+
+def test_llama_3_1_tool_calls_both_ways(server):
+    """A reply in either of Llama 3.1's call formats becomes an OpenAI tool call; an OpenAI
+    assistant tool call and the tool's result go back into the prompt in Llama 3.1's format."""
+    from llama_jax.serve import ChatBody, _llama_messages, _tool_call
+
+    assert _tool_call('{"name": "get_weather", "parameters": {"city": "Paris"}}') == {
+        "name": "get_weather",
+        "arguments": json.dumps({"city": "Paris"}),
+    }
+    assert _tool_call('brave_search.call(query="llama 3.1")') == {
+        "name": "brave_search",
+        "arguments": json.dumps({"query": "llama 3.1"}),
+    }
+    assert _tool_call("It is sunny.") is None
+
+    tokenizer = server[2]
+    body = ChatBody(
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    )
+    messages = _llama_messages(body)
+    assert messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
+    ids = encode_chat(tokenizer, messages, add_generation_prompt=True).ids
+    python_tag, eom = tokenizer.special_tokens["<|python_tag|>"], tokenizer.special_tokens["<|eom_id|>"]
+    call = ids.index(python_tag)
+    assert json.loads(tokenizer.decode(ids[call + 1 : ids.index(eom)])) == {
+        "name": "get_weather",
+        "parameters": {"city": "Paris"},
+    }
+    assert "ipython" in tokenizer.decode(ids[ids.index(eom) :])  # the result's header
