@@ -8,7 +8,8 @@ Without --ckpt a random model (8 layers, dim 1024, 94M parameters; Llama 3's tok
 is written to a temporary folder. The server runs as its own process on 127.0.0.1; every request streams exactly
 --max-tokens tokens (`ignore_eos`), greedy, so every row does the same work. Printed per row:
 requests/s, output tokens/s, time to first token and inter-token latency (median and p99, from
-the clients' clocks), and the output tokens/s as a multiple of one-at-a-time `generate`.
+the clients' clocks), and the output tokens/s as a multiple of the faster one-at-a-time
+`generate` (as loaded, or with the layers unrolled as the server runs them).
 Compilation is excluded: the server compiles before it listens, `generate` is called once first.
 """
 
@@ -128,6 +129,7 @@ def main():
     from llama_jax.config import SamplingConfig
     from llama_jax.generate import generate as llama_generate
     from llama_jax.generate import load_model
+    from llama_jax.quantize import unstack_layers
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -136,21 +138,30 @@ def main():
         rng = np.random.default_rng(0)
         prompts = [rng.integers(1, 300, args.prompt).tolist() for _ in range(args.requests)]
 
-        # One at a time through generate (the same greedy work, no stop token), compiled first.
+        # One at a time through generate (the same greedy work, no stop token), compiled first:
+        # as loaded (scanned layers, as training writes them), and with the layers unrolled as
+        # the server runs them (faster one token at a time on a CPU).
         sampling = SamplingConfig(args.max_tokens)
-        llama_generate(params, cfg, [prompts[0]], sampling)
-        start = time.perf_counter()
-        for prompt in prompts:
-            llama_generate(params, cfg, [prompt], sampling)
-        sequential_s = time.perf_counter() - start
-        sequential_tps = args.requests * args.max_tokens / sequential_s
+        baselines = []
+        for name, (model_cfg, model_params) in {
+            "generate, one at a time": (cfg, params),
+            "generate, one at a time, layers unrolled": (
+                cfg.replace(scan_layers=False),
+                unstack_layers(params, cfg),
+            ),
+        }.items():
+            llama_generate(model_params, model_cfg, [prompts[0]], sampling)
+            start = time.perf_counter()
+            for prompt in prompts:
+                llama_generate(model_params, model_cfg, [prompt], sampling)
+            seconds = time.perf_counter() - start
+            baselines.append((name, args.requests / seconds, args.requests * args.max_tokens / seconds))
+        sequential_tps = max(tps for _, _, tps in baselines)  # the faster of the two
 
         process, url = start_server(ckpt, tokenizer, args.slots, args.max_len, root / "server.log")
         try:
             stream_one(url, prompts[0], 4)  # a first request through the whole path
-            rows = [
-                ("generate, one at a time", args.requests / sequential_s, sequential_tps, None, None, 1.0)
-            ]
+            rows = [(name, rps, tps, None, None, tps / sequential_tps) for name, rps, tps in baselines]
             for clients in [int(c) for c in args.clients.split(",")]:
                 wall, results = run_clients(url, prompts, args.max_tokens, clients)
                 tokens = sum(r[2] for r in results)

@@ -89,18 +89,21 @@ class KVCache:
         )
 
     def write(self, layer, k, v) -> KVCache:
-        """k, v [B, T, K, D] written at (`layer`, index): only the new slice, in place inside
-        the decode loop, never a copy of the whole cache."""
+        """k, v [B, T, K, D] written at (`layer`, index) of the first B rows: only the new slice,
+        in place inside the decode loop, never a copy of the whole cache."""
         at = (layer, 0, self.index, 0, 0)
         return self.replace(
             keys=jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), at),
             values=jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), at),
         )
 
-    def layer(self, layer, dtype):
-        """(keys, values) of one layer, [B, max_len, K, D] in `dtype`."""
+    def layer(self, layer, dtype, rows: int | None = None):
+        """(keys, values) of one layer, [B, max_len, K, D] in `dtype`; with `rows`, of the first
+        `rows` rows only (the server's decode step over its busy slots)."""
+        rows = self.keys.shape[1] if rows is None else rows
+        size = (1, rows, *self.keys.shape[2:])
         return tuple(
-            jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(dtype)
+            jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), size)[0].astype(dtype)
             for c in (self.keys, self.values)
         )
 
@@ -272,14 +275,15 @@ class Attention(nn.Module):
         if cache is None:
             out = attention(q, k, v, segment_ids, implementation=cfg.attention)
         else:
+            rows = q.shape[0]  # fewer than the cache's when the server decodes its busy slots only
             cache = cache.write(layer, k, v)
-            k_layer, v_layer = cache.layer(layer, dtype)
+            k_layer, v_layer = cache.layer(layer, dtype, rows)
             out = attention(
                 q,
                 k_layer,
                 v_layer,
                 segment_ids,
-                cache.segment_ids,
+                cache.segment_ids[:rows],
                 q_offset=cache.query_offset(q.shape[1]),
                 implementation=cfg.attention,
             )

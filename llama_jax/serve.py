@@ -618,7 +618,7 @@ def main(argv=None) -> int:
     from llama_jax.convert import ConversionError
     from llama_jax.generate import GenerationError, load_model
     from llama_jax.model import param_logical_axes
-    from llama_jax.quantize import quantize_params
+    from llama_jax.quantize import quantize_params, unstack_layers
     from llama_jax.sharding import MeshError, make_mesh, tree_shardings
 
     try:
@@ -633,6 +633,8 @@ def main(argv=None) -> int:
         if buckets and min(buckets) < 1:
             raise RequestError("--buckets must be positive lengths.")
         cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
+        # Layers unrolled (as the engine runs them), before placing, so only one copy is kept.
+        params, cfg = unstack_layers(params, cfg), cfg.replace(scan_layers=False)
         mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=args.tensor))
         params = jax.device_put(params, tree_shardings(params, param_logical_axes(cfg), mesh))
         if args.quant:

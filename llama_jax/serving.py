@@ -39,6 +39,7 @@ import numpy as np
 
 from llama_jax.config import DEFAULT_RULES, MeshConfig, ModelConfig
 from llama_jax.model import KVCache, Llama
+from llama_jax.quantize import unstack_layers
 from llama_jax.sharding import activation_sharding, make_mesh, tree_shardings
 
 log = logging.getLogger(__name__)
@@ -132,24 +133,12 @@ def _prefill(params, cache, tokens, positions, segment_ids, slot, temperature, t
 
 def _decode(params, cache, last, positions, live, temperature, top_k, top_p, seeds, counts, *, cfg):
     """One token for each of the first R slots (R: the length of `last`): (tokens [R], cache).
-    Free slots among them (live 0) run as padding; the slots after them are not computed."""
-    rows = last.shape[0]
-    active = cache
-    if rows < cache.keys.shape[1]:
-        active = cache.replace(
-            keys=cache.keys[:, :rows], values=cache.values[:, :rows], segment_ids=cache.segment_ids[:rows]
-        )
-    logits, active = Llama(cfg).apply(
-        {"params": params}, last[:, None], active, positions[:, None], live[:, None], method=Llama.decode
+    Free slots among them (live 0) run as padding; the slots after them are not computed (the
+    model reads and writes the cache's first R rows only)."""
+    logits, cache = Llama(cfg).apply(
+        {"params": params}, last[:, None], cache, positions[:, None], live[:, None], method=Llama.decode
     )
-    if rows < cache.keys.shape[1]:
-        active = cache.replace(
-            keys=jax.lax.dynamic_update_slice(cache.keys, active.keys, (0,) * 5),
-            values=jax.lax.dynamic_update_slice(cache.values, active.values, (0,) * 5),
-            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, active.segment_ids, (0, 0)),
-            index=active.index,
-        )
-    return sample_rows(logits[:, -1], _row_keys(seeds, counts), temperature, top_k, top_p), active
+    return sample_rows(logits[:, -1], _row_keys(seeds, counts), temperature, top_k, top_p), cache
 
 
 @dataclasses.dataclass
@@ -175,6 +164,8 @@ class Engine:
         rules=None,
     ):
         max_len = max_len or cfg.max_seq_len
+        if cfg.scan_layers:  # one token at a time runs faster with the layers unrolled
+            params, cfg = unstack_layers(params, cfg), cfg.replace(scan_layers=False)
         if slots < 1 or queue_size < 0:
             raise RequestError("The server needs at least one slot and a queue size of at least 0.")
         if not 2 <= max_len <= cfg.max_seq_len:
