@@ -208,6 +208,7 @@ def test_text_measures_match_the_harness_and_direct_formulas(setup):
     assert numbers["bits_per_byte,none"] == pytest.approx(result.bits_per_byte, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_requests_without_bos_match_hf_without_bos(setup):
     hf_dir, _, _, _ = setup
     hf = _hf_lm(hf_dir, add_bos_token=False)
@@ -223,6 +224,7 @@ def test_requests_without_bos_match_hf_without_bos(setup):
     )
 
 
+@pytest.mark.slow
 def test_cli_runs_a_task_and_writes_the_results(setup, tmp_path, capsys):
     hf_dir, tasks, _, _ = setup
     output = tmp_path / "results.json"

@@ -50,6 +50,7 @@ def run_all(engine, requests, timeout=120):
     return results
 
 
+@pytest.mark.slow  # the server tests check the same through HTTP in the default run
 def test_requests_joining_and_leaving_get_what_generate_gives(params):
     """More requests than slots, of mixed lengths, through a cache so short that its ring wraps
     many times: every greedy answer equals generate()'s for that prompt alone."""
@@ -71,6 +72,7 @@ def test_requests_joining_and_leaving_get_what_generate_gives(params):
         engine.stop()
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_a_request_and_free_its_slot(params):
     prompt = [5, 6, 7]
     free = generate(params, CFG, [prompt], SamplingConfig(12))[0]
@@ -86,6 +88,7 @@ def test_stop_tokens_end_a_request_and_free_its_slot(params):
         engine.stop()
 
 
+@pytest.mark.slow
 def test_sharded_slots_match_one_device(params):
     """Slots split over data=2 and heads over tensor=2 (4 simulated devices)."""
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
@@ -103,6 +106,7 @@ def test_sharded_slots_match_one_device(params):
         engine.stop()
 
 
+@pytest.mark.slow
 def test_sampled_tokens_depend_on_the_seed_not_on_the_neighbours(params):
     engine = Engine(params, CFG, slots=4, max_len=40, queue_size=8, buckets=(16,))
     engine.start()
