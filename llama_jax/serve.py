@@ -34,6 +34,7 @@ from llama_jax.chat_template import PYTHON_TAG, ChatTemplateError, encode_chat
 from llama_jax.serving import Engine, QueueFull, Request, RequestError
 
 MAX_STOP_STRINGS = 4
+DEFAULT_MAX_LEN = 8192  # tokens per slot unless --max-len says otherwise
 
 
 class ApiError(Exception):
@@ -591,7 +592,10 @@ def main(argv=None) -> int:
     parser.add_argument("--slots", type=int, default=8, help="requests decoded at once")
     parser.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot")
     parser.add_argument(
-        "--max-len", type=int, default=None, help="tokens per slot (default: the model's context)"
+        "--max-len",
+        type=int,
+        default=None,
+        help=f"tokens per slot (default: the model's context, at most {DEFAULT_MAX_LEN})",
     )
     parser.add_argument(
         "--buckets",
@@ -643,7 +647,9 @@ def main(argv=None) -> int:
             params,
             cfg,
             slots=args.slots,
-            max_len=args.max_len,
+            # Every slot holds max_len tokens of cache: Llama 3.1's whole 128K context in 8 slots
+            # would be over 100 GB for the 8B model, so longer slots are asked for, not assumed.
+            max_len=args.max_len or min(cfg.max_seq_len, DEFAULT_MAX_LEN),
             queue_size=args.queue,
             buckets=buckets,
             mesh=mesh,
