@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import functools
 import json
 import secrets
 import sys
@@ -248,123 +249,65 @@ def _llama_messages(body: ChatBody) -> list[dict]:
 # ---------------------------------------------------------------------- the app
 
 
-def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
-    app = FastAPI(title="llama_jax", docs_url=None, redoc_url=None)
-    created = int(time.time())
-    python_tag = tokenizer.special_tokens.get(PYTHON_TAG)
+def _sse(data) -> str:
+    return f"data: {json.dumps(data)}\n\n"
 
-    @app.exception_handler(ApiError)
-    async def api_error(_, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            message, param = "The request body is not valid JSON.", None
-        elif first.get("type") == "extra_forbidden":
-            message, param = (
-                f"Unrecognized request argument: {'.'.join(where)}.",
-                where[-1] if where else None,
-            )
-        else:
-            message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid value')}."
-            param = where[0] if where else None
-        return JSONResponse(ApiError(400, message, param).body(), status_code=400)
+def _invalid_body_error(err: RequestValidationError) -> ApiError:
+    """FastAPI's validation error as one OpenAI-style sentence."""
+    first = err.errors()[0] if err.errors() else {}
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "The request body is not valid JSON.")
+    if first.get("type") == "extra_forbidden":
+        return ApiError(
+            400, f"Unrecognized request argument: {'.'.join(where)}.", where[-1] if where else None
+        )
+    message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid value')}."
+    return ApiError(400, message, where[0] if where else None)
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": name, "steps": engine.steps, **engine.load()}
 
-    @app.get("/v1/models")
-    async def models():
-        card = {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "llama_jax",
-            "max_model_len": engine.max_len,
+class _Generation:
+    """The choices of one API request, their engine requests, and the events the engine thread
+    sends back for them."""
+
+    def __init__(self, kind: str, name: str, prompts: list[list[int]]):
+        self.kind, self.name, self.prompts = kind, name, prompts
+        self.ident, self.created = f"{kind}-{secrets.token_hex(12)}", int(time.time())
+        self.choices: list[_Choice] = []
+        self.requests: list[Request] = []
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    def envelope(self, obj: str, choices: list, with_usage: bool = False) -> dict:
+        out = {
+            "id": self.ident,
+            "object": obj,
+            "created": self.created,
+            "model": self.name,
+            "choices": choices,
         }
-        return {"object": "list", "data": [card]}
+        if with_usage:
+            out["usage"] = self.usage()
+        return out
 
-    def check_model(body: _Sampling):
-        body.check_supported()
-        if body.model is not None and body.model != name:
-            raise ApiError(
-                404,
-                f"The model '{body.model}' does not exist; this server has '{name}'.",
-                "model",
-                "not_found_error",
-            )
+    def usage(self) -> dict:
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        completion_tokens = sum(len(c.tokens) for c in self.choices)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
-    def max_tokens_for(body: _Sampling, prompt: list[int], default: int | None) -> int:
-        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        if limit is None:
-            limit = default if default is not None else engine.max_len - len(prompt)
-        if len(prompt) >= engine.max_len:
-            raise ApiError(
-                400,
-                f"The prompt has {len(prompt)} tokens; the server's context is {engine.max_len}.",
-                "messages",
-            )
-        if len(prompt) + limit > engine.max_len:
-            raise ApiError(
-                400,
-                f"The prompt ({len(prompt)} tokens) plus max_tokens ({limit}) exceed the server's "
-                f"context of {engine.max_len} tokens.",
-                "max_tokens",
-            )
-        return limit
-
-    async def run(http: HttpRequest, body: _Sampling, prompts: list[list[int]], max_tokens: int):
-        """Start n choices per prompt; yields (choice, event) as tokens and finishes arrive."""
-        if body.n > engine.slots:
-            raise ApiError(400, f"n is at most {engine.slots} (the server's slots).", "n")
-        stops = _stop_strings(body.stop)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        choices, requests = [], []
-        for prompt in prompts:
-            for _ in range(body.n):
-                choice = _Choice(len(choices), tokenizer, stops)
-
-                def on_token(token, choice=choice):
-                    loop.call_soon_threadsafe(events.put_nowait, (choice, "token", token))
-
-                def on_finish(reason, choice=choice):
-                    loop.call_soon_threadsafe(events.put_nowait, (choice, "finish", reason))
-
-                choices.append(choice)
-                requests.append(
-                    Request(
-                        prompt,
-                        max_tokens,
-                        temperature=body.temperature,
-                        top_k=body.top_k,
-                        top_p=body.top_p,
-                        seed=(seed + choice.index) % 2**32,
-                        stop_ids=() if body.ignore_eos else tokenizer.stop_ids,
-                        on_token=on_token,
-                        on_finish=on_finish,
-                    )
-                )
-        try:
-            engine.submit(*requests)
-        except QueueFull as err:
-            raise ApiError(429, str(err), None, "rate_limit_error") from None
-        except RequestError as err:
-            raise ApiError(400, str(err)) from None
-        return choices, requests, events
-
-    async def events_of(http, choices, requests, events):
-        """(choice, new text) as it becomes safe to send, until every choice has finished."""
-        unfinished = len(choices)
+    async def updates(self, http: HttpRequest, engine: Engine):
+        """Each choice as it gains text or finishes, until all have finished (or the client left).
+        The engine's requests are cancelled on the way out: a no-op for finished ones, the freeing
+        of their slots for the rest."""
+        unfinished = len(self.choices)
         try:
             while unfinished:
                 try:
-                    choice, kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
+                    choice, kind, value = await asyncio.wait_for(self.events.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return
@@ -375,202 +318,269 @@ def make_app(engine: Engine, tokenizer, name: str, template: str | None = None):
                     choice.add(value)
                     if choice.stopped_by_string:
                         choice.finish_reason = "stop"
-                        engine.cancel(requests[choice.index])
+                        engine.cancel(self.requests[choice.index])
                 else:
-                    choice.finish_reason = (
-                        "stop" if value == "stop" else "length" if value == "length" else value
-                    )
+                    choice.finish_reason = value
                 if choice.finish_reason is not None:
                     unfinished -= 1
                 if choice.finish_reason == "error":
                     raise ApiError(500, "The model failed while generating.", None, "server_error")
                 yield choice
         finally:
-            for request in requests:
-                engine.cancel(request)  # a no-op for finished ones; frees the slots of the rest
+            for request in self.requests:
+                engine.cancel(request)
 
-    def usage(prompts, choices) -> dict:
-        prompt_tokens = sum(len(p) for p in prompts)
-        completion_tokens = sum(len(c.tokens) for c in choices)
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
 
-    def sse(data) -> str:
-        return f"data: {json.dumps(data)}\n\n"
+class _Server:
+    """What the endpoints share: the engine, the tokenizer and the model's name."""
 
-    # ------------------------------------------------------------------ /v1/completions
+    def __init__(self, engine: Engine, tokenizer, name: str, template: str | None):
+        self.engine, self.tokenizer, self.name, self.template = engine, tokenizer, name, template
+        self.python_tag = tokenizer.special_tokens.get(PYTHON_TAG)
+
+    def check(self, body: _Sampling) -> None:
+        body.check_supported()
+        if body.model is not None and body.model != self.name:
+            raise ApiError(
+                404,
+                f"The model '{body.model}' does not exist; this server has '{self.name}'.",
+                "model",
+                "not_found_error",
+            )
+
+    def max_tokens(self, body: _Sampling, prompt: list[int], default: int | None) -> int:
+        max_len = self.engine.max_len
+        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if limit is None:
+            limit = default if default is not None else max_len - len(prompt)
+        if len(prompt) >= max_len:
+            raise ApiError(
+                400, f"The prompt has {len(prompt)} tokens; the server's context is {max_len}.", "messages"
+            )
+        if len(prompt) + limit > max_len:
+            raise ApiError(
+                400,
+                f"The prompt ({len(prompt)} tokens) plus max_tokens ({limit}) exceed the server's "
+                f"context of {max_len} tokens.",
+                "max_tokens",
+            )
+        return limit
+
+    def completion_prompts(self, raw) -> list[list[int]]:
+        """Token ids of `prompt`: a string, a list of strings, ids, or a list of id lists."""
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or not raw:
+            raw = [raw]
+        vocab = self.engine.cfg.vocab_size
+        prompts = []
+        for prompt in raw:
+            if not prompt:
+                raise ApiError(400, "The prompt is empty.", "prompt")
+            if isinstance(prompt, str):
+                prompts.append(self.tokenizer.encode(prompt, bos=True))
+            elif any(t < 0 or t >= vocab for t in prompt):
+                raise ApiError(400, f"A prompt token is outside the vocabulary of {vocab}.", "prompt")
+            else:
+                prompts.append(list(prompt))
+        return prompts
+
+    def start(self, kind: str, body: _Sampling, prompts: list[list[int]], max_tokens: int) -> _Generation:
+        """Queue n choices per prompt with the engine (429 if it is full)."""
+        if body.n > self.engine.slots:
+            raise ApiError(400, f"n is at most {self.engine.slots} (the server's slots).", "n")
+        stops = _stop_strings(body.stop)
+        loop = asyncio.get_running_loop()
+        generation = _Generation(kind, self.name, prompts)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        for prompt in prompts:
+            for _ in range(body.n):
+                choice = _Choice(len(generation.choices), self.tokenizer, stops)
+
+                def send(kind, value, choice=choice):  # called from the engine's thread
+                    loop.call_soon_threadsafe(generation.events.put_nowait, (choice, kind, value))
+
+                generation.choices.append(choice)
+                generation.requests.append(
+                    Request(
+                        prompt,
+                        max_tokens,
+                        temperature=body.temperature,
+                        top_k=body.top_k,
+                        top_p=body.top_p,
+                        seed=(seed + choice.index) % 2**32,
+                        stop_ids=() if body.ignore_eos else self.tokenizer.stop_ids,
+                        on_token=functools.partial(send, "token"),
+                        on_finish=functools.partial(send, "finish"),
+                    )
+                )
+        try:
+            self.engine.submit(*generation.requests)
+        except QueueFull as err:
+            raise ApiError(429, str(err), None, "rate_limit_error") from None
+        except RequestError as err:
+            raise ApiError(400, str(err)) from None
+        return generation
+
+    def is_tool_call(self, body: ChatBody, choice: _Choice) -> bool:
+        return bool(choice.tokens) and (
+            choice.tokens[0] == self.python_tag or bool(body.tools and choice.text.lstrip().startswith("{"))
+        )
+
+    def message(self, body: ChatBody, choice: _Choice) -> tuple[dict, str]:
+        """The assistant message of a finished choice (a tool call where the reply is one) and its
+        finish reason."""
+        if self.is_tool_call(body, choice):
+            call = _tool_call(self.tokenizer.decode([t for t in choice.tokens if t != self.python_tag]))
+            if call is not None:
+                tool = {"id": f"call_{secrets.token_hex(8)}", "type": "function", "function": call}
+                return {"role": "assistant", "content": None, "tool_calls": [tool]}, "tool_calls"
+        return {"role": "assistant", "content": choice.text}, choice.finish_reason
+
+    async def completion_stream(self, http, generation: _Generation):
+        async for choice in generation.updates(http, self.engine):
+            text = choice.ready_text()
+            if text or choice.finish_reason:
+                item = {
+                    "index": choice.index,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": choice.finish_reason,
+                }
+                yield _sse(generation.envelope("text_completion", [item]))
+        yield _sse(generation.envelope("text_completion", [], with_usage=True))
+        yield "data: [DONE]\n\n"
+
+    async def chat_stream(self, http, body: ChatBody, generation: _Generation):
+        def chunk(index, delta, finish_reason):
+            item = {"index": index, "delta": delta, "finish_reason": finish_reason}
+            return _sse(generation.envelope("chat.completion.chunk", [item]))
+
+        for choice in generation.choices:
+            yield chunk(choice.index, {"role": "assistant", "content": ""}, None)
+        async for choice in generation.updates(http, self.engine):
+            if self.is_tool_call(body, choice) or (body.tools and not choice.text.strip()):
+                if choice.finish_reason is None:
+                    continue  # a tool call is sent whole, once it has ended
+                message, reason = self.message(body, choice)
+                delta = {k: v for k, v in message.items() if k != "role"}
+                if "tool_calls" in delta:
+                    delta["tool_calls"] = [dict(delta["tool_calls"][0], index=0)]
+                yield chunk(choice.index, delta, reason)
+                continue
+            text = choice.ready_text()
+            if text or choice.finish_reason:
+                yield chunk(choice.index, {"content": text} if text else {}, choice.finish_reason)
+        yield _sse(generation.envelope("chat.completion.chunk", [], with_usage=True))
+        yield "data: [DONE]\n\n"
+
+
+def make_app(engine: Engine, tokenizer, name: str, template: str | None = None) -> FastAPI:
+    app = FastAPI(title="llama_jax", docs_url=None, redoc_url=None)
+    server = _Server(engine, tokenizer, name, template)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, err: RequestValidationError):
+        return await api_error(_, _invalid_body_error(err))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "steps": engine.steps, **engine.load()}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": name, "object": "model", "created": created, "owned_by": "llama_jax"}
+        return {"object": "list", "data": [dict(card, max_model_len=engine.max_len)]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HttpRequest):
-        check_model(body)
-        raw = body.prompt
-        if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or not raw:
-            raw = [raw]
-        prompts = []
-        for prompt in raw:
-            if isinstance(prompt, str):
-                if not prompt:
-                    raise ApiError(400, "The prompt is empty.", "prompt")
-                prompts.append(tokenizer.encode(prompt, bos=True))
-            else:
-                if not prompt:
-                    raise ApiError(400, "The prompt is empty.", "prompt")
-                if any(t < 0 or t >= engine.cfg.vocab_size for t in prompt):
-                    raise ApiError(
-                        400, f"A prompt token is outside the vocabulary of {engine.cfg.vocab_size}.", "prompt"
-                    )
-                prompts.append(list(prompt))
-        max_tokens = max(max_tokens_for(body, p, 16) for p in prompts)
-        choices, requests, events = await run(http, body, prompts, max_tokens)
-        ident, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-
-        def chunk(choice_list, with_usage=None):
-            out = {
-                "id": ident,
-                "object": "text_completion",
-                "created": now,
-                "model": name,
-                "choices": choice_list,
-            }
-            if with_usage is not None:
-                out["usage"] = with_usage
-            return out
-
+        server.check(body)
+        prompts = server.completion_prompts(body.prompt)
+        max_tokens = max(server.max_tokens(body, p, 16) for p in prompts)
+        generation = server.start("cmpl", body, prompts, max_tokens)
         if body.stream:
-
-            async def stream():
-                async for choice in events_of(http, choices, requests, events):
-                    text = choice.ready_text()
-                    if text or choice.finish_reason:
-                        item = {
-                            "index": choice.index,
-                            "text": text,
-                            "logprobs": None,
-                            "finish_reason": choice.finish_reason,
-                        }
-                        yield sse(chunk([item]))
-                yield sse(chunk([], usage(prompts, choices)))
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-        async for _ in events_of(http, choices, requests, events):
+            return StreamingResponse(
+                server.completion_stream(http, generation), media_type="text/event-stream"
+            )
+        async for _ in generation.updates(http, engine):
             pass
         items = [
             {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-            for c in choices
+            for c in generation.choices
         ]
-        return chunk(items, usage(prompts, choices))
-
-    # ------------------------------------------------------------------ /v1/chat/completions
+        return generation.envelope("text_completion", items, with_usage=True)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HttpRequest):
-        check_model(body)
+        server.check(body)
         try:
-            prompt = encode_chat(
-                tokenizer, _llama_messages(body), template=template, add_generation_prompt=True
-            ).ids
+            messages = _llama_messages(body)
+            prompt = encode_chat(tokenizer, messages, template=template, add_generation_prompt=True).ids
         except ChatTemplateError as err:
             raise ApiError(400, str(err), "messages") from None
-        max_tokens = max_tokens_for(body, prompt, None)
-        choices, requests, events = await run(http, body, [prompt], max_tokens)
-        ident, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-
-        def is_tool_call(choice) -> bool:
-            return bool(choice.tokens) and (
-                choice.tokens[0] == python_tag or (body.tools and choice.text.lstrip().startswith("{"))
-            )
-
-        def message_of(choice) -> tuple[dict, str]:
-            if is_tool_call(choice):
-                text = tokenizer.decode([t for t in choice.tokens if t != python_tag])
-                call = _tool_call(text)
-                if call is not None:
-                    tool = {"id": f"call_{secrets.token_hex(8)}", "type": "function", "function": call}
-                    return {"role": "assistant", "content": None, "tool_calls": [tool]}, "tool_calls"
-            return {"role": "assistant", "content": choice.text}, choice.finish_reason
-
-        def chunk(choice_list, with_usage=None):
-            out = {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": now,
-                "model": name,
-                "choices": choice_list,
-            }
-            if with_usage is not None:
-                out["usage"] = with_usage
-            return out
-
+        generation = server.start("chatcmpl", body, [prompt], server.max_tokens(body, prompt, None))
         if body.stream:
-
-            async def stream():
-                for choice in choices:
-                    yield sse(
-                        chunk(
-                            [
-                                {
-                                    "index": choice.index,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    )
-                async for choice in events_of(http, choices, requests, events):
-                    if is_tool_call(choice) or (body.tools and not choice.text.strip()):
-                        if choice.finish_reason is None:
-                            continue  # a tool call is sent whole, once it has ended
-                        message, reason = message_of(choice)
-                        delta = {k: v for k, v in message.items() if k != "role"}
-                        if "tool_calls" in delta:
-                            delta["tool_calls"] = [dict(delta["tool_calls"][0], index=0)]
-                        yield sse(chunk([{"index": choice.index, "delta": delta, "finish_reason": reason}]))
-                        continue
-                    text = choice.ready_text()
-                    if text or choice.finish_reason:
-                        delta = {"content": text} if text else {}
-                        yield sse(
-                            chunk(
-                                [
-                                    {
-                                        "index": choice.index,
-                                        "delta": delta,
-                                        "finish_reason": choice.finish_reason,
-                                    }
-                                ]
-                            )
-                        )
-                yield sse(chunk([], usage([prompt], choices)))
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-        async for _ in events_of(http, choices, requests, events):
+            return StreamingResponse(
+                server.chat_stream(http, body, generation), media_type="text/event-stream"
+            )
+        async for _ in generation.updates(http, engine):
             pass
         items = []
-        for choice in choices:
-            message, reason = message_of(choice)
+        for choice in generation.choices:
+            message, reason = server.message(body, choice)
             items.append(
                 {"index": choice.index, "message": message, "logprobs": None, "finish_reason": reason}
             )
-        return {
-            "id": ident,
-            "object": "chat.completion",
-            "created": now,
-            "model": name,
-            "choices": items,
-            "usage": usage([prompt], choices),
-        }
+        return generation.envelope("chat.completion", items, with_usage=True)
 
     return app
 
 
 # ---------------------------------------------------------------------- the CLI
+
+
+def _load(args) -> tuple[Engine, object, str]:
+    """(engine, tokenizer, the model's API name) from the command line; errors are one sentence."""
+    from pathlib import Path
+
+    import jax
+
+    from llama_jax.config import MeshConfig
+    from llama_jax.generate import load_model
+    from llama_jax.model import param_logical_axes
+    from llama_jax.quantize import quantize_params, unstack_layers
+    from llama_jax.sharding import make_mesh, tree_shardings
+
+    if not 1 <= args.port <= 65535:
+        raise RequestError(f"--port must be between 1 and 65535, got {args.port}.")
+    try:
+        buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else None
+    except ValueError:
+        raise RequestError(f"--buckets takes lengths separated by commas, got {args.buckets!r}.") from None
+    if buckets and min(buckets) < 1:
+        raise RequestError("--buckets must be positive lengths.")
+    cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
+    # Layers unrolled (as the engine runs them), before placing, so only one copy is kept.
+    params, cfg = unstack_layers(params, cfg), cfg.replace(scan_layers=False)
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=args.tensor))
+    params = jax.device_put(params, tree_shardings(params, param_logical_axes(cfg), mesh))
+    if args.quant:
+        cfg, params = quantize_params(params, cfg, args.quant)
+    engine = Engine(
+        params,
+        cfg,
+        slots=args.slots,
+        # Every slot holds max_len tokens of cache: Llama 3.1's whole 128K context in 8 slots
+        # would be over 100 GB for the 8B model, so longer slots are asked for, not assumed.
+        max_len=args.max_len or min(cfg.max_seq_len, DEFAULT_MAX_LEN),
+        queue_size=args.queue,
+        buckets=buckets,
+        mesh=mesh,
+    )
+    return engine, tokenizer, args.name or Path(args.ckpt or args.hf).resolve().name
 
 
 def main(argv=None) -> int:
@@ -613,48 +623,13 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from pathlib import Path
-
-    import jax
-
     from llama_jax.checkpoint import CheckpointError
-    from llama_jax.config import MeshConfig
     from llama_jax.convert import ConversionError
-    from llama_jax.generate import GenerationError, load_model
-    from llama_jax.model import param_logical_axes
-    from llama_jax.quantize import quantize_params, unstack_layers
-    from llama_jax.sharding import MeshError, make_mesh, tree_shardings
+    from llama_jax.generate import GenerationError
+    from llama_jax.sharding import MeshError
 
     try:
-        if not 1 <= args.port <= 65535:
-            raise RequestError(f"--port must be between 1 and 65535, got {args.port}.")
-        try:
-            buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else None
-        except ValueError:
-            raise RequestError(
-                f"--buckets takes lengths separated by commas, got {args.buckets!r}."
-            ) from None
-        if buckets and min(buckets) < 1:
-            raise RequestError("--buckets must be positive lengths.")
-        cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
-        # Layers unrolled (as the engine runs them), before placing, so only one copy is kept.
-        params, cfg = unstack_layers(params, cfg), cfg.replace(scan_layers=False)
-        mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=args.tensor))
-        params = jax.device_put(params, tree_shardings(params, param_logical_axes(cfg), mesh))
-        if args.quant:
-            cfg, params = quantize_params(params, cfg, args.quant)
-        engine = Engine(
-            params,
-            cfg,
-            slots=args.slots,
-            # Every slot holds max_len tokens of cache: Llama 3.1's whole 128K context in 8 slots
-            # would be over 100 GB for the 8B model, so longer slots are asked for, not assumed.
-            max_len=args.max_len or min(cfg.max_seq_len, DEFAULT_MAX_LEN),
-            queue_size=args.queue,
-            buckets=buckets,
-            mesh=mesh,
-        )
-        name = args.name or Path(args.ckpt or args.hf).resolve().name
+        engine, tokenizer, name = _load(args)
         app = make_app(engine, tokenizer, name, args.template)
     except (
         RequestError,
