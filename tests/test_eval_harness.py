@@ -19,6 +19,9 @@ from llama_jax.eval import Question, perplexity, score_choices
 from llama_jax.eval_harness import LlamaJaxLM
 from llama_jax.tokenizer import load_tokenizer
 
+# The harness runs take half a minute: in the slow set, which `.ci/run` runs after the suite.
+pytestmark = pytest.mark.slow
+
 # Shorter than the model's 64 tokens, so that the texts below need several rolling windows.
 MAX_LENGTH = 32
 TOLERANCE = 1e-4
@@ -208,7 +211,6 @@ def test_text_measures_match_the_harness_and_direct_formulas(setup):
     assert numbers["bits_per_byte,none"] == pytest.approx(result.bits_per_byte, rel=1e-5)
 
 
-@pytest.mark.slow
 def test_requests_without_bos_match_hf_without_bos(setup):
     hf_dir, _, _, _ = setup
     hf = _hf_lm(hf_dir, add_bos_token=False)
@@ -224,7 +226,6 @@ def test_requests_without_bos_match_hf_without_bos(setup):
     )
 
 
-@pytest.mark.slow
 def test_cli_runs_a_task_and_writes_the_results(setup, tmp_path, capsys):
     hf_dir, tasks, _, _ = setup
     output = tmp_path / "results.json"
@@ -260,7 +261,6 @@ def test_cli_bad_input_is_one_sentence(setup, tmp_path, capsys, monkeypatch):
     _one_sentence_error(capsys, "lm-evaluation-harness is not installed")
 
 
-@pytest.mark.slow  # indexing the harness's ~15,000 built-in tasks takes 10-15 s
 def test_cli_unknown_task_is_one_sentence(setup, capsys):
     # About 10 s: the harness's ~15,000 built-in tasks are indexed to be sure the name is none of them.
     hf_dir, tasks, _, _ = setup
