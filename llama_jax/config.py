@@ -457,6 +457,9 @@ class TrainConfig:
     # (one sentence naming the step), "skip" goes on and ends it after max_skipped in a row.
     on_nonfinite: str = "stop"
     max_skipped: int = 10
+    # "a:b": a JAX profiler trace of the steps after step a up to step b, in the workdir
+    # (TensorBoard's profile plugin and Perfetto read it); "": none.
+    profile_steps: str = ""
 
     def __post_init__(self):
         check_ranges(
@@ -476,6 +479,24 @@ class TrainConfig:
         )
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}.")
+        self.profile_range  # noqa: B018 - validates profile_steps
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """profile_steps "a:b" as (a, b), or None."""
+        if not self.profile_steps:
+            return None
+        first, colon, last = self.profile_steps.partition(":")
+        try:
+            a, b = int(first), int(last)
+        except ValueError:
+            a = b = -1
+        if not colon or a < 0 or b <= a:
+            raise ValueError(
+                "train.profile_steps must be 'a:b' with 0 <= a < b (a trace of the steps after a up "
+                f"to b), got {self.profile_steps!r}."
+            )
+        return a, b
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -760,6 +781,8 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
         key, _, text = item.partition("=")
         try:
             value = OmegaConf.from_dotlist([f"value={text}"])["value"]  # YAML-typed, as on a CLI
+            if isinstance(value, (int, float)) and isinstance(_current(merged, key), str):
+                value = text.strip()  # a text field keeps the text (YAML reads 2:4 as 124)
             merged = OmegaConf.merge(merged, _nested_override(merged, key.split("."), value))
         except OmegaConfBaseException as err:
             raise ConfigError(f"Bad override {item!r}: {str(err).splitlines()[0]}") from None
@@ -775,6 +798,16 @@ def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
             except (TypeError, ValueError, OmegaConfBaseException):
                 raise ConfigError(f"Bad override {item!r}: {message}") from None
         raise ConfigError(f"Bad override: {message}") from None
+
+
+def _current(config, key: str):
+    """The value at dotted `key` of an OmegaConf config, or None."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(config, key, default=None)
+    except Exception:  # noqa: BLE001 - a key through a list or a value: no current text
+        return None
 
 
 def _nested_override(config, parts: list[str], value):

@@ -37,6 +37,7 @@ from llama_jax.context_parallel import check_context_length, context_size
 from llama_jax.convert.peft import save_peft
 from llama_jax.data.training import TrainingData, training_data
 from llama_jax.generate import generate
+from llama_jax.goodput import Goodput, StepTrace
 from llama_jax.init_from import source_params, with_source
 from llama_jax.loss import cross_entropy_sum, next_token_targets
 from llama_jax.metrics import MetricsWriter, flops_per_token, peak_flops_per_second, repair_event_files
@@ -80,6 +81,7 @@ class Run:
     tokenizer_path: str | None = None  # recorded in experiment.json for later stages
     summary: str = ""  # the line printed at the start ("": parameters, mesh, tokens per step)
     progress: Callable[[dict], dict] | None = None  # logged metrics -> progress-bar fields
+    data_seconds: Callable[[], float] | None = None  # the time spent fetching batches so far
 
 
 class Stage:
@@ -224,9 +226,12 @@ class Stage:
         else:
             compiled = self.compile(exp, optimizer, schedule, mesh, shardings, frozen=bool(frozen))
         data = inputs.data
+        fetching = [0.0]  # seconds spent in the data pipeline (goodput's data waits)
 
         def step(state, index):
+            began = time.perf_counter()
             batch = steps_lib.global_batch(next(data.train), compiled.batch_sharding)
+            fetching[0] += time.perf_counter() - began
             return compiled.train_step(state, batch, *frozen)
 
         def evaluate(state):
@@ -248,6 +253,7 @@ class Stage:
             # A frozen reference's forward pass adds a third of a training step's FLOPs.
             flops_per_step=flops * (4 / 3 if has_reference else 1),
             tokenizer_path=data.tokenizer.path if data.tokenizer is not None else None,
+            data_seconds=lambda: fetching[0],
         )
 
     def _sampler(self, exp: Experiment, data: TrainingData, params_of=None) -> Callable[[Any], str] | None:
@@ -528,6 +534,7 @@ class Trainer:
         return lock
 
     def _run(self, exp: Experiment, mesh, phase: int | None = None) -> dict:
+        goodput = Goodput()
         run = self.stage.start(exp, mesh, quiet=self.quiet)
         exp, unit = run.exp, self.stage.unit
         checkpoints = TrainCheckpointer(self.workdir, exp.checkpoint)
@@ -558,7 +565,7 @@ class Trainer:
             (self.workdir / "experiment.json").write_text(json.dumps(record, indent=1))
         try:
             with activation_sharding(mesh, exp.mesh.rules), StopRequest() as stop:
-                state, last = self._loop(run, state, start, checkpoints, writer, record, stop)
+                state, last = self._loop(run, state, start, checkpoints, writer, record, stop, goodput)
         finally:
             checkpoints.close()  # waits for the last write, also when the loop ends on an error
             writer.close()
@@ -622,8 +629,18 @@ class Trainer:
             f"{exp.train.steps} steps; peak {peak / 1e12:.2f} TFLOP/s ({peak_source})"
         )
 
-    def _loop(self, run: Run, state, start: int, checkpoints, writer, record, stop):
+    def _loop(self, run: Run, state, start: int, checkpoints, writer, record, stop, goodput: Goodput):
         exp = run.exp
+        goodput.add("startup", time.perf_counter() - goodput.started)
+        trace = StepTrace(exp.train.profile_range, self.workdir, self.say)
+        try:
+            return self._steps(run, state, start, checkpoints, writer, record, stop, goodput, trace)
+        finally:
+            trace.stop()  # a run that ended early or on an error
+
+    def _steps(self, run: Run, state, start, checkpoints, writer, record, stop, goodput, trace):
+        exp = run.exp
+        fetched = run.data_seconds or (lambda: 0.0)
         bar = tqdm(
             total=exp.train.steps,
             initial=start,
@@ -637,16 +654,24 @@ class Trainer:
         guard = DivergenceGuard(exp.train, self.say)
         every = exp.checkpoint.every_steps
         for step in range(start, exp.train.steps):
+            trace.before(step)
+            began, data_before = time.perf_counter(), fetched()
             state, metrics = run.step(state, step)
             window.add(metrics, step, first=step == start)
+            if step == start:  # the first step compiles (its batch counts as a data wait)
+                goodput.add("compile", time.perf_counter() - began - (fetched() - data_before))
             done = step + 1
+            trace.after(done, state)
             if done % exp.train.log_every == 0 or done == exp.train.steps:
                 last = window.flush()
+                goodput.lost["data"] = fetched()
+                last.update(goodput.report())
                 writer.write(done, last)
-                bar.set_postfix(**window.progress(last))
+                bar.set_postfix(**window.progress(last), good=f"{last['goodput']:.0%}")
                 guard.check(window.flags, last)
             if run.evaluate is not None and (done % exp.train.eval_every == 0 or done == exp.train.steps):
-                evaluated = run.evaluate(state)
+                with goodput.losing("eval"):
+                    evaluated = run.evaluate(state)
                 last.update(evaluated)
                 writer.write(done, evaluated)
                 summary = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in evaluated.items())
@@ -661,7 +686,9 @@ class Trainer:
                 )
                 break
             if (every and done % every == 0) or done == exp.train.steps:
-                checkpoints.save(done, state, run.data_iterator, record)
+                with goodput.losing("checkpoint"):
+                    checkpoints.save(done, state, run.data_iterator, record)
+        trace.stop(state)
         bar.close()
         return state, last
 

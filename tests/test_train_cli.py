@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from llama_jax import train
+from llama_jax.config import Experiment, apply_overrides
 
 
 @pytest.mark.parametrize(
@@ -20,6 +21,7 @@ from llama_jax import train
         (["mesh.data=8", "train.batch_size=12"], "not divisible by the data-parallel size 8"),
         (["train.seq_len=4096"], "longer than the model's max_seq_len=512"),
         (["data.sources.0.path=/nonexistent/*.txt"], "No files match /nonexistent/*.txt"),
+        (["train.profile_steps=5"], "train.profile_steps must be 'a:b' with 0 <= a < b"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(args, message, capsys, tmp_path):
@@ -34,6 +36,13 @@ def test_settings_are_read_before_and_after_the_flags(before, capsys, tmp_path):
     flags, settings = ["--workdir", str(tmp_path / "w")], ["train.steps=5", "optim.peak_lr=-1"]
     assert train.main(settings + flags if before else flags + settings) == 2
     assert "'optim.peak_lr=-1': optim.peak_lr must be positive" in capsys.readouterr().err
+
+
+def test_a_text_setting_keeps_its_text():
+    # YAML would read 2:4 as the number 124 and 007 as 7; a text field takes what was written.
+    exp = apply_overrides(Experiment(), ["train.profile_steps=2:4", "train.sample_prompt=007"])
+    assert exp.train.profile_steps == "2:4" and exp.train.profile_range == (2, 4)
+    assert exp.train.sample_prompt == "007"
 
 
 def test_help_lists_the_experiments(capsys):
