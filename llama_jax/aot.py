@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from llama_jax import lora_training, phases
+from llama_jax import collectives, lora_training, phases
 from llama_jax.attention import compiling_for
 from llama_jax.config import ConfigError, apply_overrides, list_experiments, load_experiment
 from llama_jax.context_parallel import check_context_length
@@ -226,6 +226,8 @@ def _measured(exp, topology: Topology, slices: int, devices, lowered, compiled) 
         "model_flops_per_step": model_flops,
         "estimated_step_seconds": step_seconds,
         "estimated_mfu": mfu,
+        # By kind, with each one's buffer bytes per chip (a scanned layer's counted once).
+        "collectives": collectives.summary(compiled.as_text()),
     }
 
 
@@ -265,6 +267,8 @@ def format_report(r: dict) -> str:
             f"{r['model_flops_per_step']:.3e} model FLOPs (compiler: {r['compiler_flops']:.3e} FLOPs in "
             f"{r['compiler_optimal_seconds'] * 1e3:.2f} ms per loop body); compiled in "
             f"{r['compile_seconds']:.1f} s",
+            f"  collectives per chip (buffers; the layer loop's body once): "
+            f"{collectives.format_summary(r.get('collectives', {}))}",
         ]
     )
 

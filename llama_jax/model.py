@@ -140,9 +140,35 @@ def _project(x, w, dtype):
 
 
 def _weight(module: nn.Module, name: str, shape, axes, init):
-    return module.param(
-        name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype)
-    )
+    """The parameter `name`, as the layer computes with it: in the compute dtype and gathered
+    (see `gathered`)."""
+    w = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype))
+    if isinstance(w, QUANTIZED):
+        return w
+    return gathered(w, axes, module.cfg.dtype)
+
+
+def gathered(w, axes, dtype):
+    """`w` cast to `dtype`, then made whole along its "embed" axis, the one FSDP shards (tensor
+    parallel axes stay split): the gather is an all-gather of the compute dtype, not of the fp32
+    parameter. Its gradient goes back sharded as the parameter is, so that the partial sums of
+    the data-parallel devices are reduce-scattered, each device receiving only its own shard."""
+    if "embed" not in axes:
+        return w.astype(dtype)
+    whole = tuple(None if axis == "embed" else axis for axis in axes)
+
+    @jax.custom_vjp
+    def gather(w):
+        return nn.with_logical_constraint(w.astype(dtype), whole)
+
+    def forward(w):
+        return gather(w), None
+
+    def backward(_, grad):
+        return (nn.with_logical_constraint(grad, axes).astype(w.dtype),)
+
+    gather.defvjp(forward, backward)
+    return gather(w)
 
 
 # Each adapted weight folds its own constant into the layer's dropout key.

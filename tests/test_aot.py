@@ -5,6 +5,7 @@ import sys
 import jax
 import pytest
 
+from llama_jax import collectives
 from llama_jax.aot import compile_for_topology, format_report, main, parse_topology
 from llama_jax.config import ConfigError, Experiment, apply_overrides
 
@@ -50,6 +51,18 @@ def test_tiny_on_v5p_8_fits_and_is_sharded():
     assert report["attention"] == "splash"
     # The report names the logical-axis rules the step was compiled with (the experiment's).
     assert "rules: batch->data+fsdp, length->context, embed->fsdp, vocab->tensor" in format_report(report)
+    # FSDP: every weight is gathered whole by all-gathers of the bf16 compute dtype (never an fp32
+    # gather, nor an all-reduce of zero-padded buffers), and gradients go back reduce-scattered.
+    found = report["collectives"]
+    cfg = exp.model
+    layer = cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
+    layer += 3 * cfg.dim * cfg.ffn_dim
+    weights_bf16 = 2 * (layer + 2 * cfg.vocab_size * cfg.dim)  # one layer (the loop body), embedding, head
+    assert set(found["all-gather"]["dtypes"]) == {"bf16"}
+    assert found["all-gather"]["bytes"] >= weights_bf16 and found["all-gather"]["count"] >= 9
+    assert found["reduce-scatter"]["count"] >= 3
+    assert found.get("all-reduce", {"dtypes": {}})["dtypes"].get("f32", 0) < 1024  # scalars only
+    assert "collectives per chip" in format_report(report) and "all-gather x" in format_report(report)
     xla = compile_for_topology(apply_overrides(exp, ["model.attention=xla"]), parse_topology("v5p-8"))
     assert xla["attention"] == "xla"
 
@@ -94,3 +107,34 @@ def test_readme_table_covers_every_recipe_with_headroom():
         assert cells[3:6] == [str(exp.train.microbatches), exp.model.remat, "splash"], name
         used = int(re.search(r"\((\d+)%\)", cells[6]).group(1))
         assert used <= 100 * (1 - HEADROOM), name
+
+
+HLO = """
+%all-reduce-scatter.7 (input.1: bf16[256,768]) -> bf16[64,768] {
+  %input.1 = bf16[256,768]{1,0} parameter(0)
+  ROOT %all-reduce.1 = bf16[256,768]{1,0} all-reduce(%input.1), replica_groups={{0,1,2,3}}
+}
+
+ENTRY %main (p0: bf16[64,768]) -> f32[] {
+  %ag = (bf16[64,768]{1,0}, bf16[256,768]{1,0}) all-gather-start(%p0), dimensions={0}
+  %ag.2 = bf16[8,32,256]{2,1,0} all-gather(%x), dimensions={2}
+  %rs = bf16[64,768]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.7, metadata={}
+  %ar = (f32[4]{0}, bf16[16,16]{1,0}) all-reduce(%a, %b), to_apply=%add
+  %cp = (f32[10]{0}, f32[10]{0}, u32[], u32[]) collective-permute-start(%c), source_target_pairs={{0,1}}
+  ROOT %s = f32[] reduce(%y)
+}
+"""
+
+
+def test_collectives_are_read_by_kind_with_their_buffers():
+    found = collectives.summary(HLO)
+    assert found["all-gather"] == {
+        "count": 2,
+        "bytes": 256 * 768 * 2 + 8 * 32 * 256 * 2,
+        "dtypes": {"bf16": 256 * 768 * 2 + 8 * 32 * 256 * 2},
+    }
+    # The TPU's reduce-scatter fusion counts once, with its whole input; its inner all-reduce not at all.
+    assert found["reduce-scatter"] == {"count": 1, "bytes": 256 * 768 * 2, "dtypes": {"bf16": 256 * 768 * 2}}
+    assert found["all-reduce"] == {"count": 1, "bytes": 16 + 512, "dtypes": {"f32": 16 + 512}}
+    assert found["collective-permute"]["bytes"] == 40
+    assert list(found) == ["all-gather", "reduce-scatter", "all-reduce", "collective-permute"]
