@@ -45,6 +45,8 @@ def test_report_splits_the_wall_time_between_steps_and_losses():
     assert 0 < report["goodput"] < 1
 
 
+# Real training runs (about 15 s each): in the slow set, which CI runs after the suite.
+@pytest.mark.slow
 def test_slow_data_and_evaluation_show_in_the_metrics(tmp_path, monkeypatch):
     real = trainer_lib.steps_lib.global_batch
 
@@ -72,6 +74,8 @@ def test_slow_data_and_evaluation_show_in_the_metrics(tmp_path, monkeypatch):
     assert last["lost_compile_s"] + last["lost_data_s"] < last["wall_s"]
 
 
+# Real training runs (about 15 s each): in the slow set, which CI runs after the suite.
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_for_tensorboard_and_perfetto(tmp_path):
     exp = small_experiment("train.profile_steps=2:4", "eval_data=null")
     train(exp, tmp_path, quiet=True)

@@ -100,6 +100,8 @@ def test_advantages_match_a_direct_computation():
     np.testing.assert_allclose(np.asarray(out["advantages"])[on], whitened, rtol=1e-3, atol=1e-3)
 
 
+# A whole PPO run (about 20 s): in the slow set, which CI runs after the suite.
+@pytest.mark.slow
 def test_a_nonfinite_minibatch_is_not_applied():
     exp = Experiment(
         model=CFG, posttrain=PosttrainConfig(stage="ppo"), train=TrainConfig(seq_len=8, loss_chunk=4)

@@ -53,6 +53,8 @@ def test_help_lists_the_experiments(capsys):
     assert "llama2_70b" in out and "llama3_1_405b" in out and "tiny" in out
 
 
+# A real CLI run in a subprocess (about 45 s): in the slow set, which CI runs after the suite.
+@pytest.mark.slow
 def test_short_run_learns_and_writes_metrics(tmp_path):
     env = dict(os.environ, LLAMA_JAX_CACHE=str(tmp_path / "cache"))
     workdir = tmp_path / "run"
