@@ -36,6 +36,7 @@ def test_unknown_topology_is_one_sentence(capsys):
         parse_topology("v5p-12")
 
 
+@pytest.mark.slow  # TPU compiles (about 15 s each): CI runs the slow set after the suite
 def test_tiny_on_v5p_8_fits_and_is_sharded():
     exp = Experiment()
     report = compile_for_topology(exp, parse_topology("v5p-8"))
@@ -67,6 +68,7 @@ def test_tiny_on_v5p_8_fits_and_is_sharded():
     assert xla["attention"] == "xla"
 
 
+@pytest.mark.slow  # TPU compiles (about 15 s each): CI runs the slow set after the suite
 def test_a_step_that_cannot_fit_is_reported_not_raised():
     exp = apply_overrides(Experiment(), ["train.batch_size=2048", "train.seq_len=512"])
     report = compile_for_topology(exp, parse_topology("v5e-4"))
