@@ -25,14 +25,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import batch_of, time_steps  # noqa: E402
+from bench_train import batch_of, bench_llama_jax, time_steps  # noqa: E402
 
 from llama_jax.config import Experiment, MeshConfig, OptimConfig, TrainConfig, model_preset  # noqa: E402
 from llama_jax.metrics import flops_per_token, peak_flops_per_second  # noqa: E402
-from llama_jax.optim import make_optimizer  # noqa: E402
-from llama_jax.sharding import activation_sharding, make_mesh  # noqa: E402
-from llama_jax.stages.pretrain import Pretrain  # noqa: E402
-from llama_jax.steps import global_batch  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -58,26 +54,6 @@ def model_of(spec: str, remat: str, compute_dtype: str):
     name, _, layers = spec.partition(":")
     cfg = model_preset(name, remat=remat, compute_dtype=compute_dtype)
     return cfg.replace(n_layers=int(layers)) if layers else cfg
-
-
-def bench_llama_jax(exp: Experiment, steps: int) -> float:
-    mesh = make_mesh(exp.mesh, jax.devices()[:1])
-    optimizer, schedule = make_optimizer(exp.optim, 1000)
-    compiled = Pretrain().compile(exp, optimizer, schedule, mesh)
-    state = Pretrain().create_state(exp, optimizer, mesh, jax.random.key(0))
-    batch = global_batch(
-        batch_of(np.random.default_rng(0), exp.train.batch_size, exp.train.seq_len, exp.model.vocab_size),
-        compiled.batch_sharding,
-    )
-    holder = {"state": state}
-
-    def step():
-        holder["state"], metrics = compiled.train_step(holder["state"], batch)
-        jax.block_until_ready(metrics["loss"])
-
-    with activation_sharding(mesh):
-        step(), step()  # compile and warm up
-        return time_steps(step, steps, repeats=2)  # the state is freed on return
 
 
 def bench_torch(exp: Experiment, steps: int) -> float:
@@ -193,7 +169,7 @@ def main(argv=None) -> int:
         peak /= len(jax.devices())
     print(
         f"{jax.devices()[0].device_kind} ({platform}); peak {peak / 1e12:,.1f} TFLOP/s ({source}); "
-        f"batch {args.batch} x {args.seq}, remat {args.remat}, {args.steps} timed steps (best of 2)",
+        f"batch {args.batch} x {args.seq}, remat {args.remat}, {args.steps} timed steps (best of 3 for llama_jax, 2 for PyTorch)",
         flush=True,
     )
     results = []
