@@ -8,6 +8,8 @@ llama3_1_70b_lora_sft` checks the fit.
         data.sources.0.path=chats.jsonl
 """
 
+import dataclasses
+
 from llama_jax.config import LoraConfig, MeshConfig, PosttrainConfig
 from llama_jax.recipes import posttraining
 
@@ -31,4 +33,6 @@ def experiment():
         description="LoRA SFT of Llama 3.1 70B on a v5p-8 slice: bf16 base, rank 16 on all seven matrices.",
     )
     targets = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-    return exp.replace(lora=LoraConfig(rank=16, alpha=32.0, dropout=0.05, targets=targets))
+    # The logits fit beside the base (`python -m llama_jax.aot` chooses: see train.keep_logits).
+    train = dataclasses.replace(exp.train, keep_logits=True)
+    return exp.replace(train=train, lora=LoraConfig(rank=16, alpha=32.0, dropout=0.05, targets=targets))

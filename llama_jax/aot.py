@@ -1,14 +1,16 @@
 """Compile an experiment's real train step for a TPU slice on a CPU-only host, before renting one.
 
     python -m llama_jax.aot --exp=llama2_70b --topology=v5p-512 [--slices 2] [--json out.json] [k=v ...]
+    python -m llama_jax.aot --recipes [--check README.md] [--no-estimate]  # the README's table
     python -m llama_jax.aot --exp=llama3_1_8b --phase 8      # one phase of a run in phases
 
 Needs `libtpu` (`pip install -e '.[tpu]'`), which lets XLA compile for a TPU topology described by
 `jax.experimental.topologies` without the hardware. The same `compile_steps` as training lowers the
 step with the same shardings and remat policy; the compiler's memory analysis gives per-device
 bytes (arguments, outputs, temporaries) against the chip's HBM (a program that cannot fit is
-refused by the compiler, and reported with its figure), and its cost analysis the rate from which
-the MFU and step time are estimated.
+refused by the compiler, and reported with its figure). XLA's cost analysis counts a loop body
+once, so the step time and MFU come from two more compiles, of the step with one and with two
+layers, unrolled, extrapolated to the model's depth (`estimate_step`).
 """
 
 from __future__ import annotations
@@ -98,14 +100,9 @@ def phase_of(exp, phase: int | None):
     return phases.phase_experiment(exp, phase - 1)
 
 
-def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | None = None) -> dict:
-    """Compiles exp's train step (of phase `phase`, counted from 1, if given) for `slices` x
-    `topology`; returns the report as a dict."""
+def _devices(topology: Topology, slices: int) -> list:
+    """The devices of `slices` x `topology`, described by libtpu without the hardware."""
     from jax.experimental import topologies
-
-    from llama_jax.stages.pretrain import Pretrain
-
-    whole, exp = exp, phase_of(exp, phase)
 
     try:
         # One chip is less than libtpu's default host (2x2): say the host holds just that chip.
@@ -118,15 +115,25 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | 
             f"Cannot describe TPU topology {topology.libtpu_name} ({str(err).splitlines()[0]}); "
             "is libtpu installed (pip install -e '.[tpu]')?"
         ) from None
-    devices = list(description.devices)
-    # "auto" would resolve to fp32 on this CPU host; the TPU computes in bf16.
+    return list(description.devices)
+
+
+def _on_tpu(exp):
+    """exp as the TPU computes it: "auto" would resolve to fp32 on this CPU host, the TPU's is bf16."""
     if exp.model.compute_dtype == "auto":
-        exp = exp.replace(model=exp.model.replace(compute_dtype="bfloat16"))
+        return exp.replace(model=exp.model.replace(compute_dtype="bfloat16"))
+    return exp
+
+
+def _lower(exp, whole, devices):
+    """(mesh, lowered step) of exp's train step on `devices`; `whole` is the experiment exp is a
+    phase of (its schedule spans every phase)."""
+    from llama_jax.stages.pretrain import Pretrain
+
     mesh = make_mesh(exp.mesh, devices)
     check_batch(exp.train.batch_size, exp.train.microbatches, mesh)
     check_context_length(exp.train.seq_len, mesh, exp.mesh.rules)
     optimizer, schedule = make_optimizer(exp.optim, phases.total_steps(whole), phases.lr_segments(whole))
-    start = time.perf_counter()
     # The recipes compiled here are pretraining runs, or SFT with LoRA: the same text batches and
     # next-token loss, with the frozen base as the step's extra input.
     stage, rules = Pretrain(), exp.mesh.rules
@@ -136,11 +143,25 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | 
     frozen = ()
     if lora_training.enabled(exp):
         frozen = ((lora_training.abstract_base(stage.module(exp), exp, mesh), None),)
-    batch_shardings = steps.batch_sharding
     batch = {
-        key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[key])
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=steps.batch_sharding[key])
         for key, (shape, dtype) in stage.batch_shapes(exp, exp.train.batch_size).items()
     }
+    # The model's constraints resolve against this mesh; attention "auto" means the TPU's kernel.
+    with activation_sharding(mesh, rules), compiling_for("tpu"):
+        return mesh, steps.train_step.lower(state, batch, *frozen)
+
+
+def compile_for_topology(
+    exp, topology: Topology, slices: int = 1, phase: int | None = None, estimate: bool = False
+) -> dict:
+    """Compiles exp's train step (of phase `phase`, counted from 1, if given) for `slices` x
+    `topology`; returns the report as a dict. With `estimate`, also the step time and MFU from
+    unrolled one- and two-layer compiles (`estimate_step`)."""
+    whole, exp = exp, _on_tpu(phase_of(exp, phase))
+    devices = _devices(topology, slices)
+    start = time.perf_counter()
+    mesh, lowered = _lower(exp, whole, devices)
     report = {
         "experiment": exp.name if phase is None else f"{exp.name} --phase {phase}",
         "seq_len": exp.train.seq_len,
@@ -149,24 +170,23 @@ def compile_for_topology(exp, topology: Topology, slices: int = 1, phase: int | 
         "devices": len(devices),
         "mesh": dict(mesh.shape),
         "remat": exp.model.remat,
-        "rules": format_rules(rules),
+        "rules": format_rules(exp.mesh.rules),
+        "keep_logits": exp.train.keep_logits,
+        # What keeping every chunk's fp32 logits for the backward pass costs (or costs now).
+        "logits_bytes": kept_logits_bytes(exp, mesh),
     }
-    # The model's constraints resolve against this mesh; attention "auto" means the TPU's kernel.
-    with activation_sharding(mesh, rules), compiling_for("tpu"):
-        lowered = steps.train_step.lower(state, batch, *frozen)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as err:
-            refusal = _refusal(err)
-            if refusal is None:
-                raise
-            return {**report, **refusal, "compile_seconds": time.perf_counter() - start}
-    compile_seconds = time.perf_counter() - start
-    return {
-        **report,
-        **_measured(exp, topology, slices, devices, lowered, compiled),
-        "compile_seconds": compile_seconds,
-    }
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        refusal = _refusal(err)
+        if refusal is None:
+            raise
+        return {**report, **refusal, "compile_seconds": time.perf_counter() - start}
+    report.update(_measured(topology, slices, devices, lowered, compiled))
+    report["compile_seconds"] = time.perf_counter() - start
+    if estimate:
+        report.update(estimate_step(exp, whole, devices, report["attention"]))
+    return report
 
 
 def _refusal(err) -> dict | None:
@@ -187,30 +207,28 @@ def _refusal(err) -> dict | None:
     }
 
 
-def _measured(exp, topology: Topology, slices: int, devices, lowered, compiled) -> dict:
-    """Memory per device, fit, and the step time and MFU the compiler's cost analysis implies."""
+def _cost(compiled) -> tuple[float, float]:
+    """(FLOPs, optimal seconds) of the compiler's cost analysis of one device's program."""
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", math.nan)), float(cost.get("optimal_seconds", math.nan))
+
+
+def _measured(topology: Topology, slices: int, devices, lowered, compiled) -> dict:
+    """Memory per device and fit, the compiler's cost figures and the step's collectives."""
     # Pallas kernels lower to Mosaic custom calls: this says whether splash attention is in the step.
     attention_kernel = "splash" if "tpu_custom_call" in lowered.as_text() else "xla"
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    chips = len(devices)
-    hbm = topology.hbm_bytes_per_chip * topology.chips * slices // chips  # per device
+    hbm = topology.hbm_bytes_per_chip * topology.chips * slices // len(devices)  # per device
     total = (
         memory.argument_size_in_bytes
         + memory.output_size_in_bytes
         + memory.temp_size_in_bytes
         - memory.alias_size_in_bytes
     )
-    # XLA's cost analysis counts a while-loop body once (layers and microbatches are scanned), so
-    # its FLOPs and optimal_seconds describe one body: their ratio is the rate the compiler
-    # expects, which, applied to the model's FLOPs, gives the step time.
-    compiler_flops = float(cost.get("flops", float("nan")))
-    compiler_seconds = float(cost.get("optimal_seconds", float("nan")))
-    model_flops = flops_per_token(exp.model, exp.train.seq_len) * exp.train.batch_size * exp.train.seq_len
-    peak_per_device = _peak_per_chip(devices[0].device_kind)
-    mfu = compiler_flops / compiler_seconds / peak_per_device if compiler_seconds > 0 else float("nan")
-    step_seconds = model_flops / chips / (mfu * peak_per_device)
+    # XLA's cost analysis counts a while-loop body once (the layers and the microbatches are
+    # scanned): these describe one body plus the rest, not the step (see estimate_step).
+    compiler_flops, compiler_seconds = _cost(compiled)
     return {
         "attention": attention_kernel,
         "argument_bytes": memory.argument_size_in_bytes,
@@ -223,11 +241,64 @@ def _measured(exp, topology: Topology, slices: int, devices, lowered, compiled) 
         "fits": total <= hbm,
         "compiler_flops": compiler_flops,
         "compiler_optimal_seconds": compiler_seconds,
-        "model_flops_per_step": model_flops,
-        "estimated_step_seconds": step_seconds,
-        "estimated_mfu": mfu,
         # By kind, with each one's buffer bytes per chip (a scanned layer's counted once).
         "collectives": collectives.summary(compiled.as_text()),
+    }
+
+
+def kept_logits_bytes(exp, mesh) -> float:
+    """Bytes per device of one microbatch's fp32 logits at every position (train.keep_logits)."""
+    rules = dict(exp.mesh.rules)
+
+    def split(name):
+        axes = rules.get(name) or ()
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        return math.prod(mesh.shape[axis] for axis in axes if axis in mesh.shape)
+
+    rows = exp.train.batch_size / exp.train.microbatches / split("batch")
+    return rows * exp.train.seq_len / split("length") * exp.model.vocab_size / split("vocab") * 4
+
+
+def kernel_attention_flops(exp, devices: int) -> float:
+    """FLOPs per device of a step's causal attention (QK^T and PV: 2 x 2 x T/2 x dim per token and
+    layer forward; the backward pass twice that; remat "full" runs the forward again). XLA's cost
+    analysis does not see inside a Pallas kernel, so the estimate adds these itself."""
+    cfg, train = exp.model, exp.train
+    passes = 4 if cfg.remat == "full" else 3
+    per_token = passes * 2 * cfg.n_heads * cfg.head_dim * train.seq_len
+    return per_token * cfg.n_layers * train.batch_size * train.seq_len / devices
+
+
+def estimate_step(exp, whole, devices, attention: str) -> dict:
+    """The step time and MFU the compiler expects, from the step compiled with one and with two
+    layers, unrolled (every loop unrolled, so the cost analysis counts everything once) and for one
+    microbatch: time(L) = t1 + (L - 1) (t2 - t1), times the microbatches (each runs the layers;
+    the optimizer's update, counted with each, is milliseconds). The splash kernel is opaque to
+    the cost analysis: its FLOPs are added at the chip's peak, so the figure is a lower bound."""
+    peak = _peak_per_chip(devices[0].device_kind)
+    micro = exp.train.microbatches
+    costs = []
+    for layers in (1, 2):
+        small = exp.replace(
+            model=exp.model.replace(n_layers=layers, scan_layers=False),
+            train=dataclasses.replace(exp.train, batch_size=exp.train.batch_size // micro, microbatches=1),
+        )
+        costs.append(_cost(_lower(small, whole, devices)[1].compile()))
+    (flops1, seconds1), (flops2, seconds2) = costs
+    depth = exp.model.n_layers - 1
+    compiler_seconds = micro * (seconds1 + depth * (seconds2 - seconds1))
+    compiler_flops = micro * (flops1 + depth * (flops2 - flops1))
+    kernel_flops = kernel_attention_flops(exp, len(devices)) if attention == "splash" else 0.0
+    seconds = compiler_seconds + kernel_flops / peak
+    model_flops = flops_per_token(exp.model, exp.train.seq_len) * exp.train.batch_size * exp.train.seq_len
+    return {
+        "model_flops_per_step": model_flops,
+        "estimate_layer_seconds": micro * (seconds2 - seconds1),
+        "estimate_compiler_seconds": compiler_seconds,
+        "estimate_compiler_flops": compiler_flops,
+        "estimate_kernel_flops": kernel_flops,
+        "estimated_step_seconds": seconds,
+        "estimated_mfu": model_flops / len(devices) / (seconds * peak) if seconds > 0 else math.nan,
     }
 
 
@@ -238,6 +309,10 @@ def format_rules(rules) -> str:
         return "-" if value is None else "+".join(value) if isinstance(value, tuple) else value
 
     return ", ".join(f"{name}->{axes(value)}" for name, value in rules)
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.2f} ms"
 
 
 def format_report(r: dict) -> str:
@@ -256,27 +331,42 @@ def format_report(r: dict) -> str:
                 f"HBM per device: fits: false (the compiler: {r['compiler_message']})",
             ]
         )
-    return "\n".join(
-        [
-            header,
-            f"  per device: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
-            f"temporaries {gib(r['temp_bytes'])}, aliased {gib(r['alias_bytes'])}",
-            f"  total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({r['hbm_fraction']:.0%}): "
-            f"fits: {str(r['fits']).lower()}",
-            f"  estimated: MFU {r['estimated_mfu']:.1%}, step {r['estimated_step_seconds']:.2f} s for "
-            f"{r['model_flops_per_step']:.3e} model FLOPs (compiler: {r['compiler_flops']:.3e} FLOPs in "
-            f"{r['compiler_optimal_seconds'] * 1e3:.2f} ms per loop body); compiled in "
-            f"{r['compile_seconds']:.1f} s",
-            f"  collectives per chip (buffers; the layer loop's body once): "
-            f"{collectives.format_summary(r.get('collectives', {}))}",
-        ]
+    logits = (
+        f"kept for the backward pass ({r['logits_bytes'] / GIB:.2f} GiB)"
+        if r["keep_logits"]
+        else f"recomputed in the backward pass (keeping them: {r['logits_bytes'] / GIB:.2f} GiB more, "
+        f"{(r['total_bytes'] + r['logits_bytes']) / r['hbm_bytes']:.0%} of HBM)"
     )
+    lines = [
+        header,
+        f"  per device: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
+        f"temporaries {gib(r['temp_bytes'])}, aliased {gib(r['alias_bytes'])}",
+        f"  total {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM ({r['hbm_fraction']:.0%}): "
+        f"fits: {str(r['fits']).lower()}; compiled in {r['compile_seconds']:.1f} s",
+        f"  LM head logits: {logits}",
+        f"  collectives per chip (buffers; the layer loop's body once): "
+        f"{collectives.format_summary(r.get('collectives', {}))}",
+    ]
+    if "estimated_step_seconds" in r:
+        kernel = (
+            f" + the attention kernel's {r['estimate_kernel_flops']:.3e} FLOPs at peak"
+            if r["estimate_kernel_flops"]
+            else ""
+        )
+        lines.append(
+            f"  estimated step {_seconds(r['estimated_step_seconds'])}, MFU {r['estimated_mfu']:.1%} "
+            f"({r['model_flops_per_step']:.3e} model FLOPs): the compiler's "
+            f"{_seconds(r['estimate_compiler_seconds'])} for {r['estimate_compiler_flops']:.3e} FLOPs per "
+            f"device (one- and two-layer unrolled compiles, {r['estimate_layer_seconds'] * 1e3:.1f} ms "
+            f"per layer){kernel}"
+        )
+    return "\n".join(lines)
 
 
 HEADROOM = 0.10  # a recipe must leave this share of HBM free on its target slice
 TABLE_HEADER = (
     "| experiment | topology | mesh (data, fsdp, tensor) | microbatches | remat | attention "
-    "| HBM per chip | estimated MFU |"
+    "| LM head logits | HBM per chip | estimated step (MFU) |"
 )
 
 
@@ -328,38 +418,58 @@ def table_row(exp, r: dict) -> str:
         if r["fits"] or "total_bytes" in r
         else f"does not fit ({r['temp_bytes'] / GIB:.0f} GiB)"
     )
-    # The cost analysis does not always give a time (a negative one for some long loops): "-".
-    mfu = f"{r['estimated_mfu']:.0%}" if math.isfinite(r.get("estimated_mfu", math.nan)) else "-"
+    step = (
+        f"{r['estimated_step_seconds']:.2f} s ({r['estimated_mfu']:.0%})"
+        if math.isfinite(r.get("estimated_step_seconds", math.nan))
+        else "-"
+    )
     context = f", context {mesh['context']}" if mesh.get("context", 1) > 1 else ""
     return (
         f"| `{r['experiment']}` | {r['topology']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}{context} | "
-        f"{exp.train.microbatches} | {r['remat']} | {r.get('attention', '-')} | {usage} | {mfu} |"
+        f"{exp.train.microbatches} | {r['remat']} | {r.get('attention', '-')} | "
+        f"{'kept' if r['keep_logits'] else 'recomputed'} | {usage} | {step} |"
     )
 
 
 def _same_row(readme: str, name: str, row: str) -> bool:
     """Whether README has `row` for `name`: the same configuration and HBM use within 2 points
-    (compilers change), the same attention kernel."""
+    (compilers change), the same attention kernel. The estimate is not compared (a check
+    compiles without it)."""
     match = re.search(rf"^\| `{re.escape(name)}` \|.*$", readme, re.M)
     if not match:
         return False
     ours, theirs = ([c.strip() for c in r.strip("|").split("|")] for r in (row, match.group(0)))
-    percent = lambda cells: re.search(r"\((\d+)%\)", cells[6])  # noqa: E731
-    if ours[:6] != theirs[:6] or not (percent(ours) and percent(theirs)):
-        return ours == theirs
+    percent = lambda cells: re.search(r"\((\d+)%\)", cells[7])  # noqa: E731
+    if ours[:7] != theirs[:7] or not (percent(ours) and percent(theirs)):
+        return ours[:8] == theirs[:8]
     return abs(int(percent(ours).group(1)) - int(percent(theirs).group(1))) <= 2
 
 
-def recipe_table(names, check_readme: str | None = None) -> int:
+def logits_choice(entry: str, exp, r: dict) -> str | None:
+    """The AOT fit chooses train.keep_logits: a recipe keeps its LM head's logits where they fit
+    with HEADROOM to spare. A sentence where the recipe chose otherwise, else None."""
+    if "total_bytes" not in r:
+        return None
+    spare = (1 - HEADROOM) * r["hbm_bytes"]
+    if not r["keep_logits"] and r["total_bytes"] + r["logits_bytes"] <= spare:
+        return (
+            f"{entry} recomputes its LM head in the backward pass, but keeping the logits fits "
+            f"({(r['total_bytes'] + r['logits_bytes']) / r['hbm_bytes']:.0%} of HBM): set train.keep_logits=true"
+        )
+    return None
+
+
+def recipe_table(names, check_readme: str | None = None, estimate: bool = True) -> int:
     """Compiles each recipe for its target, prints the README table; with `check_readme`, exits 1
-    unless every recipe fits with HEADROOM to spare and the README's rows say the same."""
+    unless every recipe fits with HEADROOM to spare, keeps its logits where they fit, and the
+    README's rows say the same."""
     from tqdm import tqdm
 
     rows, problems = [], []
     for entry in tqdm(names, desc="recipes", unit="recipe"):
         name, phase = split_recipe(entry)
         exp = load_experiment(name)
-        report = compile_for_topology(exp, parse_topology(exp.target), phase=phase)
+        report = compile_for_topology(exp, parse_topology(exp.target), phase=phase, estimate=estimate)
         rows.append(table_row(phase_of(exp, phase), report))
         tqdm.write(format_report(report))
         if not report["fits"] or report["hbm_fraction"] > 1 - HEADROOM:
@@ -367,6 +477,7 @@ def recipe_table(names, check_readme: str | None = None) -> int:
                 f"{entry} uses {report['hbm_fraction']:.0%} of HBM on {exp.target} "
                 f"(at most {1 - HEADROOM:.0%} allowed)"
             )
+        problems += [p for p in [logits_choice(entry, exp, report)] if p]
     print("\n".join([TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"] + rows))
     if check_readme:
         readme = Path(check_readme).read_text()
@@ -401,6 +512,12 @@ def main(argv=None) -> int:
         help="with --recipes: exit 1 unless each fits with "
         f"{HEADROOM:.0%} HBM to spare and README holds the same rows",
     )
+    parser.add_argument(
+        "--estimate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="estimate step time and MFU from one- and two-layer unrolled compiles (two more compiles)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
@@ -410,13 +527,13 @@ def main(argv=None) -> int:
                     "--phase compiles one experiment (--exp); --recipes lists their phases itself."
                 )
             return recipe_table(
-                with_long_phases(args.recipes) if args.recipes else recipe_names(), args.check
+                with_long_phases(args.recipes) if args.recipes else recipe_names(), args.check, args.estimate
             )
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
         topology = args.topology or exp.target
         if not topology:
             raise ConfigError(f"{exp.name} names no target slice; pass --topology.")
-        report = compile_for_topology(exp, parse_topology(topology), args.slices, args.phase)
+        report = compile_for_topology(exp, parse_topology(topology), args.slices, args.phase, args.estimate)
     except (ConfigError, MeshError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

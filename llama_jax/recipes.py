@@ -67,6 +67,8 @@ def pretraining(
             seq_len=seq_len,
             microbatches=microbatches,
             loss_chunk=1024,
+            # Every recipe's logits fit its slice (`python -m llama_jax.aot --recipes` checks it).
+            keep_logits=True,
             log_every=10,
             eval_every=1000,
             eval_batches=20,

@@ -293,7 +293,14 @@ def text_loss(exp: Experiment) -> steps_lib.LossFn:
         )
         targets, weights = next_token_targets(batch)
         loss_sum, count = cross_entropy_sum(
-            hidden, lm_head(params, cfg), targets, weights, exp.train.loss_chunk
+            hidden,
+            lm_head(params, cfg),
+            targets,
+            weights,
+            exp.train.loss_chunk,
+            keep_logits=exp.train.keep_logits,
+            # An unrolled model is unrolled throughout (the AOT estimate compiles it so).
+            unroll=not cfg.scan_layers,
         )
         return loss_sum, count, {}
 
@@ -347,7 +354,13 @@ def minimum_bytes_per_device(exp: Experiment, mesh) -> dict[str, float]:
     if cfg.remat != "full":  # the MLP's two up-projections are matmul outputs: kept unless recomputed
         per_layer += 2 * cfg.ffn_dim
     activations = cfg.n_layers * tokens * per_layer * compute
-    activations += rows * min(exp.train.loss_chunk, exp.train.seq_len) * cfg.vocab_size * 4  # fp32
+    if exp.train.keep_logits:  # every position's fp32 logits, the vocabulary split as its rule says
+        vocab_axes = rules.get("vocab") or ()
+        vocab_axes = (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes)
+        vocab_split = math.prod(mesh.shape[axis] for axis in vocab_axes if axis in mesh.shape)
+        activations += tokens * cfg.vocab_size * 4 / vocab_split
+    else:
+        activations += rows * min(exp.train.loss_chunk, exp.train.seq_len) * cfg.vocab_size * 4  # fp32
     return {"state": state, "activations": activations}
 
 
