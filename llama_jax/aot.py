@@ -182,7 +182,7 @@ def compile_for_topology(
         if refusal is None:
             raise
         return {**report, **refusal, "compile_seconds": time.perf_counter() - start}
-    report.update(_measured(topology, slices, devices, lowered, compiled))
+    report.update(_measured(topology, slices, mesh, lowered, compiled))
     report["compile_seconds"] = time.perf_counter() - start
     if estimate:
         report.update(estimate_step(exp, whole, devices, report["attention"]))
@@ -214,8 +214,9 @@ def _cost(compiled) -> tuple[float, float]:
     return float(cost.get("flops", math.nan)), float(cost.get("optimal_seconds", math.nan))
 
 
-def _measured(topology: Topology, slices: int, devices, lowered, compiled) -> dict:
+def _measured(topology: Topology, slices: int, mesh, lowered, compiled) -> dict:
     """Memory per device and fit, the compiler's cost figures and the step's collectives."""
+    devices = list(mesh.devices.flat)
     # Pallas kernels lower to Mosaic custom calls: this says whether splash attention is in the step.
     attention_kernel = "splash" if "tpu_custom_call" in lowered.as_text() else "xla"
     memory = compiled.memory_analysis()
@@ -303,7 +304,7 @@ def estimate_step(exp, whole, devices, attention: str) -> dict:
 
 
 def format_rules(rules) -> str:
-    """The logical-axis rules compiled with, as "batch->data+fsdp, embed->fsdp, length->-, ..."."""
+    """The logical-axis rules compiled with, as "batch->dcn+data+fsdp, embed->fsdp, length->-, ..."."""
 
     def axes(value):
         return "-" if value is None else "+".join(value) if isinstance(value, tuple) else value

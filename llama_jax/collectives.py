@@ -8,6 +8,11 @@ listed once, as it is compiled, not once per iteration.
 
 The TPU compiler writes a reduce-scatter as a fusion of a computation named
 `all-reduce-scatter*` around an all-reduce; those count as reduce-scatters.
+
+On a multi-slice pod each slice runs its own program, and what crosses the data-center network
+(DCN) between slices is a host transfer to the Megascale runtime: a `send` tagged
+`_xla_megascale_transfer_type="ALL_REDUCE"` (its `recv` is the same transfer's result). Those are
+listed apart, as "all-reduce over DCN", for they are far slower than the chips' own links.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import dataclasses
 import re
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+DCN = " over DCN"  # suffix of the kinds that cross slices
+_MEGASCALE = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+send\(.*_xla_megascale_transfer_type=\"(\w+)\"")
 _BYTES = {
     "pred": 1,
     "s8": 1,
@@ -57,6 +64,7 @@ class Collective:
     kind: str
     dtype: str  # of the buffer (the first array of a combined one)
     bytes: int  # the whole buffer, per chip
+    computation: str = ""  # the HLO computation it is in ("ENTRY" for the program's own)
 
 
 def _arrays(text: str) -> list[tuple[str, int]]:
@@ -86,11 +94,14 @@ def parse(hlo_text: str) -> list[Collective]:
     """Every collective of the optimized HLO text `hlo_text`."""
     found: list[Collective] = []
     scatter_inputs: dict[str, list[tuple[str, int]]] = {}
-    inside_scatter = False
+    inside_scatter, computation = False, ""
     for line in hlo_text.splitlines():
+        if line.startswith("ENTRY "):
+            computation = "ENTRY"
         header = _HEADER.match(line)
         if header:
-            inside_scatter = header.group(1).startswith("all-reduce-scatter")
+            computation = header.group(1)
+            inside_scatter = computation.startswith("all-reduce-scatter")
             if inside_scatter:
                 scatter_inputs[header.group(1)] = _arrays(header.group(2))
             continue
@@ -99,30 +110,50 @@ def parse(hlo_text: str) -> list[Collective]:
             continue
         if inside_scatter:
             continue  # the all-reduce inside the TPU's reduce-scatter fusion
+        megascale = _MEGASCALE.match(line)
+        if megascale:
+            arrays = _arrays(megascale.group(1))
+            kind = megascale.group(2).lower().replace("_", "-") + DCN
+            if arrays:  # (buffer, context, token): the buffer is the first
+                found.append(Collective(kind, arrays[0][0], arrays[0][1], computation))
+            continue
         fusion = _REDUCE_SCATTER_FUSION.match(line)
         if fusion:
             arrays = scatter_inputs.get(fusion.group(1)) or _arrays(line.split("=", 1)[1].split("fusion(")[0])
             if arrays:
-                found.append(Collective("reduce-scatter", arrays[0][0], sum(b for _, b in arrays)))
+                found.append(
+                    Collective("reduce-scatter", arrays[0][0], sum(b for _, b in arrays), computation)
+                )
             continue
         match = _INSTRUCTION.match(line)
         if match:
             result_type, kind, started = match.group(1), match.group(2), bool(match.group(3))
             arrays = _buffer(result_type, kind, started)
             if arrays:
-                found.append(Collective(kind, arrays[0][0], sum(b for _, b in arrays)))
+                found.append(Collective(kind, arrays[0][0], sum(b for _, b in arrays), computation))
     return found
 
 
+def loop_bodies(hlo_text: str) -> set[str]:
+    """The names of the computations that are while-loop bodies (scanned layers, microbatches)."""
+    return set(re.findall(r"\bbody=%([^,\s]+)", hlo_text))
+
+
 def summary(hlo_text: str) -> dict[str, dict]:
-    """{kind: {"count", "bytes", "dtypes": {dtype: bytes}}} for the kinds present."""
+    """{kind: {"count", "bytes", "dtypes": {dtype: bytes}, "in_loops": count}} for the kinds
+    present; "in_loops" counts those inside a while loop's body (run once per iteration)."""
     out: dict[str, dict] = {}
+    bodies = loop_bodies(hlo_text)
     for op in parse(hlo_text):
-        entry = out.setdefault(op.kind, {"count": 0, "bytes": 0, "dtypes": {}})
+        entry = out.setdefault(op.kind, {"count": 0, "bytes": 0, "dtypes": {}, "in_loops": 0})
         entry["count"] += 1
+        entry["in_loops"] += op.computation in bodies
         entry["bytes"] += op.bytes
         entry["dtypes"][op.dtype] = entry["dtypes"].get(op.dtype, 0) + op.bytes
-    return {kind: out[kind] for kind in KINDS if kind in out}
+    order = list(KINDS) + [kind + DCN for kind in KINDS]
+    return {
+        kind: out[kind] for kind in sorted(out, key=lambda k: order.index(k) if k in order else len(order))
+    }
 
 
 def format_summary(collectives: dict[str, dict]) -> str:
@@ -132,5 +163,7 @@ def format_summary(collectives: dict[str, dict]) -> str:
     parts = []
     for kind, entry in collectives.items():
         dtypes = ", ".join(f"{dtype} {b / 2**20:,.1f} MiB" for dtype, b in entry["dtypes"].items())
+        if kind.endswith(DCN):  # once per step unless in a loop
+            dtypes += f"; {entry.get('in_loops', 0)} in loops"
         parts.append(f"{kind} x{entry['count']} ({dtypes})")
     return "; ".join(parts)

@@ -335,7 +335,7 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 # order and never uses one mesh axis twice in an array, so in activations [batch, length, embed]
 # `embed` falls back to replicated because `batch` already took `fsdp`.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("dcn", "data", "fsdp")),  # dcn: across slices; data and fsdp: inside one
     ("length", "context"),  # context parallelism (mesh.context > 1) splits the sequence
     ("embed", "fsdp"),  # parameters: FSDP shards the model dimension
     ("vocab", "tensor"),
@@ -388,7 +388,7 @@ class SamplingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; -1 (at most one) takes all the devices the others leave."""
+    """Device mesh sizes; -1 (at most one) takes all the devices the others leave in a slice."""
 
     data: int = 1
     fsdp: int = -1
@@ -396,6 +396,10 @@ class MeshConfig:
     # must be a multiple of 2 x context.
     context: int = 1
     tensor: int = 1
+    # Data parallelism across slices of a multi-slice pod, over the data-center network (DCN); the
+    # other axes stay inside a slice (ICI). 0: as many as the slices the devices span (1 on one
+    # slice). On GPUs, dcn > 1 splits the batch across hosts the same way.
+    dcn: int = 0
     # Which mesh axes shard each logical axis the model names (see DEFAULT_RULES); an experiment
     # overrides it to shard differently without touching model code.
     rules: Any = DEFAULT_RULES

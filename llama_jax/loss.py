@@ -63,7 +63,9 @@ def token_log_probs(
     @functools.partial(jax.checkpoint, policy=kept)
     def chunk_log_probs(h, t):
         logits = checkpoint_name(lm_logits(h, head), "lm_logits")
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        # A masked sum, not a gather: with the vocabulary split over devices each sums its part (the
+        # SPMD partitioner of XLA's CPU backend fails on this gather inside a multi-slice step).
+        target_logit = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == t[..., None], logits, 0.0), axis=-1)
         return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
     _, out = jax.lax.scan(

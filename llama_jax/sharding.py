@@ -17,47 +17,80 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import DEFAULT_RULES, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "context", "tensor")
 
 
 class MeshError(ValueError):
     """A mesh that does not fit the devices or the batch; the message is one sentence."""
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
-    sizes = {name: getattr(cfg, name) for name in MESH_AXES}
+def slice_count(devices) -> int:
+    """How many slices of a multi-slice TPU pod the devices span (1 elsewhere)."""
+    return len({getattr(device, "slice_index", 0) for device in devices})
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int, slices: int = 1) -> dict[str, int]:
+    """Each mesh axis's size: `dcn` across slices (0: `slices`), the others inside one."""
+    dcn = cfg.dcn or slices
+    if dcn < 0:
+        raise MeshError(f"mesh.dcn must be 0 (one per slice) or positive, got {cfg.dcn}.")
+    if n_devices % dcn:
+        raise MeshError(f"mesh.dcn={dcn} does not divide the {n_devices} devices.")
+    if slices > 1 and dcn != slices:
+        raise MeshError(f"The devices span {slices} slices, so mesh.dcn must be {slices} (or 0), not {dcn}.")
+    per_group = n_devices // dcn
+    sizes = {name: getattr(cfg, name) for name in MESH_AXES[1:]}
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
         raise MeshError(f"Only one mesh axis may be -1, got {', '.join(free)}.")
     if any(size == 0 or size < -1 for size in sizes.values()):
         raise MeshError(f"Mesh sizes must be positive or -1, got {sizes}.")
     fixed = math.prod(size for size in sizes.values() if size != -1)
+    where = f"the {per_group} devices of each of {dcn} slices" if dcn > 1 else f"the {per_group} devices"
     if free:
-        if n_devices % fixed:
+        if per_group % fixed:
             fixed_axes = ", ".join(f"{k}={v}" for k, v in sizes.items() if v != -1)
-            raise MeshError(f"The mesh sizes {fixed_axes} do not divide the {n_devices} devices.")
-        sizes[free[0]] = n_devices // fixed
-    if math.prod(sizes.values()) != n_devices:
+            raise MeshError(f"The mesh sizes {fixed_axes} do not divide {where}.")
+        sizes[free[0]] = per_group // fixed
+    if math.prod(sizes.values()) != per_group:
         raise MeshError(
             f"The mesh {_describe(sizes)} needs {math.prod(sizes.values())} devices, but there "
-            f"are {n_devices}."
+            f"are {per_group}" + (f" in each of {dcn} slices." if dcn > 1 else ".")
         )
-    return sizes
+    return {"dcn": dcn, **sizes}
 
 
 def _describe(sizes: dict[str, int]) -> str:
-    return " ".join(f"{name}={size}" for name, size in sizes.items() if name != "context" or size != 1)
+    return " ".join(
+        f"{name}={size}" for name, size in sizes.items() if name not in ("context", "dcn") or size != 1
+    )
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    sizes = mesh_shape(cfg, len(devices))
+    slices = slice_count(devices)
+    sizes = mesh_shape(cfg, len(devices), slices)
     shape = tuple(sizes[name] for name in MESH_AXES)
     # Auto axes: XLA propagates shardings from the parameters, batches and the model's constraints.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     try:
-        return jax.make_mesh(
-            shape, MESH_AXES, (jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
-        )
+        # Slices, or on GPUs the hosts: the groups of devices the dcn axis steps across.
+        granules = slices if slices > 1 else len({d.process_index for d in devices})
+        if sizes["dcn"] > 1 and granules > 1:
+            if granules != sizes["dcn"]:
+                raise MeshError(f"mesh.dcn={sizes['dcn']} must be the number of hosts, {granules}.")
+            # A hybrid mesh: the dcn axis steps across slices (or hosts), the others stay on each
+            # slice's torus. (One host simulating devices takes the plain mesh below.)
+            from jax.experimental import mesh_utils
+
+            grid = mesh_utils.create_hybrid_device_mesh(
+                (1, *shape[1:]),
+                (sizes["dcn"], *(1,) * (len(shape) - 1)),
+                devices,
+                process_is_granule=slices == 1,
+            )
+            return Mesh(grid, MESH_AXES, axis_types=auto)
+        return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
     except NotImplementedError:  # JAX found no layout of these axis sizes on the chips' torus
         physical = getattr(devices[0], "coords", None) and "x".join(
             str(max(d.coords[i] for d in devices) + 1) for i in range(len(devices[0].coords))
@@ -107,7 +140,7 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedShard
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return mesh.shape["dcn"] * mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def check_batch(batch_size: int, microbatches: int, mesh: Mesh) -> None:
@@ -119,7 +152,7 @@ def check_batch(batch_size: int, microbatches: int, mesh: Mesh) -> None:
     if (batch_size // microbatches) % dp:
         raise MeshError(
             f"The microbatch of {batch_size // microbatches} sequences is not divisible "
-            f"by the data-parallel size {dp} (mesh.data x mesh.fsdp)."
+            f"by the data-parallel size {dp} (mesh.dcn x mesh.data x mesh.fsdp)."
         )
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from llama_jax.context_parallel import context_size
 from llama_jax.sharding import activation_sharding, tree_shardings
@@ -61,9 +62,11 @@ def make_train_step(
                 return None
             return jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state.step), micro)
 
-        if microbatches == 1:
-            (loss_sum, (count, sums)), grads = grad_fn(state.params, batch, frozen, rng(0))
-        else:
+        def accumulated(params, batch, frozen, first=0):
+            """(loss_sum, (count, sums)), grads of the batch, summed over its microbatches
+            (numbered from `first`, for their dropout keys)."""
+            if microbatches == 1:
+                return grad_fn(params, batch, frozen, rng(first))
             # Row i goes to microbatch i % microbatches, so each device's rows spread evenly.
             split = jax.tree.map(
                 lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1),
@@ -72,13 +75,16 @@ def make_train_step(
 
             def accumulate(total, micro):
                 index, rows = micro
-                return jax.tree.map(jnp.add, total, grad_fn(state.params, rows, frozen, rng(index))), None
+                return jax.tree.map(jnp.add, total, grad_fn(params, rows, frozen, rng(first + index))), None
 
-            first = jax.tree.map(lambda x: x[0], split)
-            shapes = jax.eval_shape(grad_fn, state.params, first, frozen, rng(0))
+            shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), frozen, rng(0))
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-            micro = (jnp.arange(microbatches), split)
-            ((loss_sum, (count, sums)), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), split))
+            return total
+
+        if microbatches > 1 and jax.sharding.get_abstract_mesh().shape.get("dcn", 1) > 1:
+            accumulated = across_slices(accumulated, microbatches)
+        (loss_sum, (count, sums)), grads = accumulated(state.params, batch, frozen)
         # Sum over tokens, then one division: the same gradient however the batch is split.
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -105,6 +111,40 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def across_slices(accumulated: Callable, microbatches: int) -> Callable:
+    """`accumulated(params, batch, frozen, first)` run by each slice of a multi-slice mesh on its own rows
+    (the `dcn` axis), its sums added across slices once, after the microbatches: otherwise XLA
+    reduces each microbatch's gradients over the data-center network, microbatches times a step.
+    Inside, the logical rules leave `dcn` out (it is manual there)."""
+    rules = tuple(
+        (
+            name,
+            tuple(a for a in axes if a != "dcn")
+            if isinstance(axes, tuple)
+            else (None if axes == "dcn" else axes),
+        )
+        for name, axes in (nn.get_logical_axis_rules() or ())
+    )
+
+    def per_slice(params, batch, frozen):
+        with nn.logical_axis_rules(rules):  # each slice's microbatches have dropout keys of their own
+            out = accumulated(params, batch, frozen, jax.lax.axis_index("dcn") * microbatches)
+        return jax.lax.psum(out, "dcn")
+
+    def run(params, batch, frozen):
+        rows = jax.tree.map(lambda x: P("dcn", *(None,) * (x.ndim - 1)), batch)
+        whole = lambda tree: jax.tree.map(lambda _: P(), tree)  # noqa: E731
+        return jax.shard_map(
+            per_slice,
+            in_specs=(whole(params), rows, whole(frozen)),
+            out_specs=P(),
+            axis_names={"dcn"},
+            check_vma=False,
+        )(params, batch, frozen)
+
+    return run
 
 
 def _init_params(module: nn.Module, rng):

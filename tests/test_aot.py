@@ -36,12 +36,34 @@ def test_unknown_topology_is_one_sentence(capsys):
         parse_topology("v5p-12")
 
 
+def test_the_dcn_axis_is_one_per_slice():
+    from llama_jax.config import MeshConfig
+    from llama_jax.sharding import MeshError, mesh_shape
+
+    assert mesh_shape(MeshConfig(), 16, slices=2) == {
+        "dcn": 2,
+        "data": 1,
+        "fsdp": 8,
+        "context": 1,
+        "tensor": 1,
+    }
+    assert mesh_shape(MeshConfig(tensor=4), 16)["fsdp"] == 4  # one slice: dcn 1
+    with pytest.raises(MeshError, match="span 2 slices, so mesh.dcn must be 2"):
+        mesh_shape(MeshConfig(dcn=4), 16, slices=2)
+
+
 @pytest.mark.slow  # TPU compiles (about 15 s each): CI runs the slow set after the suite
 def test_tiny_on_v5p_8_fits_and_is_sharded():
     exp = Experiment()
     cfg = exp.model
     report = compile_for_topology(exp, parse_topology("v5p-8"))
-    assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
+    assert report["devices"] == 4 and report["mesh"] == {
+        "dcn": 1,
+        "data": 1,
+        "fsdp": 4,
+        "context": 1,
+        "tensor": 1,
+    }
     assert report["fits"] and report["hbm_bytes"] == 95 * 2**30
     # The arguments are the TrainState (fp32 params + two Adam moments) split 4 ways, not
     # replicated; TPU tiling pads small dims (head_dim 32), so a quarter is a lower bound.
@@ -55,7 +77,7 @@ def test_tiny_on_v5p_8_fits_and_is_sharded():
     # "auto" attention compiles the Pallas splash kernel for the TPU, not the XLA fallback.
     assert report["attention"] == "splash"
     # The report names the logical-axis rules the step was compiled with (the experiment's).
-    assert "rules: batch->data+fsdp, length->context, embed->fsdp, vocab->tensor" in format_report(report)
+    assert "rules: batch->dcn+data+fsdp, length->context, embed->fsdp, vocab->tensor" in format_report(report)
     # FSDP: every weight is gathered whole by all-gathers of the bf16 compute dtype (never an fp32
     # gather, nor an all-reduce of zero-padded buffers), and gradients go back reduce-scattered.
     found = report["collectives"]
@@ -107,6 +129,30 @@ def test_the_estimate_is_the_unrolled_step_extrapolated_and_prices_the_kernel():
     splash = _unrolled_cost(one_layer, topology)[0]
     xla = _unrolled_cost(apply_overrides(one_layer, ["model.attention=xla"]), topology)[0]
     assert xla - splash == pytest.approx(2 * kernel_attention_flops(one_layer, 4), rel=0.1)
+
+
+@pytest.mark.slow  # a TPU compile
+def test_two_slices_reduce_gradients_over_dcn_once_per_step():
+    """Two v5p-8 slices: the batch splits over the dcn axis, FSDP stays inside each slice, and the
+    gradients cross the data-center network once per step (after the microbatches, not in their
+    loop): each chip's fp32 gradient shard, about a quarter of the parameters' bytes."""
+    exp = apply_overrides(Experiment(), ["train.microbatches=2"])
+    report = compile_for_topology(exp, parse_topology("v5p-8"), slices=2)
+    assert report["devices"] == 8 and report["mesh"] == {
+        "dcn": 2,
+        "data": 1,
+        "fsdp": 4,
+        "context": 1,
+        "tensor": 1,
+    }
+    over_dcn = report["collectives"]["all-reduce over DCN"]
+    assert over_dcn["in_loops"] == 0 and set(over_dcn["dtypes"]) == {"f32"}
+    shard = exp.model.num_params() * 4 / 4
+    assert shard <= over_dcn["bytes"] <= 1.3 * shard
+    assert all(
+        not kind.endswith("over DCN") for kind in report["collectives"] if kind != "all-reduce over DCN"
+    )
+    assert "all-reduce over DCN x" in format_report(report)
 
 
 @pytest.mark.slow  # TPU compiles (about 15 s each): CI runs the slow set after the suite
@@ -165,7 +211,15 @@ ENTRY %main (p0: bf16[64,768]) -> f32[] {
   %rs = bf16[64,768]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.7, metadata={}
   %ar = (f32[4]{0}, bf16[16,16]{1,0}) all-reduce(%a, %b), to_apply=%add
   %cp = (f32[10]{0}, f32[10]{0}, u32[], u32[]) collective-permute-start(%c), source_target_pairs={{0,1}}
+  %w = (s32[], f32[4]{0}) while(%t), condition=%cond.1, body=%body.1
+  %send.3 = (f32[48,128]{1,0}, u32[], token[]) send(%g, %tok), channel_id=20, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv.3 = (f32[48,128]{1,0}, u32[], token[]) recv(%tok), channel_id=19, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}
   ROOT %s = f32[] reduce(%y)
+}
+
+%body.1 (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar.2 = f32[4]{0} all-reduce(%q), to_apply=%add
+  %send.4 = (bf16[8]{0}, u32[], token[]) send(%g, %tok), is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
 }
 """
 
@@ -176,9 +230,36 @@ def test_collectives_are_read_by_kind_with_their_buffers():
         "count": 2,
         "bytes": 256 * 768 * 2 + 8 * 32 * 256 * 2,
         "dtypes": {"bf16": 256 * 768 * 2 + 8 * 32 * 256 * 2},
+        "in_loops": 0,
     }
     # The TPU's reduce-scatter fusion counts once, with its whole input; its inner all-reduce not at all.
-    assert found["reduce-scatter"] == {"count": 1, "bytes": 256 * 768 * 2, "dtypes": {"bf16": 256 * 768 * 2}}
-    assert found["all-reduce"] == {"count": 1, "bytes": 16 + 512, "dtypes": {"f32": 16 + 512}}
+    assert found["reduce-scatter"] == {
+        "count": 1,
+        "bytes": 256 * 768 * 2,
+        "dtypes": {"bf16": 256 * 768 * 2},
+        "in_loops": 0,
+    }
+    assert found["all-reduce"] == {
+        "count": 2,
+        "bytes": 16 + 512 + 16,
+        "dtypes": {"f32": 32 + 512},
+        "in_loops": 1,
+    }
     assert found["collective-permute"]["bytes"] == 40
-    assert list(found) == ["all-gather", "reduce-scatter", "all-reduce", "collective-permute"]
+    # Multi-slice: the Megascale send is the transfer over DCN (its recv not counted again).
+    assert found["all-reduce over DCN"] == {
+        "count": 2,
+        "bytes": 48 * 128 * 4 + 16,
+        "dtypes": {"f32": 48 * 128 * 4, "bf16": 16},
+        "in_loops": 1,
+    }
+    assert list(found) == [
+        "all-gather",
+        "reduce-scatter",
+        "all-reduce",
+        "collective-permute",
+        "all-reduce over DCN",
+    ]
+    assert "all-reduce over DCN x2 (f32 0.0 MiB, bf16 0.0 MiB; 1 in loops)" in collectives.format_summary(
+        found
+    )

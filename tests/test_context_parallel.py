@@ -151,7 +151,7 @@ def test_sequence_length_must_split_into_two_chunks_per_device():
 def test_mesh_context_is_an_override():
     exp = apply_overrides(Experiment(), ["mesh.context=4", "mesh.fsdp=2"])
     mesh = make_mesh(exp.mesh)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "context": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"dcn": 1, "data": 1, "fsdp": 2, "context": 4, "tensor": 1}
     assert context_parallel.context_size(mesh, exp.mesh.rules) == 4
     with pytest.raises(ConfigError):
         apply_overrides(Experiment(), ["mesh.context=x"])

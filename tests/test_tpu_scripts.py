@@ -124,6 +124,50 @@ def test_create_queued_spot(fake):
     ]
 
 
+def test_multi_slice_pod_end_to_end(fake, tmp_path):
+    """--slices 2: one queued resource of two nodes (NAME-0, NAME-1); setup copies to and installs
+    on both, launch starts every worker of both, watch follows the slice asked for, delete removes
+    the queued resource with its VMs."""
+    run, calls = fake
+    two = [*BASE, "--slices", "2"]
+    ok(run("create.sh", *two, "--type", "v5p-1024"))
+    [create] = calls()
+    assert create[:5] == ["compute", "tpus", "queued-resources", "create", "pod-1"]
+    assert create[5:13] == [
+        "--node-count",
+        "2",
+        "--node-prefix",
+        "pod-1",
+        "--accelerator-type",
+        "v5p-1024",
+        "--runtime-version",
+        "v2-alpha-tpuv5",
+    ]
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "setup.cfg").write_text("[metadata]\nname = x\n")
+    ok(run("setup.sh", *two, "--source", str(source)))
+    ok(run("launch.sh", *two, "--exp", "llama3_1_405b", "--workdir", "gs://b/run", "--logdir", "logs"))
+    ok(run("watch.sh", *two, "--exp", "llama3_1_405b", "--slice", "1"))
+    ok(run("delete.sh", *two, "--quiet"))
+    later = calls()[1:]
+    scp = [c for c in later if c[3] == "scp"]
+    ssh = [c for c in later if c[3] == "ssh"]
+    assert [c[5] for c in scp] == ["pod-1-0:llama_jax-src.tar.gz", "pod-1-1:llama_jax-src.tar.gz"]
+    installs, launches, watch = ssh[:2], ssh[2:4], ssh[4]
+    assert [c[4:6] for c in installs + launches] == [
+        ["pod-1-0", "--worker=all"],
+        ["pod-1-1", "--worker=all"],
+    ] * 2
+    assert all("llama_jax.train --exp=llama3_1_405b --workdir=gs://b/run" in c[7] for c in launches)
+    assert watch[4:6] == ["pod-1-1", "--worker=0"]
+    assert later[-1][:7] == ["compute", "tpus", "queued-resources", "delete", "pod-1", "--force", "--quiet"]
+    bad = run("watch.sh", *two, "--exp", "e", "--slice", "2")
+    assert bad.returncode == 2 and "--slice must be a slice of the 2" in bad.stderr
+    bad = run("create.sh", *BASE, "--slices", "zero", "--type", "v5p-8")
+    assert bad.returncode == 2 and "--slices needs a positive number" in bad.stderr
+
+
 def test_create_unknown_type_needs_version(fake):
     run, calls = fake
     result = run("create.sh", *BASE, "--type", "v9z-8")

@@ -130,8 +130,11 @@ def single_device():
         (MeshConfig(data=1, fsdp=1, tensor=8), 1),
         (MeshConfig(data=2, fsdp=2, tensor=2), 1),
         (MeshConfig(data=2, fsdp=2, tensor=2), 2),
+        # Two "slices" of 4 (one host stands in for them): each sums its microbatches, then the
+        # slices add their gradients once (steps.across_slices).
+        (MeshConfig(dcn=2, data=1, fsdp=2, tensor=2), 2),
     ],
-    ids=["data8", "fsdp8", "tensor8", "2x2x2", "2x2x2-microbatch2"],
+    ids=["data8", "fsdp8", "tensor8", "2x2x2", "2x2x2-microbatch2", "dcn2-microbatch2"],
 )
 def test_sharded_training_matches_one_device(single_device, mesh_cfg, microbatches):
     assert len(jax.devices()) == 8

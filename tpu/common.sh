@@ -1,11 +1,13 @@
 # shellcheck shell=bash disable=SC2034  # the variables set here are read by the scripts
 # Shared helpers for the tpu/*.sh scripts; sourced, not run.
-# Provides: the common flags --name, --zone, --project, --dry-run, --help (parse_common);
+# Provides: the common flags --name, --zone, --project, --slices, --dry-run, --help (parse_common);
 # die (one-line error, exit 2); quote (shell-quote one word); run (print or execute a command);
-# tpu_gcloud (gcloud compute tpus ... with --zone and --project appended); tpu_ssh.
+# tpu_gcloud (gcloud compute tpus ... with --zone and --project appended); nodes; tpu_ssh.
+# A multi-slice pod (--slices N > 1) is one queued resource NAME whose TPU VMs, one per slice,
+# are NAME-0 ... NAME-(N-1); the scripts act on every one of them.
 # Every loop over the flags first splits --flag=value into --flag value.
 
-NAME="" ZONE="" PROJECT="" DRY_RUN=0 SHIFT=0
+NAME="" ZONE="" PROJECT="" DRY_RUN=0 SHIFT=0 SLICES=1
 CODE_DIR=llama_jax  # where the code goes on the workers (relative to home); --dir in some scripts
 PROG=${0##*/}
 
@@ -69,6 +71,12 @@ parse_common() {
     --name) need_value "$@"; NAME=$2; SHIFT=2 ;;
     --zone) need_value "$@"; ZONE=$2; SHIFT=2 ;;
     --project) need_value "$@"; PROJECT=$2; SHIFT=2 ;;
+    --slices)
+      need_value "$@"
+      if [[ ! $2 =~ ^[1-9][0-9]*$ ]]; then
+        die "--slices needs a positive number, not $2"
+      fi
+      SLICES=$2; SHIFT=2 ;;
     --dry-run) DRY_RUN=1; SHIFT=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown flag: $1 (see --help)" ;;
@@ -97,7 +105,23 @@ default_logdir() {
   printf '%s/logs' "$1"
 }
 
-# tpu_ssh WORKER CMD: run the shell command CMD on the TPU VM's worker(s) WORKER (a number or all).
+# nodes: the TPU VMs of NAME, one per line: NAME itself, or NAME-0 ... for --slices N > 1.
+nodes() {
+  if ((SLICES > 1)); then
+    local i
+    for ((i = 0; i < SLICES; i++)); do
+      printf '%s-%d\n' "$NAME" "$i"
+    done
+  else
+    printf '%s\n' "$NAME"
+  fi
+}
+
+# tpu_ssh WORKER CMD: run the shell command CMD on the worker(s) WORKER (a number or all) of
+# every TPU VM of NAME (each slice's, one after the other).
 tpu_ssh() {
-  tpu_gcloud tpu-vm ssh "$NAME" "--worker=$1" --command "$2"
+  local node
+  for node in $(nodes); do
+    tpu_gcloud tpu-vm ssh "$node" "--worker=$1" --command "$2"
+  done
 }

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Create a Cloud TPU VM, or with --queued a queued resource that Cloud TPU fills when capacity frees.
 # Usage: tpu/create.sh --name N --zone Z --type v5p-128 [--version RUNTIME] [--queued] [--spot]
-#                      [--project P] [--dry-run]
+#                      [--slices S] [--project P] [--dry-run]
+# --slices S > 1: a multi-slice pod, S slices of --type joined over the data-center network (a
+# queued resource with S nodes, NAME-0 ... NAME-(S-1)); training splits the batch over them
+# (mesh.dcn).
 # The runtime version defaults from the type: v4 tpu-ubuntu2204-base, v5p v2-alpha-tpuv5,
 # v5e (v5litepod) v2-alpha-tpuv5-lite, v6e v2-alpha-tpuv6e.
 set -euo pipefail
@@ -37,7 +40,10 @@ spot=()
 if ((SPOT)); then
   spot=(--spot)
 fi
-if ((QUEUED)); then
+if ((SLICES > 1)); then
+  tpu_gcloud queued-resources create "$NAME" --node-count "$SLICES" --node-prefix "$NAME" \
+    --accelerator-type "$TYPE" --runtime-version "$VERSION" "${spot[@]}"
+elif ((QUEUED)); then
   tpu_gcloud queued-resources create "$NAME" --node-id "$NAME" \
     --accelerator-type "$TYPE" --runtime-version "$VERSION" "${spot[@]}"
 else

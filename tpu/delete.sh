@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Delete a Cloud TPU VM, or with --queued a queued resource and its TPU VM.
-# Usage: tpu/delete.sh --name N --zone Z [--queued] [--quiet] [--project P] [--dry-run]
+# Delete a Cloud TPU VM, or with --queued (or --slices S > 1) a queued resource and its TPU VMs.
+# Usage: tpu/delete.sh --name N --zone Z [--queued] [--slices S] [--quiet] [--project P] [--dry-run]
 # --quiet skips gcloud's confirmation prompt.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
@@ -22,8 +22,8 @@ quiet=()
 if ((QUIET)); then
   quiet=(--quiet)
 fi
-if ((QUEUED)); then
-  # --force deletes the TPU VM the queued resource holds, too.
+if ((QUEUED || SLICES > 1)); then
+  # --force deletes the TPU VMs the queued resource holds, too.
   tpu_gcloud queued-resources delete "$NAME" --force "${quiet[@]}"
 else
   tpu_gcloud tpu-vm delete "$NAME" "${quiet[@]}"

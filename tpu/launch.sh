@@ -2,7 +2,10 @@
 # Start training on every worker of a TPU VM, detached, each worker's stdout and stderr kept in
 # LOGDIR/worker-HOSTNAME.log (LOGDIR default WORKDIR/logs), so that the ssh session can end.
 # Usage: tpu/launch.sh --name N --zone Z --exp EXP [--workdir DIR] [--logdir DIR] [--dir REMOTE_DIR]
-#                      [--project P] [--dry-run] [-- key=value ...]
+#                      [--slices S] [--project P] [--dry-run] [-- key=value ...]
+# With --slices S, on every worker of every slice; the slices find each other through the
+# environment Cloud TPU gives a multi-slice queued resource, and mesh.dcn (0: one per slice)
+# splits the batch over them.
 # Runs `python -m llama_jax.train --exp=EXP --workdir=DIR key=value ...` in the code directory
 # REMOTE_DIR (default llama_jax, as tpu/setup.sh installs it); WORKDIR defaults to runs/EXP there.
 set -euo pipefail

@@ -2,7 +2,7 @@
 # Install llama_jax on every worker of a TPU VM: get the code, make a virtual environment with uv
 # (Python --python, default 3.12, downloaded by uv if the image lacks it), pip install -e '.[tpu]'.
 # Usage: tpu/setup.sh --name N --zone Z [--repo URL [--ref REF] | --source DIR] [--dir REMOTE_DIR]
-#                     [--python VERSION] [--project P] [--dry-run]
+#                     [--python VERSION] [--slices S] [--project P] [--dry-run]
 # --repo: git clone URL on each worker and check out REF (default main).
 # --source: copy a local directory (default: this checkout) without .git, .venv, runs and caches.
 # --dir: where the code goes on the workers, relative to the home directory (default llama_jax).
@@ -46,7 +46,9 @@ else
   tarball=$tmp/llama_jax-src.tar.gz
   run tar -czf "$tarball" --exclude=./.git --exclude=./.venv --exclude=./runs \
     --exclude=__pycache__ --exclude='*.egg-info' -C "$SOURCE" .
-  tpu_gcloud tpu-vm scp "$tarball" "$NAME:llama_jax-src.tar.gz" --worker=all
+  for node in $(nodes); do
+    tpu_gcloud tpu-vm scp "$tarball" "$node:llama_jax-src.tar.gz" --worker=all
+  done
   get_code="mkdir -p $dir && tar -xzf llama_jax-src.tar.gz -C $dir && rm llama_jax-src.tar.gz"
 fi
 
