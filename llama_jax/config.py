@@ -642,6 +642,12 @@ class PosttrainConfig:
     reference: str = ""  # DPO/PPO: the frozen reference ("": the starting parameters)
     reward_model: str = ""  # PPO: a reward model (an `rm` run's workdir or export)
     score_fn: str = ""  # PPO: "module:function" scoring (prompt, response) instead
+    # PPO: Llama 2's second reward model, for safety (a model or a function, as above): its score
+    # where the prompt's record has a true "unsafe" field or sigmoid(safety score) is below
+    # safety_threshold, the helpfulness score (reward_model or score_fn) otherwise.
+    safety_reward_model: str = ""
+    safety_score_fn: str = ""
+    safety_threshold: float = 0.15
     chat_template: str = ""  # "llama2" or "llama3" ("": the tokenizer family's)
     eval_fraction: float = 0.05  # RM/DPO: pairs held out for evaluation when eval_data is None
     use_margin: bool = False  # RM: Llama 2's margin from each pair's "margin" field
@@ -661,6 +667,12 @@ class PosttrainConfig:
             raise ValueError(
                 f"posttrain.stage must be one of {', '.join(POSTTRAIN_STAGES)}, got {self.stage!r}."
             )
+        if not 0.0 < self.safety_threshold < 1.0:
+            raise ValueError(
+                f"posttrain.safety_threshold is a probability in (0, 1), got {self.safety_threshold}."
+            )
+        if self.safety_reward_model and self.safety_score_fn:
+            raise ValueError("Give posttrain.safety_reward_model or posttrain.safety_score_fn, not both.")
         if self.reference_logprobs not in ("precompute", "online"):
             raise ValueError(
                 "posttrain.reference_logprobs must be 'precompute' or 'online', "

@@ -117,7 +117,12 @@ def run(args) -> dict:
         raise RejectionSamplingError(f"{args.ckpt} is a reward model, not a policy to sample from.")
     template = args.template or default_template(tokenizer)
     scorer = load_scorer(
-        reward_model=args.reward_model or "", score_fn=args.score or "", vocab_size=cfg.vocab_size
+        reward_model=args.reward_model or "",
+        score_fn=args.score or "",
+        vocab_size=cfg.vocab_size,
+        safety_reward_model=args.safety_reward_model or "",
+        safety_score_fn=args.safety_score or "",
+        safety_threshold=args.safety_threshold,
     )
     try:
         prompts = load_prompts(args.prompts)
@@ -193,6 +198,18 @@ def _parser() -> argparse.ArgumentParser:
     scoring = parser.add_mutually_exclusive_group(required=True)
     scoring.add_argument("--reward-model", help="a reward model (an rm run's workdir)")
     scoring.add_argument("--score", help="module:function or file.py:function, fn(prompt, response) -> float")
+    safety = parser.add_mutually_exclusive_group()
+    safety.add_argument(
+        "--safety-reward-model",
+        help="Llama 2's safety reward model: its score where the prompt is tagged unsafe or it judges the response unsafe",
+    )
+    safety.add_argument("--safety-score", help="the same as a function, module:function")
+    parser.add_argument(
+        "--safety-threshold",
+        type=float,
+        default=0.15,
+        help="a response is unsafe where sigmoid(safety score) is below this (Llama 2: 0.15)",
+    )
     parser.add_argument("--k", type=int, default=10, help="samples per prompt (Llama 2/3: 10-30)")
     parser.add_argument("--pairs", action="store_true", help="also keep the worst sample (DPO pairs)")
     parser.add_argument("--batch-prompts", type=int, default=8, help="prompts per generation batch")

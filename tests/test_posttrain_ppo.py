@@ -200,6 +200,8 @@ def test_ppo_learns_from_a_scoring_function_and_resumes(files):
         ({"ppo": {"max_new_tokens": 48}}, "must leave room for the prompt"),
         ({"score_fn": "nowhere_xyz:f"}, "Cannot import nowhere_xyz"),
         ({"score_fn": "", "reward_model": "/nonexistent"}, "The reward model /nonexistent does not exist"),
+        ({"safety_score_fn": "nowhere_xyz:g"}, "Cannot import nowhere_xyz"),
+        ({"safety_reward_model": "/nonexistent"}, "The reward model /nonexistent does not exist"),
     ],
 )
 def test_bad_settings_are_one_sentence_and_exit_2(files, tmp_path, capsys, monkeypatch, settings, message):
@@ -208,6 +210,19 @@ def test_bad_settings_are_one_sentence_and_exit_2(files, tmp_path, capsys, monke
     assert train_lib.main(["--exp", "x", "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("error: ") and message in err, err
+
+
+@pytest.mark.slow  # a real PPO run: after the suite
+def test_ppo_scores_with_two_reward_models(files):
+    """A safety function that judges every response unsafe (sigmoid of -100 - length < 0.15):
+    every score is the safety one, and the metrics say so."""
+    root = files["root"]
+    (root / "safety.py").write_text("def harsh(prompt, response):\n    return -100.0 - len(response)\n")
+    workdir = root / "safety_run"
+    train_lib.train(_experiment(files, 2, safety_score_fn=f"{root / 'safety.py'}:harsh"), workdir, quiet=True)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "score" in r]
+    assert len(steps) == 2 and all(r["safety_share"] == 1.0 and r["score"] <= -100 for r in steps)
 
 
 @pytest.mark.slow  # a real PPO run: after the suite

@@ -178,3 +178,49 @@ def test_a_scoring_file_may_define_dataclasses(tmp_path):
     )
     fn = load_function(f"{tmp_path / 'checker.py'}:score")
     assert fn({"answer": "7"}, "7") == 1.0 and fn({"answer": "7"}, "8") == 0.0
+
+
+def test_two_reward_models_combine_as_llama_2_does():
+    """SafetyGatedScorer: the safety score where the prompt is tagged unsafe or sigmoid(safety)
+    < 0.15, the helpfulness score otherwise (checked against the rule written out per response)."""
+    from llama_jax.posttrain.reward import FunctionScorer, SafetyGatedScorer, ScoringError, load_scorer
+
+    rng = np.random.default_rng(0)
+    helpful_scores, safety_scores = rng.normal(size=64) * 3, rng.normal(size=64) * 3
+    records = [{"prompt": str(i), "unsafe": i % 5 == 0} for i in range(64)]
+    lookup = lambda table: FunctionScorer(lambda r, t: table[int(r["prompt"])], "t")  # noqa: E731
+    scorer = SafetyGatedScorer(lookup(helpful_scores), lookup(safety_scores))
+    got = scorer(records, [[]] * 64, [[]] * 64, [""] * 64)
+    sigmoid = 1 / (1 + np.exp(-safety_scores))
+    expected = [
+        s if (r["unsafe"] or p < 0.15) else h
+        for r, h, s, p in zip(records, helpful_scores, safety_scores, sigmoid)
+    ]
+    np.testing.assert_array_equal(got, expected)
+    by_safety = [r["unsafe"] or p < 0.15 for r, p in zip(records, sigmoid)]
+    assert 0 < sum(by_safety) < 64 and scorer.safety_share == np.mean(by_safety)
+    # Through load_scorer (as PPO and rejection sampling call it); bad input is one sentence.
+    combined = load_scorer(score_fn="json:dumps", safety_score_fn="json:dumps", safety_threshold=0.3)
+    assert isinstance(combined, SafetyGatedScorer) and combined.threshold == 0.3
+    with pytest.raises(ScoringError, match="safety reward model or a safety scoring function"):
+        load_scorer(score_fn="json:dumps", safety_reward_model="x", safety_score_fn="json:dumps")
+    with pytest.raises(ScoringError, match=r"probability in \(0, 1\)"):
+        load_scorer(score_fn="json:dumps", safety_score_fn="json:dumps", safety_threshold=1.5)
+
+
+def test_rejection_sampling_with_a_safety_model(setup, tmp_path):
+    """--safety-score: responses to prompts tagged unsafe are ranked by the safety function."""
+    root = setup["root"]
+    prompts = [{"prompt": f"{i}+{i}", "id": f"p{i}", "answer": 2 * i, "unsafe": i % 2 == 0} for i in range(4)]
+    (root / "tagged.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    (root / "safety.py").write_text("def short(prompt, response):\n    return 1000.0 - len(response)\n")
+    out = tmp_path / "o.jsonl"
+    extra = ["--score", f"{root / 'scoring.py'}:by_length", "--safety-score", f"{root / 'safety.py'}:short"]
+    # Safety scores near 1000 are never below the threshold: only the tag sends a prompt to safety.
+    extra += ["--safety-threshold", "0.5"]
+    assert rejection_sample.main(_args(setup, out, *extra, prompts="tagged.jsonl")) == 0
+    for r in _read(out):
+        eligible = [s for s, f in zip(r["scores"], r["finished"]) if f] or r["scores"]
+        assert r["chosen_score"] == max(eligible)
+        unsafe = int(r["id"][1:]) % 2 == 0
+        assert r["chosen_score"] == (1000 - len(r["chosen"]) if unsafe else len(r["chosen"]))

@@ -255,7 +255,12 @@ def _models(exp: Experiment):
     )
     try:
         scorer = load_scorer(
-            reward_model=settings.reward_model, score_fn=settings.score_fn, vocab_size=exp.model.vocab_size
+            reward_model=settings.reward_model,
+            score_fn=settings.score_fn,
+            vocab_size=exp.model.vocab_size,
+            safety_reward_model=settings.safety_reward_model,
+            safety_score_fn=settings.safety_score_fn,
+            safety_threshold=settings.safety_threshold,
         )
         if isinstance(scorer, RewardModelScorer):
             if scorer.cfg.max_seq_len < exp.train.seq_len:
@@ -470,6 +475,8 @@ class PPOIterations:
         return state, {
             "score": float(np.mean(scores)),
             "response_length": float(np.mean([len(r) for r in responses])),
+            # With two reward models: the share of responses the safety model scored.
+            **({"safety_share": self.scorer.safety_share} if hasattr(self.scorer, "safety_share") else {}),
             **{k: float(v) for k, v in jax.device_get(stats).items()},
             **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != NONFINITE},
             # 1 if any minibatch update of this iteration was dropped as non-finite

@@ -2,12 +2,19 @@
 
     scorer = load_scorer(reward_model="runs/llama3_8b_rm")       # or score_fn="mymodule:score"
     scores = scorer(records, prompt_ids, response_ids, texts)    # [N] floats
+    scorer = load_scorer(reward_model=..., safety_reward_model="runs/llama3_8b_safety_rm")
 
 A reward model scores the token ids it is given, prompt + response (the response with the token
 that ended it), at the last token: the same sequence it was trained on. A scoring function is
 called as `fn(prompt, response) -> float`, with `prompt` the prompt's JSONL record (its own
 fields, e.g. a reference answer, plus "messages", the normalised conversation) and `response` the
 reply's text. `module:function` names a module on the Python path or a .py file.
+
+Llama 2 trains two reward models, helpfulness and safety, and gives PPO one score
+(`SafetyGatedScorer`, docs/reference.md "Post-training"): the safety model's where the prompt is
+tagged unsafe or the safety model judges the response unsafe (sigmoid(score) below a threshold,
+0.15), the helpfulness model's otherwise. Scores are logits (a reward model's raw output); PPO
+then whitens them over the batch.
 """
 
 from __future__ import annotations
@@ -93,6 +100,28 @@ class FunctionScorer:
         return np.asarray(scores, np.float64)
 
 
+class SafetyGatedScorer:
+    """Llama 2's combination of a helpfulness and a safety scorer: per response, the safety score
+    where `record[unsafe_field]` is true or sigmoid(safety score) < `threshold`, else the
+    helpfulness score. `safety_share` is the share of the last call's responses scored by safety."""
+
+    def __init__(self, helpful, safety, threshold: float = 0.15, unsafe_field: str = "unsafe"):
+        if not 0.0 < threshold < 1.0:
+            raise ScoringError(f"The safety threshold is a probability in (0, 1), got {threshold}.")
+        self.helpful, self.safety = helpful, safety
+        self.threshold, self.unsafe_field = threshold, unsafe_field
+        self.safety_share = 0.0
+
+    def __call__(self, records, prompt_ids, response_ids, texts) -> np.ndarray:
+        helpful = np.asarray(self.helpful(records, prompt_ids, response_ids, texts), np.float64)
+        safety = np.asarray(self.safety(records, prompt_ids, response_ids, texts), np.float64)
+        tagged = np.array([bool(r.get(self.unsafe_field)) if hasattr(r, "get") else False for r in records])
+        # sigmoid(s) < threshold, written as s < logit(threshold)
+        use_safety = tagged | (safety < math.log(self.threshold / (1.0 - self.threshold)))
+        self.safety_share = float(use_safety.mean()) if len(use_safety) else 0.0
+        return np.where(use_safety, safety, helpful)
+
+
 def load_function(spec: str) -> Callable:
     """The function named by "module:function" or "path/to/file.py:function"."""
     module_name, sep, function = spec.rpartition(":")
@@ -150,14 +179,33 @@ def load_reward_model(path: str, vocab_size: int | None = None) -> tuple[ModelCo
 
 
 def load_scorer(
-    *, reward_model: str = "", score_fn: str = "", vocab_size: int | None = None, batch_size: int = 16
+    *,
+    reward_model: str = "",
+    score_fn: str = "",
+    vocab_size: int | None = None,
+    batch_size: int = 16,
+    safety_reward_model: str = "",
+    safety_score_fn: str = "",
+    safety_threshold: float = 0.15,
+    unsafe_field: str = "unsafe",
 ):
-    """A RewardModelScorer or FunctionScorer; exactly one of the two must be given."""
-    if bool(reward_model) == bool(score_fn):
-        raise ScoringError(
-            "Give either a reward model or a scoring function (module:function), not both or neither."
-        )
-    if score_fn:
-        return FunctionScorer(load_function(score_fn), score_fn)
-    cfg, params = load_reward_model(reward_model, vocab_size)
-    return RewardModelScorer(cfg, params, batch_size=batch_size)
+    """A RewardModelScorer or FunctionScorer (exactly one of the two must be given); with a safety
+    reward model or function as well, the two combined as Llama 2 does (SafetyGatedScorer)."""
+
+    def one(model: str, fn: str, what: str):
+        if bool(model) == bool(fn):
+            raise ScoringError(
+                f"Give either a {what}reward model or a {what}scoring function (module:function), "
+                "not both or neither."
+            )
+        if fn:
+            return FunctionScorer(load_function(fn), fn)
+        cfg, params = load_reward_model(model, vocab_size)
+        return RewardModelScorer(cfg, params, batch_size=batch_size)
+
+    helpful = one(reward_model, score_fn, "")
+    if not (safety_reward_model or safety_score_fn):
+        return helpful
+    return SafetyGatedScorer(
+        helpful, one(safety_reward_model, safety_score_fn, "safety "), safety_threshold, unsafe_field
+    )
