@@ -583,7 +583,7 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: mixture weights must be at least 0, not all 0.")
 
 
-POSTTRAIN_STAGES = ("sft", "rm", "dpo", "ppo")
+POSTTRAIN_STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -648,6 +648,8 @@ class PosttrainConfig:
     safety_reward_model: str = ""
     safety_score_fn: str = ""
     safety_threshold: float = 0.15
+    # GRPO: responses sampled to each prompt; their scores are normalised within the group.
+    group_size: int = 8
     chat_template: str = ""  # "llama2" or "llama3" ("": the tokenizer family's)
     eval_fraction: float = 0.05  # RM/DPO: pairs held out for evaluation when eval_data is None
     use_margin: bool = False  # RM: Llama 2's margin from each pair's "margin" field
@@ -661,7 +663,11 @@ class PosttrainConfig:
         check_ranges(
             "posttrain",
             self,
-            [("beta", positive, "positive"), ("nll_coef", non_negative, "at least 0")],
+            [
+                ("beta", positive, "positive"),
+                ("nll_coef", non_negative, "at least 0"),
+                ("group_size", positive, "at least 1"),
+            ],
         )
         if self.stage not in POSTTRAIN_STAGES:
             raise ValueError(

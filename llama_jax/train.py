@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 
 # The built-in stages register themselves on import.
+import llama_jax.posttrain.grpo  # noqa: F401
 import llama_jax.posttrain.ppo  # noqa: F401
 import llama_jax.posttrain.stages  # noqa: F401
 import llama_jax.stages.pretrain  # noqa: F401

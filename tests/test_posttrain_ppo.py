@@ -164,7 +164,7 @@ def _experiment(files, steps, **settings):
         data=DataConfig(sources=(SourceConfig(files["prompts"]),), tokenizer_path=files["tokenizer"]),
         eval_data=None,
         posttrain=PosttrainConfig(
-            stage="ppo", **{"score_fn": files["score"], **settings}, ppo=PPOConfig(**ppo)
+            **{"stage": "ppo", "score_fn": files["score"], **settings}, ppo=PPOConfig(**ppo)
         ),
     )
 
@@ -201,6 +201,12 @@ def test_ppo_learns_from_a_scoring_function_and_resumes(files):
         ({"score_fn": "nowhere_xyz:f"}, "Cannot import nowhere_xyz"),
         ({"score_fn": "", "reward_model": "/nonexistent"}, "The reward model /nonexistent does not exist"),
         ({"safety_score_fn": "nowhere_xyz:g"}, "Cannot import nowhere_xyz"),
+        ({"stage": "grpo", "group_size": 1}, "GRPO needs posttrain.group_size of at least 2"),
+        (
+            {"stage": "grpo", "group_size": 3, "ppo": {"minibatch_size": 32}},
+            "48 responses per iteration is not a multiple of ppo.minibatch_size=32",
+        ),
+        ({"stage": "grpo", "reward_model": "/x"}, "GRPO needs exactly one of posttrain.reward_model"),
         ({"safety_reward_model": "/nonexistent"}, "The reward model /nonexistent does not exist"),
     ],
 )
@@ -210,6 +216,29 @@ def test_bad_settings_are_one_sentence_and_exit_2(files, tmp_path, capsys, monke
     assert train_lib.main(["--exp", "x", "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("error: ") and message in err, err
+
+
+@pytest.mark.slow  # a real GRPO run and its resume: after the suite
+def test_grpo_learns_from_a_scoring_function_and_resumes(files):
+    """GRPO from the same start and scorer as PPO's test: 8 prompts x 4 responses per iteration,
+    no value model; shorter responses score higher and it learns to stop early."""
+    workdir = files["root"] / "grpo"
+    exp = _experiment(files, 8, stage="grpo", group_size=4)
+    exp = exp.replace(train=dataclasses.replace(exp.train, batch_size=8))
+    out = train_lib.train(exp, workdir, quiet=True)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "score" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for key in ("kl", "policy_loss", "clip_fraction", "group_score_std", "response_length"):
+        assert all(np.isfinite(r[key]) for r in steps), key
+    assert "value_loss" not in steps[0]  # no value model
+    first, final = np.mean([r["score"] for r in steps[:2]]), np.mean([r["score"] for r in steps[-2:]])
+    assert final > first + 5, (first, final)
+    assert "eval_score" in out
+    cfg, params = load_for_inference(workdir)
+    assert cfg == CFG and set(params) == set(out["state"].params)
+    more = train_lib.train(exp.replace(train=dataclasses.replace(exp.train, steps=9)), workdir, quiet=True)
+    assert int(more["state"].step) == 9
 
 
 @pytest.mark.slow  # a real PPO run: after the suite

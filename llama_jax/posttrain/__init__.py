@@ -1,4 +1,5 @@
-"""Post-training as in Llama 2 and Llama 3: SFT, reward model, rejection sampling, DPO and PPO.
+"""Post-training as in Llama 2 and Llama 3: SFT, reward model, rejection sampling, DPO and PPO;
+and GRPO.
 
     losses.py   the objectives as pure functions of arrays (Bradley-Terry, DPO, PPO's pieces)
     data.py     chat and preference JSONL -> token rows with the right loss masks
@@ -8,6 +9,8 @@
                 initial and reference parameters
     stages.py   the SFT, reward-model and DPO stages (trainer.Stage)
     ppo.py      the PPO stage: rollouts with the KV-cache sampler, rewards, GAE, clipped updates
+    grpo.py     the GRPO stage: PPO's rollouts in groups per prompt, group-normalised scores, no
+                value model, the KL to the reference as a loss term
 
 Every stage runs in the one loop, `trainer.Trainer`, behind the same CLI (`--exp=llama3_8b_sft`,
 `..._rm`, `..._dpo`, `..._ppo`); the reward and value models are `scalar_model.ScalarModel`;

@@ -146,3 +146,33 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
     new value kept within `clip` of the value at rollout time."""
     clipped = old_values + jnp.clip(values - old_values, -clip, clip)
     return 0.5 * masked_mean(jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns)), mask)
+
+
+def group_advantages(scores, group_size: int, eps: float = 1e-6):
+    """GRPO's advantages [N] of scores [N] sampled `group_size` to a prompt (consecutive): each
+    score less its group's mean, over its group's standard deviation (0 where a group's scores
+    are all equal: nothing to learn from it)."""
+    groups = scores.reshape(-1, group_size)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    return (centred / (groups.std(axis=1, keepdims=True) + eps)).reshape(-1)
+
+
+def grpo_loss(log_probs, old_log_probs, ref_log_probs, advantages, mask, clip: float, kl_coef: float):
+    """GRPO's objective as a loss (DeepSeekMath, 2402.03300): per response token the clipped
+    surrogate of the sequence's advantage [B], plus kl_coef x the KL to the reference by the
+    unbiased estimator exp(ref - pi) - (ref - pi) - 1; averaged over each response's tokens, then
+    over the responses. Returns (loss, {"clip_fraction", "kl"})."""
+    ratio = jnp.exp(log_probs - old_log_probs)
+    a = advantages[:, None]
+    surrogate = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 1.0 - clip, 1.0 + clip))
+    to_ref = ref_log_probs - log_probs
+    kl = jnp.exp(to_ref) - to_ref - 1.0
+    per_token = surrogate + kl_coef * kl
+    tokens = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    responses = jnp.maximum(jnp.sum(jnp.sum(mask, axis=-1) > 0), 1.0)
+    loss = jnp.sum(jnp.sum(per_token * mask, axis=-1) / tokens) / responses
+    stats = {
+        "clip_fraction": masked_mean((jnp.abs(ratio - 1.0) > clip).astype(jnp.float32), mask),
+        "kl": masked_mean(kl, mask),
+    }
+    return loss, stats

@@ -213,7 +213,7 @@ def check_ppo(exp: Experiment, mesh) -> None:
         raise ConfigError("PPO needs exactly one of posttrain.reward_model and posttrain.score_fn.")
 
 
-def _load_prompts(exp: Experiment, tokenizer, template) -> tuple[list[dict], list[dict]]:
+def load_prompts_for(exp: Experiment, tokenizer, template) -> tuple[list[dict], list[dict]]:
     """(training prompts, held-out prompts), tokenized: the training file, and eval_data's or
     the first ppo.eval_prompts of a seeded order of the training file."""
     ppo, name = exp.posttrain.ppo, exp.data.sources[0].display_name
@@ -277,6 +277,32 @@ def _models(exp: Experiment):
     return host_policy, host_reference, value_cfg, host_value, scorer
 
 
+def scorer_for(exp: Experiment, mesh):
+    """The scorer of exp's posttrain settings (reward models or functions), a reward model's
+    parameters placed on the mesh; what cannot be used is one sentence (ConfigError)."""
+    settings = exp.posttrain
+    try:
+        scorer = load_scorer(
+            reward_model=settings.reward_model,
+            score_fn=settings.score_fn,
+            vocab_size=exp.model.vocab_size,
+            safety_reward_model=settings.safety_reward_model,
+            safety_score_fn=settings.safety_score_fn,
+            safety_threshold=settings.safety_threshold,
+        )
+        if isinstance(scorer, RewardModelScorer) and scorer.cfg.max_seq_len < exp.train.seq_len:
+            raise ScoringError(
+                f"The reward model's context ({scorer.cfg.max_seq_len}) is shorter than "
+                f"train.seq_len={exp.train.seq_len}."
+            )
+    except ScoringError as err:
+        raise ConfigError(str(err)) from None
+    if isinstance(scorer, RewardModelScorer):
+        placed = state_shardings(ScalarModel(scorer.cfg), optax.identity(), mesh, exp.mesh.rules).params
+        scorer.params = jax.device_put(scorer.params, placed)
+    return scorer
+
+
 def _frozen_inputs(exp, mesh, value_cfg, host_policy, host_value, host_reference, policy_shardings):
     """(bases, reference) on the mesh: with LoRA the (policy, value model) frozen bases, else None;
     the reference, which under LoRA is the policy's base itself (adapters off, no second copy)
@@ -305,7 +331,7 @@ class PPO(ChatStage):
 
     def start(self, exp: Experiment, mesh, quiet: bool = False) -> Run:
         exp, tokenizer, template = inputs_lib.tokenizer_and_template(exp, quiet)
-        prompts, eval_prompts = _load_prompts(exp, tokenizer, template)
+        prompts, eval_prompts = load_prompts_for(exp, tokenizer, template)
         host_policy, host_reference, value_cfg, host_value, scorer = _models(exp)
         ppo = exp.posttrain.ppo
         updates_per_iteration = ppo.epochs * exp.train.batch_size // ppo.minibatch_size
