@@ -68,6 +68,13 @@ class ChatTokens:
     assistant_mask: list[int]
 
 
+def trained_reply(message: Message) -> int:
+    """1 for an assistant message the loss counts, 0 for any other: an assistant message with
+    `"weight": 0` (OpenAI's fine-tuning format) is context only, as Ghost Attention's earlier
+    turns are."""
+    return int(message["role"] == "assistant" and message.get("weight", 1) == 1)
+
+
 def _check_messages(messages: Sequence[Message], template: str) -> None:
     if not messages:
         raise ChatTemplateError("A dialog needs at least one message.")
@@ -81,6 +88,10 @@ def _check_messages(messages: Sequence[Message], template: str) -> None:
             raise ChatTemplateError(
                 f"Message {i} has the unknown role {message['role']!r}; the "
                 f"{template} format knows {', '.join(ROLES[template])}."
+            )
+        if "weight" in message and message["weight"] not in (0, 1):
+            raise ChatTemplateError(
+                f"Message {i} has weight {message['weight']!r}; a weight is 0 (not trained on) or 1."
             )
         if message.get("tool_calls"):
             raise ChatTemplateError(
@@ -122,11 +133,12 @@ def encode_llama3_chat(
     for message in messages:
         add_header(message["role"])
         content = message["content"].strip()
+        trained = trained_reply(message)
         if message["role"] == "assistant" and content.startswith(PYTHON_TAG):
             call = tokenizer.encode(content[len(PYTHON_TAG) :])
-            add([tokenizer.token_id(PYTHON_TAG)] + call + [tokenizer.token_id("<|eom_id|>")], 1)
+            add([tokenizer.token_id(PYTHON_TAG)] + call + [tokenizer.token_id("<|eom_id|>")], trained)
         else:
-            add(tokenizer.encode(content) + [eot], int(message["role"] == "assistant"))
+            add(tokenizer.encode(content) + [eot], trained)
     if add_generation_prompt:
         add_header("assistant")
     return ChatTokens(ids, mask)
@@ -176,7 +188,8 @@ def encode_llama2_chat(
         # space before the answer belong to the answer.
         turn_ids, starts = tokenizer.encode_with_offsets(f"{prompt} {answer} ")
         ids += [tokenizer.bos_id] + turn_ids + [tokenizer.eos_id]
-        mask += [0] + [int(s >= len(prompt)) for s in starts] + [1]
+        trained = trained_reply(messages[i + 1])
+        mask += [0] + [int(s >= len(prompt)) * trained for s in starts] + [trained]
     return ChatTokens(ids, mask)
 
 
@@ -319,6 +332,10 @@ def encode_hf_chat(
     The mask is 1 on tokens that overlap `{% generation %}` blocks."""
     if not messages or not all(isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in messages):
         raise ChatTemplateError("A dialog is a non-empty list of dicts, each with a string 'role'.")
+    if any(m.get("weight", 1) != 1 for m in messages):
+        raise ChatTemplateError(
+            "Per-message weights need the llama2 or llama3 template, not the tokenizer's own."
+        )
     text, spans = render_hf_template(
         _own_template(tokenizer),
         messages,

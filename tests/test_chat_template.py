@@ -174,3 +174,26 @@ def test_close_reply(meta_tokenizers, sp_tokenizer):
     call = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<|python_tag|>f()"}]
     assert close_reply(tok, call, [tag] + tok.encode("f()")) == [tag] + tok.encode("f()") + [eom]
     assert close_reply(sp_tokenizer, DIALOG[:3], [5, 6]) == [5, 6, sp_tokenizer.eos_id]
+
+
+@pytest.mark.parametrize("template", ["llama2", "llama3"])
+def test_an_assistant_message_of_weight_0_is_context_only(template, meta_tokenizers, sp_tokenizer):
+    """OpenAI's per-message "weight": 0 keeps a reply in the dialog (the same ids) but out of the
+    loss mask; the other replies keep theirs (Ghost Attention trains on its last turn only)."""
+    tok = meta_tokenizers[0] if template == "llama3" else sp_tokenizer
+    dialog = DIALOG[:3] + [
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "sure thing"},
+    ]
+    full = encode_chat(tok, dialog, template=template)
+    weighted = [dict(m, weight=0) if i == 2 else m for i, m in enumerate(dialog)]
+    masked = encode_chat(tok, weighted, template=template)
+    assert masked.ids == full.ids
+    first_reply_end = encode_chat(tok, dialog[:3], template=template).ids
+    cut = len(first_reply_end)
+    assert sum(full.assistant_mask[:cut]) > 0 and sum(masked.assistant_mask[:cut]) == 0
+    assert masked.assistant_mask[cut:] == full.assistant_mask[cut:] and sum(masked.assistant_mask) > 0
+    with pytest.raises(ChatTemplateError, match="a weight is 0 .* or 1"):
+        encode_chat(
+            tok, [dict(m, weight=0.5) if i == 2 else m for i, m in enumerate(dialog)], template=template
+        )

@@ -208,6 +208,7 @@ def test_two_reward_models_combine_as_llama_2_does():
         load_scorer(score_fn="json:dumps", safety_score_fn="json:dumps", safety_threshold=1.5)
 
 
+@pytest.mark.slow  # a sampling run: after the suite
 def test_rejection_sampling_with_a_safety_model(setup, tmp_path):
     """--safety-score: responses to prompts tagged unsafe are ranked by the safety function."""
     root = setup["root"]
