@@ -8,6 +8,8 @@ first checkpoint's dtype; checksums are verified on the way in and written on th
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +26,55 @@ class AveragingError(ValueError):
     """Checkpoints that cannot be averaged; the message is one sentence."""
 
 
+def recorded_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer file a checkpoint's run recorded (its workdir's experiment.json), or the one
+    an export holds beside its parameters; None where it does not say."""
+    path = Path(path)
+    for record in (path / "experiment.json", path.parent.parent / "experiment.json"):  # workdir, STEP
+        if record.is_file():
+            try:
+                recorded = json.loads(record.read_text()).get("data", {}).get("tokenizer_path")
+            except ValueError:
+                recorded = None
+            if recorded:
+                return Path(recorded)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
+def _tokenizer_digest(path: Path) -> str | None:
+    """A digest of the tokenizer's file (a directory's tokenizer.json); None if it is gone."""
+    target = path / "tokenizer.json" if path.is_dir() else path
+    if not target.is_file():
+        return None
+    return hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def check_same_tokenizer(paths: Sequence[str | Path]) -> None:
+    """Checkpoints whose runs recorded tokenizers must have the same one (by content): the token
+    ids mean the same thing only then."""
+    seen: tuple[str, Path, str] | None = None  # (source, tokenizer, digest) of the first that says
+    for path in paths:
+        tokenizer = recorded_tokenizer(path)
+        digest = tokenizer and _tokenizer_digest(tokenizer)
+        if not digest:
+            continue
+        if seen is None:
+            seen = (str(path), tokenizer, digest)
+        elif digest != seen[2]:
+            raise AveragingError(
+                f"{path} was trained with the tokenizer {tokenizer} and {seen[0]} with {seen[1]}, "
+                "which differ; only models of one tokenizer can be averaged."
+            )
+
+
 def average(paths: Sequence[str | Path], *, progress: bool | None = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, the mean of the checkpoints' parameters) as host arrays."""
     if len(paths) < 2:
         raise AveragingError(f"Averaging needs at least two checkpoints, got {len(paths)}.")
+    check_same_tokenizer(paths)
     first_cfg, total, dtypes = None, None, None
     for path in tqdm(
         paths, desc="averaging", unit="checkpoint", disable=(not progress) if progress is not None else None

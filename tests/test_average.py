@@ -41,6 +41,10 @@ def exports(tmp_path_factory):
     save_params(root / "b", b, CFG)
     wider = CFG.replace(ffn_dim=96)
     save_params(root / "wider", _params(2, wider), wider)
+    # The same model exported with another tokenizer beside it (and one with a copy of a's).
+    save_params(root / "other_tokenizer", b, CFG)
+    (root / "a" / "tokenizer.model").write_bytes(b"tokenizer one")
+    (root / "other_tokenizer" / "tokenizer.model").write_bytes(b"tokenizer two")
     return root, a, b
 
 
@@ -69,6 +73,7 @@ def test_the_newest_checkpoints_of_a_workdir(tmp_path):
     "case,message",
     [
         ("other_architecture", "is a model of another architecture than"),
+        ("other_tokenizer", "which differ; only models of one tokenizer can be averaged"),
         ("one", "Averaging needs at least two checkpoints, got 1."),
         ("missing", "does not exist"),
         ("too_few", "holds 0 checkpoint(s); --last 2 needs 2."),
@@ -78,6 +83,7 @@ def test_bad_input_is_one_sentence(exports, tmp_path, capsys, case, message):
     root = exports[0]
     args = {
         "other_architecture": [str(root / "a"), str(root / "wider")],
+        "other_tokenizer": [str(root / "a"), str(root / "other_tokenizer")],
         "one": [str(root / "a")],
         "missing": [str(root / "a"), str(root / "nowhere")],
         "too_few": ["--last", "2", str(tmp_path)],
