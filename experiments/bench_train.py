@@ -2,7 +2,10 @@
 small model, and with --vs-hf the same model, batch and optimizer in Hugging Face transformers
 (PyTorch) side by side in the same run.
 
-    python experiments/bench_train.py [--vs-hf] [--steps 10] [--batch 8] [--seq 256]
+    python experiments/bench_train.py [--vs-hf] [--keep-logits] [--steps 10] [--batch 8] [--seq 256]
+
+--keep-logits also times the step with train.keep_logits (the LM head's logits kept for the
+backward pass instead of computed again), in the same run.
 
 MFU is against the measured fp32 matmul peak of this CPU (`llama_jax.metrics.measured_cpu_peak`).
 """
@@ -10,6 +13,7 @@ MFU is against the measured fp32 matmul peak of this CPU (`llama_jax.metrics.mea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -114,6 +118,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--keep-logits", action="store_true", help="also time train.keep_logits=true")
     args = parser.parse_args()
 
     exp = Experiment(
@@ -134,6 +139,14 @@ def main():
         f"llama_jax     {tokens / ours:10,.0f} tokens/s  {ours * 1e3:8.1f} ms/step  "
         f"MFU {flops / ours / peak:6.1%}"
     )
+    if args.keep_logits:
+        kept = bench_llama_jax(
+            exp.replace(train=dataclasses.replace(exp.train, keep_logits=True)), args.steps
+        )
+        print(
+            f"  keep_logits {tokens / kept:10,.0f} tokens/s  {kept * 1e3:8.1f} ms/step  "
+            f"MFU {flops / kept / peak:6.1%}  ({ours / kept:.2f}x the default)"
+        )
     if args.vs_hf:
         theirs = bench_transformers(exp, args.steps)
         print(
