@@ -256,8 +256,10 @@ def kept_logits_bytes(exp, mesh) -> float:
         axes = (axes,) if isinstance(axes, str) else tuple(axes)
         return math.prod(mesh.shape[axis] for axis in axes if axis in mesh.shape)
 
+    # Every position of the rows: the loss's chunks run over the whole sequence, gathered along
+    # `length` under context parallelism.
     rows = exp.train.batch_size / exp.train.microbatches / split("batch")
-    return rows * exp.train.seq_len / split("length") * exp.model.vocab_size / split("vocab") * 4
+    return rows * exp.train.seq_len * exp.model.vocab_size / split("vocab") * 4
 
 
 def kernel_attention_flops(exp, devices: int) -> float:
@@ -286,12 +288,21 @@ def estimate_step(exp, whole, devices, attention: str) -> dict:
         )
         costs.append(_cost(_lower(small, whole, devices)[1].compile()))
     (flops1, seconds1), (flops2, seconds2) = costs
+    if not 0 < seconds1 <= seconds2:  # the cost model gave no usable time (e.g. a negative one)
+        seconds1 = seconds2 = math.nan
     depth = exp.model.n_layers - 1
     compiler_seconds = micro * (seconds1 + depth * (seconds2 - seconds1))
     compiler_flops = micro * (flops1 + depth * (flops2 - flops1))
     kernel_flops = kernel_attention_flops(exp, len(devices)) if attention == "splash" else 0.0
     seconds = compiler_seconds + kernel_flops / peak
-    model_flops = flops_per_token(exp.model, exp.train.seq_len) * exp.train.batch_size * exp.train.seq_len
+    # The model's FLOPs with causal attention: half of the 12 L H Q T per token that training's MFU
+    # counts (at 128K, attention is most of the step and the full square would pass 100%).
+    cfg = exp.model
+    per_token = (
+        flops_per_token(cfg, exp.train.seq_len)
+        - 6.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * exp.train.seq_len
+    )
+    model_flops = per_token * exp.train.batch_size * exp.train.seq_len
     return {
         "model_flops_per_step": model_flops,
         "estimate_layer_seconds": micro * (seconds2 - seconds1),

@@ -558,6 +558,7 @@ class Phase:
     # Weights of data.sources in order, e.g. the anneal's shift toward high-quality sources; (): the
     # experiment's.
     mixture: tuple[float, ...] = ()
+    keep_logits: bool | None = None  # train.keep_logits inside the phase; None: the experiment's
     # The learning-rate segment: < 0 follows the run's schedule (optim, over all phases); a value
     # goes linearly from the schedule's rate at the phase's start to it at the end (0: an anneal).
     lr_to: float = -1.0

@@ -124,6 +124,7 @@ def phase_experiment(exp: Experiment, index: int) -> Experiment:
         seq_len=seq_len(exp, phase),
         batch_size=batch_size(exp, phase),
         microbatches=phase.microbatches or exp.train.microbatches,
+        keep_logits=exp.train.keep_logits if phase.keep_logits is None else phase.keep_logits,
     )
     model = exp.model.replace(rope_scaling=phase.rope_scaling) if phase.rope_scaling else exp.model
     sources = exp.data.sources

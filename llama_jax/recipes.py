@@ -190,6 +190,8 @@ def llama3_1(
             batch_size=max(rows, round(batch_tokens / length / rows) * rows),
             microbatches=long_microbatches,
             context=long_context,
+            # At 128K the logits do not fit beside the rest (`python -m llama_jax.aot --phase N`).
+            keep_logits=False,
             **more,
         )
 
