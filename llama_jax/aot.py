@@ -460,7 +460,7 @@ def _same_row(readme: str, name: str, row: str) -> bool:
 def logits_choice(entry: str, exp, r: dict) -> str | None:
     """The AOT fit chooses train.keep_logits: a recipe keeps its LM head's logits where they fit
     with HEADROOM to spare. A sentence where the recipe chose otherwise, else None."""
-    if "total_bytes" not in r:
+    if "total_bytes" not in r or "--phase" in entry:  # a phase's setting is its recipe's choice
         return None
     spare = (1 - HEADROOM) * r["hbm_bytes"]
     if not r["keep_logits"] and r["total_bytes"] + r["logits_bytes"] <= spare:
