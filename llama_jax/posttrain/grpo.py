@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from llama_jax import lora_training
 from llama_jax.config import ConfigError, Experiment
 from llama_jax.data.training import TrainingData
 from llama_jax.loss import next_token
-from llama_jax.model import Llama, init_params
+from llama_jax.model import Llama
 from llama_jax.optim import make_optimizer
 from llama_jax.posttrain import inputs as inputs_lib
 from llama_jax.posttrain import losses
-from llama_jax.posttrain.ppo import PPOIterations, load_prompts_for, scorer_for
+from llama_jax.posttrain.ppo import PPOIterations, load_prompts_for, scorer_for, starting_params
 from llama_jax.posttrain.stages import ChatStage
 from llama_jax.posttrain.steps import next_token_log_probs
 from llama_jax.sharding import MeshError, activation_sharding, data_parallel_size
@@ -129,25 +128,8 @@ class GRPOIterations(PPOIterations):
             state.params, prompts, exp.train.seed * 1_000_003 + iteration, settings.sampling
         )
         data, stats = self.advantages(state.params, self.reference, batch, jnp.asarray(scores))
-        rng = np.random.default_rng([exp.train.seed, iteration, 1])
-        fetched = []
-        for _ in range(settings.epochs):
-            order = rng.permutation(len(prompts))
-            for i in range(0, len(prompts), settings.minibatch_size):
-                rows = order[i : i + settings.minibatch_size]
-                state, metrics = self.update(state, {k: v[rows] for k, v in data.items()})
-                fetched.append(metrics)
-        state = state.replace(step=state.step + 1)
-        fetched = jax.device_get(fetched)
-        return state, {
-            "score": float(np.mean(scores)),
-            "response_length": float(np.mean([len(r) for r in responses])),
-            **({"safety_share": self.scorer.safety_share} if hasattr(self.scorer, "safety_share") else {}),
-            **{k: float(v) for k, v in jax.device_get(stats).items()},
-            **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != NONFINITE},
-            NONFINITE: float(max(m[NONFINITE] for m in fetched)),
-            "lr": float(self.schedule((iteration + 1) * self.updates_per_iteration - 1)),
-        }
+        state, fetched = self.minibatch_updates(state, data, len(prompts), iteration)
+        return state, self.metrics(scores, responses, stats, fetched, iteration)
 
 
 @register_stage("grpo")
@@ -164,14 +146,7 @@ class GRPO(ChatStage):
         exp, tokenizer, template = inputs_lib.tokenizer_and_template(exp, quiet)
         prompts, eval_prompts = load_prompts_for(exp, tokenizer, template)
         settings = exp.posttrain
-        host_policy = inputs_lib.initial_params(exp)
-        if host_policy is None:  # tests: a random start
-            host_policy = jax.device_get(init_params(exp.model, jax.random.key(exp.train.seed)))
-        host_reference = (
-            inputs_lib.load_checkpoint_params(settings.reference, exp.model, "reference checkpoint")
-            if settings.reference
-            else host_policy
-        )
+        host_policy, host_reference = starting_params(exp)
         scorer = scorer_for(exp, mesh)
         responses = exp.train.batch_size * settings.group_size
         updates_per_iteration = settings.ppo.epochs * responses // settings.ppo.minibatch_size

@@ -241,45 +241,34 @@ def load_prompts_for(exp: Experiment, tokenizer, template) -> tuple[list[dict], 
     return prompts, eval_prompts
 
 
-def _models(exp: Experiment):
-    """(host policy, host reference, value model config, host value model, scorer). The value
-    model starts from the reward model (Llama 2), or from the policy with a zero head."""
-    settings = exp.posttrain
+def starting_params(exp: Experiment):
+    """(host policy, host reference): init_from's parameters (a random start without it, for
+    tests) and posttrain.reference's, by default the policy's own."""
     host_policy = inputs_lib.initial_params(exp)
     if host_policy is None:  # tests: a random start
         host_policy = jax.device_get(init_params(exp.model, jax.random.key(exp.train.seed)))
-    host_reference = (
-        inputs_lib.load_checkpoint_params(settings.reference, exp.model, "reference checkpoint")
-        if settings.reference
-        else host_policy
-    )
-    try:
-        scorer = load_scorer(
-            reward_model=settings.reward_model,
-            score_fn=settings.score_fn,
-            vocab_size=exp.model.vocab_size,
-            safety_reward_model=settings.safety_reward_model,
-            safety_score_fn=settings.safety_score_fn,
-            safety_threshold=settings.safety_threshold,
-        )
-        if isinstance(scorer, RewardModelScorer):
-            if scorer.cfg.max_seq_len < exp.train.seq_len:
-                raise ScoringError(
-                    f"The reward model's context ({scorer.cfg.max_seq_len}) is shorter "
-                    f"than train.seq_len={exp.train.seq_len}."
-                )
-            value_cfg = scorer.cfg
-            host_value = jax.tree.map(lambda x: np.asarray(x, np.dtype(value_cfg.param_dtype)), scorer.params)
-        else:
-            value_cfg, host_value = exp.model, from_llama(host_policy, exp.model)
-    except ScoringError as err:
-        raise ConfigError(str(err)) from None
+    reference = exp.posttrain.reference
+    if not reference:
+        return host_policy, host_policy
+    return host_policy, inputs_lib.load_checkpoint_params(reference, exp.model, "reference checkpoint")
+
+
+def _models(exp: Experiment):
+    """(host policy, host reference, value model config, host value model, scorer). The value
+    model starts from the reward model (Llama 2), or from the policy with a zero head."""
+    host_policy, host_reference = starting_params(exp)
+    scorer = _load_scorer(exp)
+    if isinstance(scorer, RewardModelScorer):
+        value_cfg = scorer.cfg
+        host_value = jax.tree.map(lambda x: np.asarray(x, np.dtype(value_cfg.param_dtype)), scorer.params)
+    else:
+        value_cfg, host_value = exp.model, from_llama(host_policy, exp.model)
     return host_policy, host_reference, value_cfg, host_value, scorer
 
 
-def scorer_for(exp: Experiment, mesh):
-    """The scorer of exp's posttrain settings (reward models or functions), a reward model's
-    parameters placed on the mesh; what cannot be used is one sentence (ConfigError)."""
+def _load_scorer(exp: Experiment):
+    """The scorer of exp's posttrain settings (reward models or functions), on the host; what
+    cannot be used is one sentence (ConfigError)."""
     settings = exp.posttrain
     try:
         scorer = load_scorer(
@@ -297,6 +286,12 @@ def scorer_for(exp: Experiment, mesh):
             )
     except ScoringError as err:
         raise ConfigError(str(err)) from None
+    return scorer
+
+
+def scorer_for(exp: Experiment, mesh):
+    """`_load_scorer`, a reward model's parameters placed on the mesh."""
+    scorer = _load_scorer(exp)
     if isinstance(scorer, RewardModelScorer):
         placed = state_shardings(ScalarModel(scorer.cfg), optax.identity(), mesh, exp.mesh.rules).params
         scorer.params = jax.device_put(scorer.params, placed)
@@ -488,17 +483,26 @@ class PPOIterations:
         data, stats = self.advantages(
             state.params, self.reference, state.value_params, batch, jnp.asarray(scores), self.bases
         )
-        rng = np.random.default_rng([exp.train.seed, iteration, 1])
+        state, fetched = self.minibatch_updates(state, data, exp.train.batch_size, iteration, self.bases)
+        return state, self.metrics(scores, responses, stats, fetched, iteration)
+
+    def minibatch_updates(self, state, data, rows: int, iteration: int, *extra):
+        """ppo.epochs passes of `update` over seeded minibatches of the `rows` rollouts in `data`;
+        (state, each update's metrics on the host)."""
+        ppo = self.exp.posttrain.ppo
+        rng = np.random.default_rng([self.exp.train.seed, iteration, 1])
         update_metrics = []
         for _ in range(ppo.epochs):
-            order = rng.permutation(exp.train.batch_size)
-            for i in range(0, exp.train.batch_size, ppo.minibatch_size):
-                rows = order[i : i + ppo.minibatch_size]
-                state, metrics = self.update(state, {k: v[rows] for k, v in data.items()}, self.bases)
+            order = rng.permutation(rows)
+            for i in range(0, rows, ppo.minibatch_size):
+                minibatch = order[i : i + ppo.minibatch_size]
+                state, metrics = self.update(state, {k: v[minibatch] for k, v in data.items()}, *extra)
                 update_metrics.append(metrics)
-        state = state.replace(step=state.step + 1)
-        fetched = jax.device_get(update_metrics)
-        return state, {
+        return state.replace(step=state.step + 1), jax.device_get(update_metrics)
+
+    def metrics(self, scores, responses, stats, fetched, iteration: int) -> dict[str, float]:
+        """The iteration's logged metrics: scores, lengths, `stats` and the updates' means."""
+        return {
             "score": float(np.mean(scores)),
             "response_length": float(np.mean([len(r) for r in responses])),
             # With two reward models: the share of responses the safety model scored.
