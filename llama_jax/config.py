@@ -695,6 +695,58 @@ class PosttrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RoundsConfig:
+    """Llama 3's post-training loop (posttrain/rounds.py): each round trains a reward model on the
+    preference data so far, rejection-samples from the previous round's best model, fine-tunes
+    (SFT) on the kept samples plus the experiment's own data, and runs DPO on pairs sampled from
+    the new SFT model. The experiment's other fields are the steps' common settings; `sft`, `rm`
+    and `dpo` are overrides (key=value, as on the command line) for one step only."""
+
+    rounds: int = 3
+    prompts: tuple[str, ...] = ()  # JSONL prompts to rejection-sample (and to sample DPO pairs)
+    # Preference pairs for the reward model, one file per round: round r trains on files 1..r (the
+    # last file serves every later round). (): no reward model; score_fn scores the samples.
+    preferences: tuple[str, ...] = ()
+    score_fn: str = ""  # "module:function" fn(prompt record, response) -> float: a checker
+    eval_prompts: tuple[str, ...] = ()  # held-out prompts: every model is scored on greedy replies
+    first_policy: str = ""  # what round 1 samples from ("": init_from)
+    k: int = 8  # samples per prompt in rejection sampling (Llama 3: 10-30)
+    dpo_k: int = 4  # samples per prompt for DPO pairs (best and worst)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    min_score: float = float("-inf")  # a kept sample must score at least this (a checker: 1.0)
+    samples_weight: float = 1.0  # the kept samples' weight beside the experiment's data sources
+    sft: tuple[str, ...] = ()
+    rm: tuple[str, ...] = ()
+    dpo: tuple[str, ...] = ()
+    # Model averaging (Llama 3): variants of a step, each a space-separated list of overrides on
+    # top of the step's, trained separately and averaged; the average goes on only where its
+    # held-out score is at least its best member's (else the best member does). (): one run.
+    sft_variants: tuple[str, ...] = ()
+    dpo_variants: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("rounds", "k", "dpo_k", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rounds.{name} must be at least 1.")
+        if self.dpo_k < 2:
+            raise ValueError("rounds.dpo_k must be at least 2: a pair is the best and the worst sample.")
+        check_ranges(
+            "rounds",
+            self,
+            [
+                ("temperature", non_negative, "at least 0"),
+                ("top_p", lambda x: 0 < x <= 1, "in (0, 1]"),
+                ("samples_weight", positive, "positive"),
+            ],
+        )
+        for name in ("sft_variants", "dpo_variants"):
+            if len(getattr(self, name)) == 1:
+                raise ValueError(f"rounds.{name} lists one variant; averaging needs at least two (or none).")
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything a run needs. The defaults are the `tiny` experiment, runnable on a laptop."""
 
@@ -720,6 +772,8 @@ class Experiment:
     lora: LoraConfig = LoraConfig()
     # A post-training stage (SFT, reward model, DPO, PPO) and its settings; None: pretraining.
     posttrain: PosttrainConfig | None = None
+    # Llama 3's post-training loop (`python -m llama_jax.posttrain.rounds`); None: one stage.
+    rounds: RoundsConfig | None = None
     # The stage that trains (a name in the trainer's registry); "": "pretrain", or posttrain.stage.
     stage: str = ""
     # The hardware the recipe was sized for, e.g. "v5p-512"; informational until checked by AOT.

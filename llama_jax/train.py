@@ -68,6 +68,11 @@ def main(argv=None) -> int:
     try:
         distributed.initialize(distributed.ProcessSpec.from_args(args))  # before anything else uses JAX
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
+        if exp.rounds is not None:
+            raise ConfigError(
+                f"{exp.name} is a post-training loop of several stages; run it with "
+                f"`python -m llama_jax.posttrain.rounds --exp {args.exp}`."
+            )
         workdir = Path(args.workdir or Path("runs") / exp.name)
         index = jax.process_index()
         check_workdir(workdir)

@@ -29,7 +29,7 @@ RECIPES = [name for name in list_experiments() if name != "tiny" and name not in
 def test_every_preset_has_a_recipe():
     assert set(POSTTRAINING) == {
         f"{size}_{stage}" for size in ("llama3_8b", "tiny") for stage in ("sft", "rm", "dpo", "ppo")
-    } | {"llama3_1_8b_qlora_sft", "llama3_1_70b_lora_sft"}
+    } | {"llama3_1_8b_qlora_sft", "llama3_1_70b_lora_sft", "llama3_8b_rounds"}
     assert set(RECIPES) == {
         "llama1_7b",
         "llama1_13b",
@@ -91,6 +91,21 @@ def test_posttraining_recipes_follow_the_papers():
     assert (dpo.posttrain.beta, dpo.optim.peak_lr, dpo.posttrain.nll_coef) == (0.1, 1e-5, 0.2)
     assert dpo.posttrain.mask_special_tokens
     assert (ppo.optim.peak_lr, ppo.posttrain.ppo.clip, ppo.posttrain.ppo.kl_coef) == (1e-6, 0.2, 0.01)
+    # The loop's steps are the stage recipes: each step's experiment equals its recipe's settings.
+    from llama_jax.config import apply_overrides
+
+    loop = load_experiment("llama3_8b_rounds")
+    assert loop.rounds.rounds == 6 and 10 <= loop.rounds.k <= 30
+    for step, recipe in (("rm", rm), ("dpo", dpo)):
+        ours = apply_overrides(loop, list(getattr(loop.rounds, step)))
+        assert (ours.train.steps, ours.train.batch_size, ours.train.seq_len) == (
+            recipe.train.steps,
+            recipe.train.batch_size,
+            recipe.train.seq_len,
+        )
+        assert ours.optim == recipe.optim
+    assert (loop.optim, loop.train) == (sft.optim, sft.train)
+    assert (loop.posttrain.beta, loop.posttrain.nll_coef) == (dpo.posttrain.beta, dpo.posttrain.nll_coef)
 
 
 def test_recipe_token_budgets():
