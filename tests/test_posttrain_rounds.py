@@ -110,9 +110,11 @@ def test_the_average_goes_on_only_where_it_is_at_least_as_good():
 
 
 def test_the_best_of_a_round_and_the_kept_samples():
-    assert rounds.best_of_round({"sft": 0.6, "dpo": 0.5}) == "sft"
-    assert rounds.best_of_round({"sft": 0.6, "dpo": 0.6}) == "dpo"  # a tie: the later step
-    assert rounds.best_of_round({"sft": None, "dpo": None}) == "dpo"  # no scores: the last
+    assert rounds.best_of_round({"previous": 0.1, "sft": 0.6, "dpo": 0.5}) == "sft"
+    assert rounds.best_of_round({"previous": 0.1, "sft": 0.6, "dpo": 0.6}) == "dpo"  # a tie: the later step
+    assert rounds.best_of_round({"previous": 0.7, "sft": 0.6, "dpo": 0.5}) == "previous"  # never back
+    assert rounds.best_of_round({"previous": 0.6, "sft": 0.6}) == "sft"
+    assert rounds.best_of_round({"previous": None, "sft": None, "dpo": None}) == "dpo"  # no scores: the last
     records = [
         {"id": "a", "messages": [1], "chosen_score": 1.0, "finished": [False, True]},
         {"id": "b", "messages": [2], "chosen_score": 0.0, "finished": [True, True]},
@@ -199,9 +201,16 @@ def test_two_rounds_with_a_reward_model_killed_and_resumed(files, tmp_path):
         )
     # Round 2 samples from round 1's best model, the one with the higher held-out score (the
     # checker's: the mean of -len(greedy reply)).
-    scores = {s: first[s]["heldout"] for s in ("sft", "dpo") if s in first}
-    assert first["best"] == rounds.best_of_round(scores)
-    assert second["policy"] == first["best_path"] == first[first["best"]]["path"]
+    scores = {"previous": first["policy_heldout"]}
+    scores.update({s: first[s]["heldout"] for s in ("sft", "dpo") if s in first})
+    assert first["best"] == rounds.best_of_round(scores) and first["best_heldout"] == max(scores.values())
+    best_path = first["policy"] if first["best"] == "previous" else first[first["best"]]["path"]
+    assert second["policy"] == first["best_path"] == best_path
+    # Each round scores the model it sampled from as it scores its own.
+    replies = [
+        json.loads(line) for line in (workdir / "round2" / "eval_policy.jsonl").read_text().splitlines()
+    ]
+    assert second["policy_heldout"] == pytest.approx(np.mean([-len(r["chosen"]) for r in replies]))
     for step, result in (("sft", first["sft"]), ("sft", second["sft"])):
         replies = [
             json.loads(line)
@@ -261,3 +270,24 @@ def test_variants_are_averaged_and_the_average_goes_on_only_if_as_good(files, tm
     assert sft["path"] == (str(round_dir / "sft_avg") if chosen == "average" else chosen)
     assert sft["heldout"] == max([sft["average"], *sft["variants"].values()])
     assert json.loads((round_dir / "sft_v1" / "experiment.json").read_text())["optim"]["peak_lr"] == 1e-2
+
+
+def test_a_round_begun_from_another_model_is_moved_aside_not_reused(tmp_path):
+    """A round's samples and models belong to the model it sampled from: started again from
+    another one, the earlier work is kept aside and the round begins empty."""
+    from types import SimpleNamespace
+
+    loop = SimpleNamespace(log=lambda message: None)
+    round_dir = tmp_path / "round2"
+    rounds.Loop._start_round(loop, round_dir, "/runs/a")
+    (round_dir / "rs.jsonl.done").touch()
+    rounds.Loop._start_round(loop, round_dir, "/runs/a")  # the same model: the work stays
+    assert (round_dir / "rs.jsonl.done").exists()
+    rounds.Loop._start_round(loop, round_dir, "/runs/b")
+    aside = tmp_path / "round2.from-another-policy-1"
+    assert (aside / "rs.jsonl.done").exists() and json.loads((aside / "policy.json").read_text())[
+        "policy"
+    ] == "/runs/a"
+    assert sorted(p.name for p in round_dir.iterdir()) == ["policy.json"]
+    rounds.Loop._start_round(loop, round_dir, "/runs/a")
+    assert (tmp_path / "round2.from-another-policy-2").is_dir()

@@ -16,8 +16,10 @@ fields are the settings every step shares (model, optimizer, data, init_from), a
     dpo_samples.jsonl rounds.dpo_k samples per prompt from the new SFT model; the best and the
                       worst of each prompt where they differ are a pair
     dpo/              DPO from the SFT model on those pairs
-    eval_*.jsonl      greedy replies to rounds.eval_prompts, scored: the held-out score that picks
-                      the round's best model (the checker's, or this round's reward model's)
+    eval_*.jsonl      greedy replies to rounds.eval_prompts, scored (by the checker, or by this
+                      round's reward model): the held-out score that picks the model going on,
+                      the round's SFT or DPO model or, where neither beats it, the one it
+                      sampled from (a round never goes back)
 
 With `rounds.sft_variants` (or `dpo_variants`) a step trains once per variant (sft_v0/, sft_v1/,
 ...), their parameters are averaged (sft_avg/), and the average goes on where its held-out score
@@ -92,8 +94,9 @@ def choose_average(members: dict[str, float], average: float) -> str:
 
 
 def best_of_round(scores: dict[str, float | None]) -> str:
-    """The round's model that goes on: the highest held-out score, the later step on a tie (DPO
-    over SFT); without scores, the last step that ran."""
+    """The model that goes on from a round, among the one it sampled from ("previous") and its
+    steps' in order: the highest held-out score, the later on a tie (DPO over SFT over the
+    previous model: a round never goes back); without scores, the last step that ran."""
     names = list(scores)
     if any(score is None for score in scores.values()):
         return names[-1]
@@ -307,9 +310,25 @@ class Loop:
 
     # --- a round -------------------------------------------------------------------------------
 
+    def _start_round(self, round_dir: Path, policy: str) -> None:
+        """A round's steps are kept for the model it samples from: where an earlier run of the
+        round started from another one (an earlier round chose differently), its work is moved
+        aside to roundR.from-another-policy-N, not used and not deleted."""
+        recorded = _read_json(round_dir / "policy.json")
+        if recorded is not None and recorded["policy"] != policy:
+            n = 1
+            while round_dir.with_name(f"{round_dir.name}.from-another-policy-{n}").exists():
+                n += 1
+            aside = round_dir.rename(round_dir.with_name(f"{round_dir.name}.from-another-policy-{n}"))
+            self.log(
+                f"{round_dir.name} had started from {recorded['policy']}, not {policy}: moved to {aside.name}"
+            )
+        round_dir.mkdir(exist_ok=True)
+        _write_json(round_dir / "policy.json", {"policy": policy})
+
     def run_round(self, r: int, policy: str) -> dict:
         cfg, round_dir = self.cfg, self.workdir / f"round{r}"
-        round_dir.mkdir(exist_ok=True)
+        self._start_round(round_dir, policy)
         result = {"round": r, "policy": policy}
         if cfg.preferences:
             files = list(cfg.preferences[:r])  # later rounds than files: every file
@@ -323,8 +342,8 @@ class Loop:
             scorer = ["--score", cfg.score_fn]
         # The held-out score: the checker where there is one, else this round's reward model.
         eval_scorer = ["--score", cfg.score_fn] if cfg.score_fn else scorer
-        if r == 1:
-            result["policy_heldout"] = self.heldout(policy, round_dir / "eval_policy.jsonl", eval_scorer)
+        # The model sampled from, scored as this round's models are (a reward model changes by round).
+        result["policy_heldout"] = self.heldout(policy, round_dir / "eval_policy.jsonl", eval_scorer)
 
         seed = self.exp.train.seed * 1000 + r
         records = self.sample(
@@ -367,10 +386,20 @@ class Loop:
             )
         else:
             self.log(f"round {r}: every DPO prompt's samples scored the same; no pairs, no DPO this round")
-        models = {step: result[step]["heldout"] for step in ("sft", "dpo") if step in result}
-        result["best"] = best_of_round(models)
-        result["best_path"] = result[result["best"]]["path"]
         return result
+
+    @staticmethod
+    def choose_next(result: dict) -> None:
+        """The round's model that goes on (`best`, `best_path`, `best_heldout`), the one it sampled
+        from included: a round whose models score lower keeps its predecessor."""
+        scores = {"previous": result["policy_heldout"]}
+        scores.update({step: result[step]["heldout"] for step in ("sft", "dpo") if step in result})
+        best = best_of_round(scores)
+        result.update(
+            best=best,
+            best_path=result["policy"] if best == "previous" else result[best]["path"],
+            best_heldout=scores[best],
+        )
 
     def run(self) -> dict:
         policy = self.first_policy
@@ -381,7 +410,8 @@ class Loop:
             if result is None or result["policy"] != policy:
                 result = self.run_round(r, policy)
                 _write_json(marker, result)
-            heldout = result[result["best"]]["heldout"]
+            self.choose_next(result)
+            heldout = result["best_heldout"]
             self.log(
                 f"round {r} done: {result['best']} goes on"
                 + (f" (held-out score {heldout:.3f})" if heldout is not None else "")
@@ -414,21 +444,20 @@ def table(rounds: list[dict], k: int) -> str:
     lines, previous = [head], None
     for result in rounds:
         samples = result["samples"]
-        policy_score = (
-            result.get("policy_heldout") if previous is None else previous[previous["best"]]["heldout"]
-        )
+        best = result["best"]
         lines.append(
             [
                 str(result["round"]),
-                "the first policy" if previous is None else f"round {previous['round']} {previous['best']}",
-                _score(policy_score),
+                "the first policy" if previous is None else f"round {previous['round']}'s",
+                _score(result["policy_heldout"]),
                 f"{samples['kept']} / {samples['prompts']}",
                 f"{samples['mean_score']:.3f} / {samples['best_score']:.3f}",
                 _score(result["sft"]["heldout"]),
                 str(result["pairs"]),
                 _score(result["dpo"]["heldout"]) if "dpo" in result else "no pairs",
-                result["best"]
-                + (f" ({result[result['best']]['chosen']})" if "chosen" in result[result["best"]] else ""),
+                "the model it sampled from"
+                if best == "previous"
+                else best + (f" ({result[best]['chosen']})" if "chosen" in result[best] else ""),
             ]
         )
         previous = result
