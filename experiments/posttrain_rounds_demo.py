@@ -11,7 +11,7 @@ replies round 70% of three-digit sums down to their tens; exact match scores 1).
     base    posttrain_demo's base stage (150 steps on the gold chats): the "pretrained" model
     rounds  the loop, three rounds from base: rejection sampling of 8 replies per rl problem from
             the previous round's best model (round 1: base), the correct ones kept; SFT of base on
-            the gold chats plus every round's kept replies (mixed half and half); DPO from that
+            the gold chats plus every round's kept replies (three to one, --samples-weight); DPO from that
             SFT model on best/worst pairs of 4 samples, trained twice (two learning rates and
             seeds) and averaged, the average kept only where its held-out accuracy is at least
             the better variant's; the model with the best held-out accuracy goes on: the round's SFT or
@@ -218,8 +218,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--samples-weight",
         type=float,
-        default=1.0,
-        help="the kept replies' weight in each round's SFT mixture, the gold chats' being 1",
+        default=3.0,
+        help="the kept replies' weight in each round's SFT mixture, the gold chats' being 1 (3: they "
+        "make three quarters of it, so the annotator's rounding stops dominating)",
     )
     parser.add_argument("--smoke", action="store_true", help="toy scale, a few minutes: proves it runs")
     args = parser.parse_args(argv)
