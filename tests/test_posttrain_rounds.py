@@ -291,3 +291,52 @@ def test_a_round_begun_from_another_model_is_moved_aside_not_reused(tmp_path):
     assert sorted(p.name for p in round_dir.iterdir()) == ["policy.json"]
     rounds.Loop._start_round(loop, round_dir, "/runs/a")
     assert (tmp_path / "round2.from-another-policy-2").is_dir()
+
+
+def test_round_one_samples_from_a_hugging_face_download(files, hf_model_dir, tmp_path):
+    """init_from a Hugging Face directory, as a user starts from released weights: the loop takes
+    its tokenizer and samples from it as `rejection_sample --hf` does."""
+    import shutil
+
+    from llama_jax import rejection_sample
+    from llama_jax.config import Experiment, RoundsConfig
+    from llama_jax.data.config import DataConfig, sft_source
+    from llama_jax.data.synthetic import write_sentencepiece_model
+
+    _, hf_dir = hf_model_dir(vocab_size=320)
+    shutil.copy(write_sentencepiece_model(str(tmp_path / "tok"), vocab_size=320), hf_dir / "tokenizer.model")
+    exp = Experiment(
+        name="hf_rounds",
+        init_from=str(hf_dir),
+        data=DataConfig(sources=(sft_source(str(files / "chats.jsonl")),), tokenizer_path=""),
+        rounds=RoundsConfig(
+            prompts=(str(files / "prompts.jsonl"),),
+            eval_prompts=(str(files / "heldout.jsonl"),),
+            score_fn=f"{files / 'scoring.py'}:short",
+            max_new_tokens=5,
+        ),
+    )
+    loop = rounds.Loop(exp, tmp_path / "loop", quiet=True)
+    assert loop.tokenizer == str(hf_dir / "tokenizer.model")
+    scorer = ["--score", exp.rounds.score_fn]
+    score = loop.heldout(str(hf_dir), tmp_path / "loop" / "eval_policy.jsonl", scorer)
+    direct = tmp_path / "direct.jsonl"
+    argv = ["--hf", str(hf_dir), "--prompts", str(files / "heldout.jsonl"), "--out", str(direct), *scorer]
+    assert (
+        rejection_sample.main(argv + ["--k", "1", "--temperature", "0", "--max-new-tokens", "5", "--quiet"])
+        == 0
+    )
+    replies = [json.loads(line)["chosen"] for line in direct.read_text().splitlines()]
+    ours = [
+        json.loads(line)["chosen"]
+        for line in (tmp_path / "loop" / "eval_policy.jsonl").read_text().splitlines()
+    ]
+    assert ours == replies and score == pytest.approx(np.mean([-len(r) for r in replies]))
+
+    # A Meta directory is refused in one sentence: the sampler does not read it.
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "params.json").write_text("{}")
+    (meta / "consolidated.00.pth").write_bytes(b"")
+    with pytest.raises(rounds.RoundsError, match="a Meta directory, which the sampler does not read"):
+        rounds.Loop(exp.replace(init_from=str(meta)), tmp_path / "loop2", quiet=True)

@@ -51,6 +51,7 @@ from llama_jax.convert import ConversionError
 from llama_jax.data.config import SourceConfig, sft_source
 from llama_jax.data.training import DataError
 from llama_jax.generate import GenerationError
+from llama_jax.init_from import source_kind
 from llama_jax.posttrain import rejection
 from llama_jax.posttrain.inputs import recorded_tokenizer
 from llama_jax.posttrain.reward import ScoringError, load_function
@@ -180,6 +181,11 @@ class Loop:
         for what, path in (("init_from", self.exp.init_from), ("rounds.first_policy", cfg.first_policy)):
             if path and not Path(path).exists():
                 raise RoundsError(f"{what} names {path}, which does not exist.")
+        if source_kind(self.first_policy) == "meta":
+            raise RoundsError(
+                f"Round 1 samples from {self.first_policy}, a Meta directory, which the sampler does not "
+                "read; convert it (python -m llama_jax.convert) or name the conversion in rounds.first_policy."
+            )
         if cfg.score_fn:
             load_function(cfg.score_fn)  # a missing file or function is one sentence now
         for variant in cfg.sft_variants + cfg.dpo_variants:
@@ -245,7 +251,9 @@ class Loop:
         done = out.with_name(out.name + ".done")
         if not done.exists():
             self.log(f"sampling {out.relative_to(self.workdir)} from {policy}")
-            args = ["--ckpt", policy, "--tokenizer", self.tokenizer, "--prompts", *prompts, "--out", str(out)]
+            # The first policy may be a Hugging Face download; every later one is a llama_jax run.
+            source = "--hf" if source_kind(policy) == "hf" else "--ckpt"
+            args = [source, policy, "--tokenizer", self.tokenizer, "--prompts", *prompts, "--out", str(out)]
             args += [
                 *scorer,
                 "--k",
