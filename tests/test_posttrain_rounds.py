@@ -1,6 +1,7 @@
 """python -m llama_jax.posttrain.rounds: Llama 3's loop of reward model, rejection sampling, SFT
 and DPO over rounds, with model averaging; resumable, and bad input is one sentence."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -340,3 +341,46 @@ def test_round_one_samples_from_a_hugging_face_download(files, hf_model_dir, tmp
     (meta / "consolidated.00.pth").write_bytes(b"")
     with pytest.raises(rounds.RoundsError, match="a Meta directory, which the sampler does not read"):
         rounds.Loop(exp.replace(init_from=str(meta)), tmp_path / "loop2", quiet=True)
+
+
+def test_paths_are_made_absolute_so_a_loop_resumes_from_anywhere(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(files)
+    exp = _loop_experiment(files).replace(init_from="base")
+    exp = exp.replace(rounds=dataclasses.replace(exp.rounds, prompts=("prompts.jsonl",)))
+    loop = rounds.Loop(exp, "relative_loop", quiet=True)
+    assert loop.workdir == files / "relative_loop"
+    assert loop.exp.init_from == str(files / "base") and loop.cfg.prompts == (str(files / "prompts.jsonl"),)
+    assert loop.cfg.eval_prompts == (str(files / "heldout.jsonl"),)
+
+
+def test_a_step_stopped_on_request_is_not_marked_finished(files, tmp_path, monkeypatch):
+    """SIGTERM (or a preemption) makes the trainer save and return early: the step must not count
+    as finished, and the same command finishes it."""
+    from llama_jax import trainer
+
+    loop = rounds.Loop(_loop_experiment(files), tmp_path / "loop", quiet=True)
+    sft = loop.step_experiment("sft", 1, loop.exp.data.sources, loop.exp.init_from)
+    workdir = tmp_path / "loop" / "round1" / "sft"
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.StopRequest, "should_stop", lambda self, step: True)  # as after SIGTERM
+        with pytest.raises(rounds.Interrupted, match="stopped at step 1 of 2"):
+            loop.train(sft, workdir)
+    assert not (workdir / "round_step_done.json").exists()
+    loop.train(sft, workdir)  # resumes from the saved step and finishes
+    assert json.loads((workdir / "round_step_done.json").read_text())["metrics"]
+    assert (workdir / "checkpoints" / "2").is_dir()
+
+
+def _loop_experiment(files):
+    from llama_jax.config import load_experiment
+
+    return load_experiment(_experiment_file(files, "direct"))
+
+
+def test_a_variant_with_an_unclosed_quote_is_one_sentence(files, tmp_path, capsys):
+    exp = _experiment_file(files, "quote", extra="""sft_variants=('train.seed=1 "x', "train.seed=2"),""")
+    assert rounds.main(["--exp", exp, "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("error: The variant ") and "No closing quotation" in err and len(err.splitlines()) == 1
+    )

@@ -66,6 +66,10 @@ class RoundsError(ValueError):
     """Bad input to the loop; one sentence for the user."""
 
 
+class Interrupted(RuntimeError):
+    """A step's training stopped on request (SIGTERM, preemption) before its last step."""
+
+
 def _write_json(path: Path, value) -> None:
     """Whole or not at all: a killed write leaves the old file (or none)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -125,6 +129,26 @@ def sample_stats(records: list[dict], kept: int) -> dict:
     }
 
 
+def _with_absolute_paths(exp: Experiment) -> Experiment:
+    """init_from and the loop's files as absolute paths: the rounds record them, and a loop may be
+    resumed from another directory."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).absolute()) if path else path
+
+    cfg = exp.rounds
+    return exp.replace(
+        init_from=absolute(exp.init_from),
+        rounds=dataclasses.replace(
+            cfg,
+            first_policy=absolute(cfg.first_policy),
+            prompts=tuple(map(absolute, cfg.prompts)),
+            preferences=tuple(map(absolute, cfg.preferences)),
+            eval_prompts=tuple(map(absolute, cfg.eval_prompts)),
+        ),
+    )
+
+
 class Loop:
     """The rounds of one experiment in one workdir."""
 
@@ -134,8 +158,9 @@ class Loop:
                 f"The experiment {exp.name!r} has no `rounds` settings; a post-training loop needs them "
                 "(config.RoundsConfig)."
             )
+        exp = _with_absolute_paths(exp)  # the loop records paths and may resume from elsewhere
         self.exp, self.cfg, self.quiet = exp, exp.rounds, quiet
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()
         self.start = time.time()
         self._check_inputs()
         self.tokenizer = exp.data.tokenizer_path or recorded_tokenizer(self.first_policy) or ""
@@ -191,7 +216,7 @@ class Loop:
         for variant in cfg.sft_variants + cfg.dpo_variants:
             try:
                 apply_overrides(self.exp, shlex.split(variant))
-            except ConfigError as err:
+            except (ConfigError, ValueError) as err:  # ValueError: shlex's unclosed quote
                 raise RoundsError(f"The variant {variant!r}: {err}") from None
         for step in STEPS:
             apply_overrides(self.exp, list(getattr(cfg, step)))  # ConfigError names a bad override
@@ -239,7 +264,14 @@ class Loop:
         if not marker.exists():
             began = time.time()
             self.log(f"training {workdir.relative_to(self.workdir)}")
-            last = Trainer(exp, workdir, get_stage(exp.stage_name), quiet=True).run()
+            trainer = Trainer(exp, workdir, get_stage(exp.stage_name), quiet=True)
+            last = trainer.run()
+            step = int(last["state"].step)
+            if trainer.stopped or step < exp.train.steps:
+                raise Interrupted(
+                    f"{workdir} stopped at step {step} of {exp.train.steps} (a stop was requested); "
+                    "the same command resumes it."
+                )
             metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             _write_json(marker, {"seconds": time.time() - began, "metrics": metrics})
         return workdir
@@ -278,7 +310,12 @@ class Loop:
         records = self.sample(
             model, self.cfg.eval_prompts, out, k=1, temperature=0.0, pairs=False, scorer=scorer, seed=0
         )
-        return sum(r["chosen_score"] for r in records) / max(1, len(records))
+        if not records:
+            raise RoundsError(
+                "No held-out prompt fits the model's context with rounds.max_new_tokens; shorten them or "
+                "the replies."
+            )
+        return sum(r["chosen_score"] for r in records) / len(records)
 
     def train_with_variants(
         self, step: str, r: int, sources, init_from: str, round_dir: Path, scorer
@@ -385,7 +422,7 @@ class Loop:
         )  # fmt: skip
         pairs = [p for p in pair_records if "rejected" in p]
         result["pairs"] = len(pairs)
-        if pairs:
+        if len(pairs) >= 2:  # DPO holds out a share of its pairs and trains on the rest
             if not (round_dir / "pairs.jsonl").exists():
                 _write_jsonl(round_dir / "pairs.jsonl", pairs)
             source = SourceConfig(str(round_dir / "pairs.jsonl"), field="prompt")
@@ -393,7 +430,9 @@ class Loop:
                 "dpo", r, [source], result["sft"]["path"], round_dir, eval_scorer
             )
         else:
-            self.log(f"round {r}: every DPO prompt's samples scored the same; no pairs, no DPO this round")
+            self.log(
+                f"round {r}: {len(pairs)} DPO pair(s) (every other prompt's samples scored the same); no DPO"
+            )
         return result
 
     @staticmethod
@@ -505,11 +544,11 @@ def main(argv=None) -> int:
         DataError,
         MeshError,
         RunLockError,
-        FileNotFoundError,
+        OSError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except DivergenceError as err:
+    except (DivergenceError, Interrupted) as err:  # not bad input: the run itself stopped
         print(f"error: {err}", file=sys.stderr)
         return 1
     if not args.quiet:
