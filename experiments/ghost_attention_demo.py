@@ -235,17 +235,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     scale, sizes = (demo.SMOKE, SMOKE) if args.smoke else (demo.FULL, FULL)
     root = Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    recorded = root / "scale.json"
     wanted = {"smoke": args.smoke, **dataclasses.asdict(scale), **dataclasses.asdict(sizes)}
-    if recorded.exists() and json.loads(recorded.read_text()) != wanted:
-        print(f"error: {root} holds a run of another scale; choose another --workdir.", file=sys.stderr)
+    if not demo.claim_workdir(root, wanted):
         return 2
-    recorded.write_text(json.dumps(wanted, indent=1))
-    start = time.time()
-
-    def log(message):
-        print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+    start, log = time.time(), demo.timed_log()
 
     data = demo.make_data(root / "data", scale)
     files = make_data(root / "dialogs", sizes, scale)

@@ -200,17 +200,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     scale = demo.SMOKE if args.smoke else demo.FULL
     root = Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    recorded = root / "scale.json"
     wanted = {"smoke": args.smoke, "lora_rank": LORA_RANK, **dataclasses.asdict(scale)}
-    if recorded.exists() and json.loads(recorded.read_text()) != wanted:
-        print(f"error: {root} holds a run of another scale; choose another --workdir.", file=sys.stderr)
+    if not demo.claim_workdir(root, wanted):
         return 2
-    recorded.write_text(json.dumps(wanted, indent=1))
-    start = time.time()
-
-    def log(message):
-        return print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+    log = demo.timed_log()
 
     data = demo.make_data(root / "data", scale)
     results = {seed: run_seed(seed, scale, data, root, log) for seed in args.seeds}

@@ -500,10 +500,31 @@ def table(rows: dict, seeds: list[int]) -> str:
 
 def markdown_table(lines: list[list[str]]) -> str:
     """Rows of cells (the first the header) as a Markdown table with aligned columns."""
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    text = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
-    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(text)
+    from llama_jax.posttrain.rounds import markdown_table as render
+
+    return render(lines)
+
+
+def claim_workdir(root: Path, wanted: dict) -> bool:
+    """Records the run's scale in ROOT/scale.json; False, after one sentence, where ROOT holds a
+    run of another scale (its steps would resume with the wrong settings)."""
+    root.mkdir(parents=True, exist_ok=True)
+    recorded = root / "scale.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != wanted:
+        print(f"error: {root} holds a run of another scale; choose another --workdir.", file=sys.stderr)
+        return False
+    recorded.write_text(json.dumps(wanted, indent=1))
+    return True
+
+
+def timed_log():
+    """print with the seconds since this call in front."""
+    start = time.time()
+
+    def log(message):
+        return print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+
+    return log
 
 
 def main(argv=None) -> int:
@@ -514,17 +535,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     scale = SMOKE if args.smoke else FULL
     root = Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    recorded = root / "scale.json"
     wanted = {"smoke": args.smoke, **dataclasses.asdict(scale)}
-    if recorded.exists() and json.loads(recorded.read_text()) != wanted:
-        print(f"error: {root} holds a run of another scale; choose another --workdir.", file=sys.stderr)
+    if not claim_workdir(root, wanted):
         return 2
-    recorded.write_text(json.dumps(wanted, indent=1))
-    start = time.time()
-
-    def log(message):
-        return print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
+    start, log = time.time(), timed_log()
 
     data = make_data(root / "data", scale)
     results = {seed: run_seed(seed, scale, data, root, log) for seed in args.seeds}

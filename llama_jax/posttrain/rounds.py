@@ -508,7 +508,12 @@ def table(rounds: list[dict], k: int) -> str:
             ]
         )
         previous = result
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return markdown_table(lines)
+
+
+def markdown_table(lines: list[list[str]]) -> str:
+    """Rows of cells (the first the header) as a Markdown table with aligned columns."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
     text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(text)
