@@ -1,6 +1,6 @@
 """Data curation: each stage on small hand-made inputs with known answers, the report, and bad input.
 
-Every test runs the real Beam pipeline (the local runner) through `pipeline.run` or the CLI.
+Every test runs the real Spark pipeline (local mode) through `pipeline.run` or the CLI.
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ def test_cli_reports_unreadable_input_and_writes_the_report(tmp_path, capsys):
     assert sorted(u["reason"].split(" ")[0] for u in unreadable) == ["no", "not", "not", "not"]
     assert {u["where"] for u in unreadable} >= {f"{corpus}:6", f"{corpus}:7", f"{corpus}:8"}
     report = json.loads((tmp_path / "out/report/report.json").read_text())
-    assert report["read"] == {"docs": 5, "tokens": 300, "unreadable": 4}
+    assert report["read"] == {"files": 2, "docs": 5, "tokens": 300, "unreadable": 4}
     assert "| heuristics | 5 | 5 |" in (tmp_path / "out/report/report.md").read_text()
     # A second run never writes over the first.
     code, out, err = run_cli([config], capsys)

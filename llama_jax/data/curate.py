@@ -1,20 +1,20 @@
-"""Curates a pretraining corpus: deduplication, filters, language and classifiers, on Apache Beam.
+"""Curates a pretraining corpus: deduplication, filters, language and classifiers, on Apache Spark.
 
-    python -m llama_jax.data.curate curate.yaml [--output DIR] [key=value ...] [Beam options]
+    python -m llama_jax.data.curate curate.yaml [--output DIR] [--master URL] [key=value ...]
 
 The YAML file names the inputs, the stages in order and the output (see
-`llama_jax/data/curation/config.py` for every stage's options). Runs on Beam's local runner;
-Beam's own options choose another, e.g. `--runner=FlinkRunner --flink_master=HOST:8081` or
-`--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp` with gs:// paths.
-The curated documents are JSONL shards under OUTPUT/data (one directory per domain with a domain
-stage), which `data.prepare` and `SourceConfig(kind="jsonl")` read; OUTPUT/report holds the
-per-stage report and samples of what each stage removed.
+`llama_jax/data/curation/config.py` for every stage's options). Runs on a local Spark using every
+core (`--master local[*]`, the default); `--master spark://HOST:7077` (or `yarn`, or `k8s://...`)
+runs the same pipeline on a cluster, whose workers need llama_jax installed and the paths
+reachable (a shared file system, or gs://, s3://, hdfs:// URLs). The curated documents are JSONL
+shards under OUTPUT/data (one directory per domain with a domain stage), which `data.prepare` and
+`SourceConfig(kind="jsonl")` read; OUTPUT/report holds the per-stage report and samples of what
+each stage removed.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -25,53 +25,66 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m llama_jax.data.curate",
         description="Curates a corpus with a pipeline of deduplication, filter and classifier stages.",
-        epilog="Other --options go to Apache Beam (for example --runner=SparkRunner "
-        "--spark_master_url=spark://HOST:7077); key=value items override the config.",
+        epilog="key=value items override the config, e.g. output=curated/ or stages.0.exact_dedup.key=url.",
     )
     p.add_argument("config", help="the YAML file naming inputs, stages and output")
+    p.add_argument("overrides", nargs="*", help="key=value changes to the config")
     p.add_argument("--output", help="the output directory (instead of the config's)")
+    p.add_argument(
+        "--master", default="local[*]", help="the Spark master (default: local[*], every core here)"
+    )
+    p.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE", help="a Spark setting")
     return p
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    for line in text.splitlines():
+        if line.strip().startswith(("CurationError:", "llama_jax.data.curation.config.CurationError:")):
+            return line.split(":", 1)[1].strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args, rest = parser().parse_known_args(argv)
-    overrides = [a for a in rest if not a.startswith("-")]
-    beam_args = [a for a in rest if a.startswith("-")]
-    bad = [o for o in overrides if "=" not in o]
+    args = parser().parse_args(argv)
+    overrides = list(args.overrides)
+    bad = [o for o in overrides + args.spark_conf if "=" not in o]
     if bad:
-        print(f"Cannot use {bad[0]!r}: overrides are key=value.", file=sys.stderr)
+        print(f"Cannot use {bad[0]!r}: overrides and Spark settings are key=value.", file=sys.stderr)
         return 2
     if args.output:
         overrides.append(f"output={args.output}")
     try:
-        root_level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # Beam warns about cloud clients on import
-        import apache_beam  # noqa: F401
         import datasketch  # noqa: F401
         import lingua  # noqa: F401
+        import pyspark  # noqa: F401
         import sklearn  # noqa: F401
-
-        logging.getLogger().setLevel(root_level)
     except ImportError:
         print(_INSTALL, file=sys.stderr)
         return 2
-    # Beam logs a failing stage's traceback itself; the error is reported below in one sentence.
-    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
     from llama_jax.data.curation import pipeline
     from llama_jax.data.curation.config import CurationError, load_config
 
     try:
         config = load_config(args.config, overrides)
         print(
-            f"Curating {len(config.inputs)} input(s) through {len(config.stages)} stage(s) into {config.output} ..."
+            f"Curating {len(config.inputs)} input(s) through {len(config.stages)} stage(s) into {config.output}"
         )
-        summary = pipeline.run(config, beam_args)
+        try:
+            session = pipeline.spark_session(args.master, args.spark_conf, progress=sys.stderr.isatty())
+        except Exception as e:  # noqa: BLE001 - Spark reports a missing Java or a bad master many ways
+            raise CurationError(
+                f"Spark did not start on {args.master} ({_first_line(e)}); it needs Java 17 or later (JAVA_HOME)."
+            ) from None
+        summary = pipeline.run(config, session)
     except KeyboardInterrupt:
-        print("Interrupted; nothing was written to the output.", file=sys.stderr)
+        print("Interrupted; the output was not written.", file=sys.stderr)
         return 130
     except (CurationError, OSError, ValueError) as e:
-        message = str(e).split(" [while running")[0].strip()
-        print(message, file=sys.stderr)
+        print(_first_line(e), file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a failed Spark job arrives as a Java exception
+        print(f"The Spark job failed: {_first_line(e)}", file=sys.stderr)
         return 1
     print(pipeline.markdown(summary))
     if summary["read"]["unreadable"]:

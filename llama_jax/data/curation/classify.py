@@ -1,10 +1,10 @@
 """Classifier stages: document quality (keep or remove) and domain (a label for the data mix).
 
 Both train a small fast text classifier, scikit-learn's hashed word 1-2-grams into a logistic
-regression, on labelled documents of the stage's own input, inside the pipeline: the `sample`
-documents with the smallest id hashes (a fixed, uniform sample) are labelled by a function or
-joined with a labels file, one worker fits the model, and every worker scores with it as a side
-input. The fitted model and its held-out accuracy are written with the report.
+regression, on labelled documents of the stage's own input: the `sample` documents with the
+smallest id hashes (a fixed, uniform sample) are labelled by a function or joined with a labels
+file, the driver fits the model, and every worker scores with it (a broadcast variable). The
+fitted model and its held-out accuracy are written with the report.
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import pickle
 from collections import Counter
 
 from llama_jax.data.curation.config import CurationError, Domain, Labels, Quality
-from llama_jax.data.curation.dedup import removed
+from llama_jax.data.curation.dedup import KEPT, removed
+from llama_jax.data.curation.read import local, write_text
 
 HELD_OUT = 5  # one labelled document in HELD_OUT measures the classifier instead of training it
 
 
-def _hash(doc_id: str) -> int:
+def sample_hash(doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -82,7 +84,7 @@ def fit(examples: list[tuple[int, str, str]], stage_name: str, classes: tuple[st
         predicted = model.predict([t for _, t, _ in held_out])
         accuracy = float(sum(p == label for p, (_, _, label) in zip(predicted, held_out)) / len(held_out))
     return {
-        "model": pickle.dumps(model),
+        "model": model,
         "labels": dict(sorted(counts.items())),
         "trained_on": len(train),
         "held_out": len(held_out),
@@ -98,138 +100,99 @@ def load_model(path: str, where: str):
         raise CurationError(f"{where}: cannot load the classifier {path} ({e}).") from None
 
 
-def _trained(docs, options: Quality | Domain, label: str, stage_name: str, report_dir: str, classes=()):
-    """A singleton PCollection holding the fitted classifier's summary (model bytes included)."""
-    import apache_beam as beam
+def _labelled_sample(docs, options: Quality | Domain, stage_name: str) -> list[tuple[int, str, str]]:
+    labels = options.labels
+    if labels.function:
+        function = label_function(labels.function, stage_name)
+        chosen = docs.map(lambda d: (sample_hash(d["id"]), d["text"])).takeOrdered(
+            options.sample, key=lambda e: e[0]
+        )
+        values = list(function([text for _, text in chosen]))
+        if len(values) != len(chosen):
+            raise CurationError(
+                f"{stage_name}: {labels.function} returned {len(values)} labels for {len(chosen)} texts."
+            )
+        return [(h, text, as_label(v, labels)) for (h, text), v in zip(chosen, values)]
 
+    def parse(line):
+        try:
+            record = json.loads(line)
+            return str(record["id"]), as_label(record["label"], labels)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None, line
+
+    given = docs.context.textFile(labels.file).map(parse)
+    bad = given.filter(lambda p: p[0] is None).take(1)
+    if bad:
+        raise CurationError(
+            f'{stage_name}: {labels.file} has a line that is not {{"id": ..., "label": ...}}: {bad[0][1][:80]!r}.'
+        )
+    joined = docs.map(lambda d: (d["id"], d["text"])).join(given.reduceByKey(lambda a, b: a))
+    return joined.map(lambda kv: (sample_hash(kv[0]), kv[1][0], kv[1][1])).takeOrdered(
+        options.sample, key=lambda e: e[0]
+    )
+
+
+def trained(docs, options: Quality | Domain, stage_name: str, report_dir: str, classes=()) -> dict:
+    """The stage's classifier: loaded from `model`, or fitted on its labelled sample and saved."""
     if options.model:
         model = load_model(options.model, stage_name)
         found = tuple(str(c) for c in model.classes_)
         if classes and set(found) != set(classes):
             raise CurationError(f"{stage_name}: the model's classes {found} are not {tuple(classes)}.")
-        summary = {"model": pickle.dumps(model), "loaded_from": options.model}
-        return docs.pipeline | f"{label}/model" >> beam.Create([summary])
+        return {"model": model, "loaded_from": options.model}
+    if options.labels.file and local(options.labels.file) and not os.path.isfile(options.labels.file):
+        raise CurationError(f"{stage_name}: no labels file {options.labels.file}.")
+    summary = fit(_labelled_sample(docs, options, stage_name), stage_name, tuple(classes))
+    import fsspec
 
-    labels = options.labels
-    if labels.function:
-        function = label_function(labels.function, stage_name)
-        sample = (
-            docs
-            | f"{label}/hash" >> beam.Map(lambda d: (_hash(d["id"]), d["text"]))
-            | f"{label}/sample" >> beam.combiners.Top.Of(options.sample, key=lambda e: e[0], reverse=True)
-        )
-
-        def label_all(chosen):
-            values = list(function([text for _, text in chosen]))
-            if len(values) != len(chosen):
-                raise CurationError(
-                    f"{stage_name}: {labels.function} returned {len(values)} labels for {len(chosen)} texts."
-                )
-            return [(h, text, as_label(v, labels)) for (h, text), v in zip(chosen, values)]
-
-        examples = sample | f"{label}/label" >> beam.Map(label_all)
-    else:
-
-        def parse(line):
-            try:
-                record = json.loads(line)
-                return str(record["id"]), as_label(record["label"], labels)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CurationError(
-                    f'{stage_name}: {labels.file} has a line that is not {{"id": ..., "label": ...}}: {line[:80]!r}.'
-                ) from None
-
-        given = (
-            docs.pipeline
-            | f"{label}/read_labels" >> beam.io.ReadFromText(labels.file)
-            | f"{label}/parse" >> beam.Map(parse)
-        )
-        by_id = docs | f"{label}/by_id" >> beam.Map(lambda d: (d["id"], d["text"]))
-
-        def joined(item):
-            doc_id, grouped = item
-            texts, found = list(grouped["text"]), list(grouped["label"])
-            if texts and found:
-                yield _hash(doc_id), texts[0], found[0]
-
-        examples = (
-            {"text": by_id, "label": given}
-            | f"{label}/join" >> beam.CoGroupByKey()
-            | f"{label}/labelled" >> beam.FlatMap(joined)
-            | f"{label}/sample" >> beam.combiners.Top.Of(options.sample, key=lambda e: e[0], reverse=True)
-        )
-    trained = examples | f"{label}/fit" >> beam.Map(fit, stage_name, tuple(classes))
-    _ = trained | f"{label}/save" >> beam.Map(_save, report_dir, stage_name)
-    return trained
-
-
-def _save(summary: dict, report_dir: str, stage_name: str) -> None:
-    from llama_jax.data.curation.read import write_text
-
-    if "loaded_from" in summary:
-        return
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.create(f"{report_dir}/{stage_name}.classifier.pkl") as f:
-        f.write(summary["model"])
+    with fsspec.open(f"{report_dir}/{stage_name}.classifier.pkl", "wb") as f:
+        pickle.dump(summary["model"], f)
     info = {k: v for k, v in summary.items() if k != "model"}
     write_text(f"{report_dir}/{stage_name}.classifier.json", json.dumps(info, indent=2) + "\n")
+    return summary
 
 
-class _Scorer:
-    """Unpickles the model once per worker and scores documents in place."""
+def quality(docs, options: Quality, stage_name: str, report_dir: str):
+    model = trained(docs, options, stage_name, report_dir)["model"]
+    classes = [str(c) for c in model.classes_]
+    if options.good not in classes:
+        raise CurationError(
+            f"{stage_name}: good={options.good!r} is not one of the classifier's labels ({', '.join(classes)})."
+        )
+    good = classes.index(options.good)
+    shared = docs.context.broadcast(pickle.dumps(model))
 
-    def __init__(self):
-        self._key = None
-        self._model = None
-
-    def model(self, summary):
-        if self._key is not summary:
-            self._key, self._model = summary, pickle.loads(summary["model"])
-        return self._model
-
-
-def quality(docs, options: Quality, label: str, stage_name: str, report_dir: str):
-    import apache_beam as beam
-
-    trained = _trained(docs, options, label, stage_name, report_dir)
-    scorer = _Scorer()
-
-    def route(doc, summary):
-        model = scorer.model(summary)
-        classes = [str(c) for c in model.classes_]
-        if options.good not in classes:
-            raise CurationError(
-                f"{stage_name}: good={options.good!r} is not one of the classifier's labels ({', '.join(classes)})."
+    def per_partition(partition):
+        scorer = pickle.loads(shared.value)
+        for doc in partition:
+            p_good = float(scorer.predict_proba([doc["text"]])[0][good])
+            doc = {**doc, "quality": round(p_good, 4)}
+            yield (
+                removed(doc, f"quality below {options.threshold}")
+                if p_good < options.threshold
+                else (KEPT, doc)
             )
-        p_good = float(model.predict_proba([doc["text"]])[0][classes.index(options.good)])
-        doc = {**doc, "quality": round(p_good, 4)}
-        if p_good < options.threshold:
-            yield beam.pvalue.TaggedOutput("removed", removed(doc, f"quality below {options.threshold}"))
-        else:
-            yield doc
 
-    results = docs | f"{label}/score" >> beam.FlatMap(route, beam.pvalue.AsSingleton(trained)).with_outputs(
-        "removed", main="kept"
-    )
-    return results.kept, results.removed
+    return docs.mapPartitions(per_partition)
 
 
-def domain(docs, options: Domain, label: str, stage_name: str, report_dir: str):
-    import apache_beam as beam
+def domain(docs, options: Domain, stage_name: str, report_dir: str):
+    model = trained(docs, options, stage_name, report_dir, options.classes)["model"]
+    shared = docs.context.broadcast(pickle.dumps(model))
 
-    trained = _trained(docs, options, label, stage_name, report_dir, options.classes)
-    scorer = _Scorer()
+    def per_partition(partition):
+        scorer = pickle.loads(shared.value)
+        for doc in partition:
+            probabilities = scorer.predict_proba([doc["text"]])[0]
+            best = int(probabilities.argmax())
+            yield (
+                KEPT,
+                {
+                    **doc,
+                    "domain": str(scorer.classes_[best]),
+                    "domain_confidence": round(float(probabilities[best]), 4),
+                },
+            )
 
-    def assign(doc, summary):
-        model = scorer.model(summary)
-        probabilities = model.predict_proba([doc["text"]])[0]
-        best = int(probabilities.argmax())
-        return {
-            **doc,
-            "domain": str(model.classes_[best]),
-            "domain_confidence": round(float(probabilities[best]), 4),
-        }
-
-    labelled = docs | f"{label}/assign" >> beam.Map(assign, beam.pvalue.AsSingleton(trained))
-    return labelled, None
+    return docs.mapPartitions(per_partition)

@@ -121,7 +121,7 @@ class Labels:
     """Where a classifier's training labels come from (exactly one of the two).
 
     file: JSONL lines {"id": ..., "label": ...} (written, for example, by
-      `python -m llama_jax.data.judge`, a llama_jax model judging a sample, as Llama 3 used Llama 2);
+      `python -m llama_jax.judge`, a llama_jax model judging a sample, as Llama 3 used Llama 2);
     function: "module:function" called with a list of texts, returning one label or score each.
     Scores (numbers) become labels with `score_threshold`: "high" at or above it, else "low"."""
 
@@ -147,7 +147,7 @@ class Quality:
 class Domain:
     """The same classifier over `classes`; each document gets a `domain`, and the curated data is
     written one directory per domain, with their token counts, to feed an experiment's mixture
-    (`llama_jax.data.curation.mixture_sources`)."""
+    (`llama_jax.data.curation.pipeline.mixture_sources`)."""
 
     classes: tuple[str, ...] = ()
     labels: Labels = dataclasses.field(default_factory=Labels)

@@ -1,8 +1,9 @@
 """Deduplication stages: exact (text or URL), near duplicates (MinHash LSH), repeated lines.
 
-Each stage maps a PCollection of documents to (kept, removed); a removed document carries
-`removed_by` (the reason). All three work by grouping on keys, so no worker ever holds more than
-one group: the corpus never has to fit in memory.
+Each stage maps an RDD of documents to an RDD of (tag, document): KEPT, REMOVED (the document
+carries `removed_by`, the reason) or TRIMMED (lines cut from a kept document, for the audit).
+All three work by grouping on keys, so no worker ever holds more than one group: the corpus never
+has to fit in memory.
 """
 
 from __future__ import annotations
@@ -14,44 +15,35 @@ import numpy as np
 from llama_jax.data.curation import text as text_lib
 from llama_jax.data.curation.config import ExactDedup, LineDedup, MinHashDedup
 
+KEPT, REMOVED, TRIMMED = "kept", "removed", "trimmed"
 
-def removed(doc: dict, reason: str, detail: str = "") -> dict:
+
+def removed(doc: dict, reason: str, detail: str = "") -> tuple[str, dict]:
     out = dict(doc)
     out["removed_by"] = reason
     if detail:
         out["detail"] = detail
-    return out
+    return REMOVED, out
 
 
-def exact_dedup(docs, options: ExactDedup, label: str):
-    import apache_beam as beam
-
-    def keyed(doc):
+def exact_dedup(docs, options: ExactDedup):
+    def key(doc):
         if options.key == "url":
-            if "url" not in doc:
-                return ("", doc)  # no URL: passes
-            return ("u" + text_lib.url_key(doc["url"]), doc)
-        return ("t" + text_lib.text_key(doc["text"]), doc)
+            return text_lib.url_key(doc["url"])
+        return text_lib.text_key(doc["text"])
 
     def first_of_group(item):
-        key, group = item
+        _, group = item
         group = sorted(group, key=lambda d: d["id"])
-        if not key:
-            yield from group
-            return
-        yield group[0]
+        yield KEPT, group[0]
         for doc in group[1:]:
-            yield beam.pvalue.TaggedOutput(
-                "removed", removed(doc, f"exact duplicate ({options.key})", group[0]["id"])
-            )
+            yield removed(doc, f"exact duplicate ({options.key})", group[0]["id"])
 
-    results = (
-        docs
-        | f"{label}/key" >> beam.Map(keyed)
-        | f"{label}/group" >> beam.GroupByKey()
-        | f"{label}/first" >> beam.FlatMap(first_of_group).with_outputs("removed", main="kept")
-    )
-    return results.kept, results.removed
+    if options.key == "url":  # documents without a URL pass
+        passing = docs.filter(lambda d: "url" not in d).map(lambda d: (KEPT, d))
+        docs = docs.filter(lambda d: "url" in d)
+    grouped = docs.map(lambda d: (key(d), d)).groupByKey().flatMap(first_of_group)
+    return grouped.union(passing) if options.key == "url" else grouped
 
 
 def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -68,27 +60,23 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-class _Signature:
-    """MinHash signatures with datasketch; the permutations are made once per worker."""
+def signatures(docs, options: MinHashDedup):
+    """(id, MinHash signature) per document, with datasketch; permutations made once per partition."""
 
-    def __init__(self, options: MinHashDedup):
-        self.options = options
-        self._template = None
-
-    def __call__(self, doc: dict):
+    def per_partition(partition):
         from datasketch import MinHash
 
-        if self._template is None:
-            self._template = MinHash(num_perm=self.options.num_perm, seed=self.options.seed)
-        minhash = self._template.copy()
-        minhash.clear()
-        minhash.update_batch(sorted(text_lib.shingles(doc["text"], self.options.ngram)))
-        return doc["id"], minhash.hashvalues.astype(np.uint64)
+        template = MinHash(num_perm=options.num_perm, seed=options.seed)
+        for doc in partition:
+            minhash = template.copy()
+            minhash.clear()
+            minhash.update_batch(sorted(text_lib.shingles(doc["text"], options.ngram)))
+            yield doc["id"], minhash.hashvalues.astype(np.uint64)
+
+    return docs.mapPartitions(per_partition)
 
 
-def minhash_dedup(docs, options: MinHashDedup, label: str):
-    import apache_beam as beam
-
+def minhash_dedup(docs, options: MinHashDedup):
     bands, rows = (
         (options.bands, options.rows) if options.bands else optimal_bands(options.threshold, options.num_perm)
     )
@@ -105,92 +93,62 @@ def minhash_dedup(docs, options: MinHashDedup, label: str):
     def duplicates_in_bucket(item):
         _, members = item
         members = sorted(members, key=lambda m: m[0])
-        if len(members) < 2:
-            return
-        earlier = members[: options.max_bucket]
         for j in range(1, len(members)):
             doc_id, signature = members[j]
-            for other_id, other in earlier[: min(j, options.max_bucket)]:
+            for other_id, other in members[: min(j, options.max_bucket)]:
                 if float(np.mean(signature == other)) >= options.threshold:
                     yield doc_id, other_id
                     break
 
-    signatures = docs | f"{label}/signature" >> beam.Map(_Signature(options))
     flagged = (
-        signatures
-        | f"{label}/bands" >> beam.FlatMap(band_keys)
-        | f"{label}/buckets" >> beam.GroupByKey()
-        | f"{label}/compare" >> beam.FlatMap(duplicates_in_bucket)
+        signatures(docs, options)
+        .flatMap(band_keys)
+        .groupByKey()
+        .flatMap(duplicates_in_bucket)
+        .reduceByKey(min)
     )
-    by_id = docs | f"{label}/by_id" >> beam.Map(lambda d: (d["id"], d))
 
     def split(item):
-        _, grouped = item
-        for doc in grouped["doc"]:
-            originals = sorted(grouped["of"])
-            if originals:
-                yield beam.pvalue.TaggedOutput("removed", removed(doc, "near duplicate", originals[0]))
-            else:
-                yield doc
+        _, (doc, original) = item
+        return removed(doc, "near duplicate", original) if original else (KEPT, doc)
 
-    results = (
-        {"doc": by_id, "of": flagged}
-        | f"{label}/join" >> beam.CoGroupByKey()
-        | f"{label}/split" >> beam.FlatMap(split).with_outputs("removed", main="kept")
-    )
-    return results.kept, results.removed
+    return docs.map(lambda d: (d["id"], d)).leftOuterJoin(flagged).map(split)
 
 
-def line_dedup(docs, options: LineDedup, label: str):
-    import apache_beam as beam
+def _line_digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=12).digest()
 
+
+def line_dedup(docs, options: LineDedup):
     def line_hashes(doc):
-        keys = {text_lib.line_key(line) for line in doc["text"].splitlines()}
-        for key in keys:
+        for key in {text_lib.line_key(line) for line in doc["text"].splitlines()}:
             if len(key) >= options.min_chars:
-                yield hashlib.blake2b(key.encode("utf-8"), digest_size=12).digest(), doc["id"]
+                yield _line_digest(key), doc["id"]
 
     def frequent(item):
-        line, doc_ids = item
-        doc_ids = list(doc_ids)
+        digest, doc_ids = item
         if len(doc_ids) >= options.min_documents:
             for doc_id in doc_ids:
-                yield doc_id, line
+                yield doc_id, digest
 
-    boilerplate = (
-        docs
-        | f"{label}/lines" >> beam.FlatMap(line_hashes)
-        | f"{label}/by_line" >> beam.GroupByKey()
-        | f"{label}/frequent" >> beam.FlatMap(frequent)
-    )
-    by_id = docs | f"{label}/by_id" >> beam.Map(lambda d: (d["id"], d))
+    boilerplate = docs.flatMap(line_hashes).groupByKey().flatMap(frequent).groupByKey()
 
     def strip(item):
-        _, grouped = item
-        drop = set(grouped["lines"])
-        for doc in grouped["doc"]:
-            if not drop:
-                yield doc
-                continue
-            kept_lines, dropped = [], []
-            for line in doc["text"].splitlines(keepends=True):
-                key = text_lib.line_key(line)
-                digest = hashlib.blake2b(key.encode("utf-8"), digest_size=12).digest()
-                (dropped if len(key) >= options.min_chars and digest in drop else kept_lines).append(line)
-            text = "".join(kept_lines)
-            if text_lib.count_words(text) < options.min_words:
-                yield beam.pvalue.TaggedOutput("removed", removed(doc, "only repeated lines"))
-                continue
-            yield beam.pvalue.TaggedOutput(
-                "lines", removed({"id": doc["id"], "text": "".join(dropped)}, "repeated lines")
-            )
-            out = dict(doc)
-            out["text"] = text
-            yield out
+        _, (doc, drop) = item
+        if not drop:
+            yield KEPT, doc
+            return
+        drop = set(drop)
+        kept_lines, dropped = [], []
+        for line in doc["text"].splitlines(keepends=True):
+            key = text_lib.line_key(line)
+            cut = len(key) >= options.min_chars and _line_digest(key) in drop
+            (dropped if cut else kept_lines).append(line)
+        text = "".join(kept_lines)
+        if text_lib.count_words(text) < options.min_words:
+            yield removed(doc, "only repeated lines")
+            return
+        yield TRIMMED, {"id": doc["id"], "text": "".join(dropped), "removed_by": "repeated lines"}
+        yield KEPT, {**doc, "text": text}
 
-    results = (
-        {"doc": by_id, "lines": boilerplate}
-        | f"{label}/join" >> beam.CoGroupByKey()
-        | f"{label}/strip" >> beam.FlatMap(strip).with_outputs("removed", "lines", main="kept")
-    )
-    return results.kept, (results.removed, results.lines)
+    return docs.map(lambda d: (d["id"], d)).leftOuterJoin(boilerplate).flatMap(strip)

@@ -6,28 +6,7 @@ import functools
 
 from llama_jax.data.curation import text as text_lib
 from llama_jax.data.curation.config import CurationError, Heuristics, Language, lingua_language
-from llama_jax.data.curation.dedup import removed
-
-
-def _split(docs, label: str, check):
-    """(kept, removed) by `check(doc)`, which returns a reason to remove or None; `check` may
-    also return (reason or None, fields to add)."""
-    import apache_beam as beam
-
-    def route(doc):
-        reason = check(doc)
-        extra = {}
-        if isinstance(reason, tuple):
-            reason, extra = reason
-        if extra:
-            doc = {**doc, **extra}
-        if reason is None:
-            yield doc
-        else:
-            yield beam.pvalue.TaggedOutput("removed", removed(doc, reason))
-
-    results = docs | label >> beam.FlatMap(route).with_outputs("removed", main="kept")
-    return results.kept, results.removed
+from llama_jax.data.curation.dedup import KEPT, removed
 
 
 def _blocklist(options: Heuristics):
@@ -41,11 +20,14 @@ def _blocklist(options: Heuristics):
     return text_lib.blocklist_pattern(words)
 
 
-def heuristics(docs, options: Heuristics, label: str):
-    pattern = _blocklist(options)  # read once, at construction: a bad file fails before any work
-    return _split(
-        docs, f"{label}/rules", lambda doc: text_lib.heuristic_failure(doc["text"], options, pattern)
-    )
+def heuristics(docs, options: Heuristics):
+    pattern = _blocklist(options)  # read on the driver: a bad file fails before any work
+
+    def route(doc):
+        reason = text_lib.heuristic_failure(doc["text"], options, pattern)
+        return (KEPT, doc) if reason is None else removed(doc, reason)
+
+    return docs.map(route)
 
 
 @functools.cache
@@ -71,16 +53,16 @@ def detect(text: str, options: Language) -> tuple[str, float]:
     return top.language.iso_code_639_1.name.lower(), float(top.value)
 
 
-def language(docs, options: Language, label: str):
+def language(docs, options: Language):
     keep = set(options.keep)
 
-    def check(doc):
+    def route(doc):
         code, confidence = detect(doc["text"], options)
-        fields = {"language": code, "language_confidence": round(confidence, 4)}
+        doc = {**doc, "language": code, "language_confidence": round(confidence, 4)}
         if code not in keep:
-            return f"language {code or 'unknown'}", fields
+            return removed(doc, f"language {code or 'unknown'}")
         if confidence < options.min_confidence:
-            return f"language confidence below {options.min_confidence}", fields
-        return None, fields
+            return removed(doc, f"language confidence below {options.min_confidence}")
+        return KEPT, doc
 
-    return _split(docs, f"{label}/detect", check)
+    return docs.map(route)

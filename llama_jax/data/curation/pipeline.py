@@ -1,37 +1,43 @@
-"""One curation run as one Beam pipeline: read, the stages in order, write, report.
+"""One curation run as one Spark application: read, the stages in order, write, report.
 
-Every stage is counted on its way in and out (documents and tokens, with Beam's metrics, which
-every runner supports), its removed documents are counted by reason, and a fixed sample of them is
-written for a person to audit. Locally the run writes into `OUTPUT.partial` and renames it to
-OUTPUT when it is complete, so a killed run never leaves something that looks finished.
+Each stage's output is persisted (memory, spilling to disk) and counted once: documents and
+tokens kept, documents removed by reason, and a fixed sample of what it removed, written for a
+person to audit. Locally the run writes into `OUTPUT.partial` and renames it to OUTPUT when it is
+complete, so a killed run never leaves something that looks finished.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from llama_jax.data.config import SourceConfig
 from llama_jax.data.curation import classify, dedup, filters, read
 from llama_jax.data.curation import text as text_lib
 from llama_jax.data.curation.config import CurateConfig, CurationError
+from llama_jax.data.curation.dedup import KEPT, REMOVED
 
-NAMESPACE = "curate"
 _PARTIAL_MARK = ".llama_jax-curate-partial"
 REPORT_DIR = "report"
 DATA_DIR = "data"
 
 
-class _Tokens:
+class Tokens:
     """Tokens in a text: the tokenizer's when the config names one, else whitespace words."""
 
     def __init__(self, tokenizer_path: str):
         self.path = tokenizer_path
         self._tokenizer = None
+
+    def __getstate__(self):  # workers load their own tokenizer
+        return {"path": self.path, "_tokenizer": None}
 
     def __call__(self, text: str) -> int:
         if not self.path:
@@ -43,210 +49,195 @@ class _Tokens:
         return len(self._tokenizer.encode(text))
 
 
-def _count(pcoll, label: str, prefix: str, tokens: _Tokens):
-    import apache_beam as beam
-    from apache_beam.metrics import Metrics
+def spark_session(master: str = "local[*]", conf: Sequence[str] = (), progress: bool = False):
+    """The Spark session; `conf` items are key=value Spark settings."""
+    from pyspark.sql import SparkSession
 
-    docs = Metrics.counter(NAMESPACE, f"{prefix}|docs")
-    token_count = Metrics.counter(NAMESPACE, f"{prefix}|tokens")
-
-    def count(doc):
-        docs.inc()
-        token_count.inc(tokens(doc["text"]))
-        return doc
-
-    return pcoll | label >> beam.Map(count)
-
-
-def _count_reasons(removed, label: str, stage_id: str):
-    import apache_beam as beam
-    from apache_beam.metrics import Metrics
-
-    def count(doc):
-        Metrics.counter(NAMESPACE, f"{stage_id}|removed|{doc['removed_by']}").inc()
-        return doc
-
-    return removed | label >> beam.Map(count)
+    builder = (
+        SparkSession.builder.appName("llama_jax.data.curate")
+        .master(master)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", str(progress).lower())
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.pyspark.driver.python", sys.executable)
+    )
+    for item in conf:
+        key, _, value = item.partition("=")
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session
 
 
 def _sample_key(doc: dict) -> int:
     return int.from_bytes(hashlib.blake2b(doc["id"].encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _write_sample(docs: list, path: str) -> None:
-    read.write_text(path, "".join(read.to_json_line(d) + "\n" for d in sorted(docs, key=lambda d: d["id"])))
+def _stats(tokens: Tokens):
+    """Per-partition counts of a tagged RDD, merged with `_merge`."""
+
+    def per_partition(partition):
+        counts = {
+            "docs": 0,
+            "tokens": 0,
+            "reasons": Counter(),
+            "domains": Counter(),
+            "domain_tokens": Counter(),
+        }
+        for tag, doc in partition:
+            if tag == KEPT:
+                n = tokens(doc["text"])
+                counts["docs"] += 1
+                counts["tokens"] += n
+                if "domain" in doc:
+                    counts["domains"][doc["domain"]] += 1
+                    counts["domain_tokens"][doc["domain"]] += n
+            else:
+                counts["reasons"][doc.get("removed_by") or doc.get("reason") or tag] += 1
+        yield counts
+
+    return per_partition
 
 
-def _read_inputs(pipeline, config: CurateConfig):
-    import apache_beam as beam
-    from apache_beam.io import fileio
-
-    collections, unreadable = [], []
-    for i, source in enumerate(config.inputs):
-        files = read.input_files(source)
-        if files:
-            paths = pipeline | f"input{i}/files" >> beam.Create(files)
-        else:
-            patterns = pipeline | f"input{i}/patterns" >> beam.Create(list(source.paths))
-            paths = (
-                patterns
-                | f"input{i}/match" >> fileio.MatchAll()
-                | f"input{i}/paths" >> beam.Map(lambda m: m.path)
-            )
-        results = (
-            paths
-            | f"input{i}/reshuffle" >> beam.Reshuffle()
-            | f"input{i}/read"
-            >> beam.FlatMap(read.read_documents, source).with_outputs(read.UNREADABLE, main="docs")
-        )
-        collections.append(results.docs)
-        unreadable.append(results[read.UNREADABLE])
-    docs = collections | "inputs" >> beam.Flatten()
-    bad = unreadable | "unreadable" >> beam.Flatten()
-    return docs, bad
+def _merge(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in a}
 
 
-def build(pipeline, config: CurateConfig, work: str) -> None:
-    """Adds the whole run to `pipeline`, writing under the directory `work`."""
-    import apache_beam as beam
-    from apache_beam.metrics import Metrics
+def _empty_counts() -> dict:
+    return {"docs": 0, "tokens": 0, "reasons": Counter(), "domains": Counter(), "domain_tokens": Counter()}
 
-    tokens = _Tokens(config.tokenizer)
+
+def _apply_stage(name: str, options, docs, stage_id: str, report_dir: str):
+    if name == "exact_dedup":
+        return dedup.exact_dedup(docs, options)
+    if name == "minhash_dedup":
+        return dedup.minhash_dedup(docs, options)
+    if name == "line_dedup":
+        return dedup.line_dedup(docs, options)
+    if name == "heuristics":
+        return filters.heuristics(docs, options)
+    if name == "language":
+        return filters.language(docs, options)
+    if name == "quality":
+        return classify.quality(docs, options, stage_id, report_dir)
+    return classify.domain(docs, options, stage_id, report_dir)
+
+
+def _read(sc, config: CurateConfig):
+    files = [(i, path) for i, source in enumerate(config.inputs) for path in read.input_files(source)]
+    inputs = config.inputs
+    slices = max(1, min(len(files), 4 * sc.defaultParallelism))
+    return sc.parallelize(files, slices).flatMap(
+        lambda item: read.read_documents(item[1], inputs[item[0]])
+    ), len(files)
+
+
+def _write_data(docs, directory: str, shards: int) -> None:
+    docs.sortBy(lambda d: d["id"], numPartitions=shards).map(read.to_json_line).saveAsTextFile(directory)
+    if read.local(directory):  # readers find JSONL shards by their suffix
+        for path in glob.glob(os.path.join(directory, "part-*")):
+            if not path.endswith((".crc", ".jsonl")):
+                os.replace(path, path + ".jsonl")
+        for path in glob.glob(os.path.join(directory, ".*.crc")):
+            os.remove(path)
+
+
+def build_and_run(session, config: CurateConfig, work: str, log=print) -> dict:
+    """Runs every stage, writing under the directory `work`; returns the summary."""
+    from pyspark import StorageLevel
+
+    sc = session.sparkContext
+    tokens = Tokens(config.tokenizer)
     report_dir = f"{work}/{REPORT_DIR}"
-    docs, bad = _read_inputs(pipeline, config)
-    unreadable_counter = Metrics.counter(NAMESPACE, "read|unreadable")
-
-    def count_bad(record):
-        unreadable_counter.inc()
-        return read.to_json_line(record)
-
-    _ = (
-        bad
-        | "unreadable/count" >> beam.Map(count_bad)
-        | "unreadable/write"
-        >> beam.io.WriteToText(
-            f"{report_dir}/unreadable", file_name_suffix=".jsonl", num_shards=1, shard_name_template=""
-        )
+    tagged, n_files = _read(sc, config)
+    tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
+    counts = (
+        tagged.map(lambda t: (KEPT, t[1]) if t[0] == read.DOCUMENT else (REMOVED, t[1]))
+        .mapPartitions(_stats(tokens))
+        .fold(_empty_counts(), _merge)
     )
-    docs = _count(docs, "read/count", "read", tokens)
-    domain_classes: Sequence[str] = ()
+    unreadable = tagged.filter(lambda t: t[0] == read.UNREADABLE).map(lambda t: read.to_json_line(t[1]))
+    read.write_lines(f"{report_dir}/unreadable.jsonl", unreadable.toLocalIterator())
+    summary = {
+        "read": {
+            "files": n_files,
+            "docs": counts["docs"],
+            "tokens": counts["tokens"],
+            "unreadable": sum(counts["reasons"].values()),
+        },
+        "stages": [],
+        "domains": {},
+        "tokens_are": "tokenizer tokens" if config.tokenizer else "whitespace-separated words",
+    }
+    log(
+        f"read {summary['read']['docs']:,} documents from {n_files:,} files ({summary['read']['unreadable']:,} unreadable)"
+    )
+    docs = tagged.filter(lambda t: t[0] == read.DOCUMENT).map(lambda t: t[1])
+    docs_in, tokens_in, previous, classes = counts["docs"], counts["tokens"], tagged, ()
     for (name, options), stage_id in zip(config.stages, config.stage_ids):
-        label = f"stage {stage_id}"
-        docs = _count(docs, f"{label}/in", f"{stage_id}|in", tokens)
-        if name == "exact_dedup":
-            docs, removed = dedup.exact_dedup(docs, options, label)
-        elif name == "minhash_dedup":
-            docs, removed = dedup.minhash_dedup(docs, options, label)
-        elif name == "line_dedup":
-            docs, removed = dedup.line_dedup(docs, options, label)
-        elif name == "heuristics":
-            docs, removed = filters.heuristics(docs, options, label)
-        elif name == "language":
-            docs, removed = filters.language(docs, options, label)
-        elif name == "quality":
-            docs, removed = classify.quality(docs, options, label, stage_id, report_dir)
-        else:
-            docs, removed = classify.domain(docs, options, label, stage_id, report_dir)
-            domain_classes = options.classes
-        docs = _count(docs, f"{label}/out", f"{stage_id}|out", tokens)
-        if removed is None:
-            continue
-        if isinstance(removed, tuple):
-            removed = removed | f"{label}/removed" >> beam.Flatten()
-        removed = _count_reasons(removed, f"{label}/reasons", stage_id)
+        start = time.perf_counter()
+        tagged = _apply_stage(name, options, docs, stage_id, report_dir).persist(StorageLevel.MEMORY_AND_DISK)
+        counts = tagged.mapPartitions(_stats(tokens)).fold(_empty_counts(), _merge)
+        seconds = time.perf_counter() - start
+        previous.unpersist()
         if config.samples:
-            _ = (
-                removed
-                | f"{label}/audit sample"
-                >> beam.combiners.Top.Of(config.samples, key=_sample_key, reverse=True)
-                | f"{label}/write audit sample"
-                >> beam.Map(_write_sample, f"{report_dir}/removed/{stage_id}.jsonl")
+            audit = (
+                tagged.filter(lambda t: t[0] != KEPT)
+                .map(lambda t: t[1])
+                .takeOrdered(config.samples, key=_sample_key)
             )
-    _write_data(docs, config, work, domain_classes, tokens)
-
-
-def _write_data(docs, config: CurateConfig, work: str, classes: Sequence[str], tokens: _Tokens) -> None:
-    import apache_beam as beam
-
-    def write(pcoll, label: str, directory: str):
-        _ = (
-            pcoll
-            | f"{label}/json" >> beam.Map(read.to_json_line)
-            | f"{label}/write"
-            >> beam.io.WriteToText(f"{directory}/part", file_name_suffix=".jsonl", num_shards=config.shards)
-        )
-
-    if not classes:
-        write(docs, "write", f"{work}/{DATA_DIR}")
-        return
-    parts = docs | "by domain" >> beam.Partition(lambda d, n: list(classes).index(d["domain"]), len(classes))
-    for index, name in enumerate(classes):
-        counted = _count(parts[index], f"domain {name}/count", f"domain {name}", tokens)
-        write(counted, f"domain {name}", f"{work}/{DATA_DIR}/{name}")
-
-
-def _counters(result) -> dict[str, int]:
-    from apache_beam.metrics.metric import MetricsFilter
-
-    counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    values: dict[str, int] = {}
-    for counter in counters:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        values[counter.key.metric.name] = values.get(counter.key.metric.name, 0) + int(value or 0)
-    return values
-
-
-def summarise(config: CurateConfig, counters: dict[str, int], seconds: float) -> dict:
-    def get(key):
-        return counters.get(key, 0)
-
-    stages = []
-    for (name, options), stage_id in zip(config.stages, config.stage_ids):
-        prefix = f"{stage_id}|removed|"
-        reasons = {k[len(prefix) :]: v for k, v in counters.items() if k.startswith(prefix)}
-        stages.append(
+            read.write_lines(
+                f"{report_dir}/removed/{stage_id}.jsonl",
+                (read.to_json_line(d) for d in sorted(audit, key=lambda d: d["id"])),
+            )
+        summary["stages"].append(
             {
                 "stage": stage_id,
-                "docs_in": get(f"{stage_id}|in|docs"),
-                "docs_out": get(f"{stage_id}|out|docs"),
-                "tokens_in": get(f"{stage_id}|in|tokens"),
-                "tokens_out": get(f"{stage_id}|out|tokens"),
-                "removed": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+                "docs_in": docs_in,
+                "docs_out": counts["docs"],
+                "tokens_in": tokens_in,
+                "tokens_out": counts["tokens"],
+                "removed": dict(counts["reasons"].most_common()),
+                "seconds": round(seconds, 3),
             }
         )
-    domains = {}
-    for name, options in config.stages:
+        log(f"{stage_id}: {docs_in:,} -> {counts['docs']:,} documents in {seconds:.1f} s")
         if name == "domain":
-            for cls in options.classes:
-                domains[cls] = {"docs": get(f"domain {cls}|docs"), "tokens": get(f"domain {cls}|tokens")}
-    return {
-        "read": {
-            "docs": get("read|docs"),
-            "tokens": get("read|tokens"),
-            "unreadable": get("read|unreadable"),
-        },
-        "stages": stages,
-        "domains": domains,
-        "tokens_are": "tokenizer tokens" if config.tokenizer else "whitespace-separated words",
-        "seconds": round(seconds, 2),
-    }
+            classes = options.classes
+            summary["domains"] = {
+                c: {"docs": counts["domains"].get(c, 0), "tokens": counts["domain_tokens"].get(c, 0)}
+                for c in classes
+            }
+        docs = tagged.filter(lambda t: t[0] == KEPT).map(lambda t: t[1])
+        docs_in, tokens_in, previous = counts["docs"], counts["tokens"], tagged
+    if classes:
+        for name in classes:
+            _write_data(
+                docs.filter(lambda d, name=name: d["domain"] == name),
+                f"{work}/{DATA_DIR}/{name}",
+                config.shards,
+            )
+    else:
+        _write_data(docs, f"{work}/{DATA_DIR}", config.shards)
+    previous.unpersist()
+    return summary
 
 
 def markdown(summary: dict) -> str:
     lines = [
-        "| stage | documents in | documents out | tokens in | tokens out | removed, by reason |",
-        "|---|---|---|---|---|---|",
+        "| stage | documents in | documents out | tokens in | tokens out | removed, by reason | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     read_counts = summary["read"]
     lines.append(
         f"| read | - | {read_counts['docs']:,} | - | {read_counts['tokens']:,} | "
-        f"{read_counts['unreadable']:,} unreadable (report/unreadable.jsonl) |"
+        f"{read_counts['unreadable']:,} unreadable (report/unreadable.jsonl) | - |"
     )
     for stage in summary["stages"]:
         reasons = "; ".join(f"{reason}: {count:,}" for reason, count in stage["removed"].items()) or "-"
         lines.append(
             f"| {stage['stage']} | {stage['docs_in']:,} | {stage['docs_out']:,} | "
-            f"{stage['tokens_in']:,} | {stage['tokens_out']:,} | {reasons} |"
+            f"{stage['tokens_in']:,} | {stage['tokens_out']:,} | {reasons} | {stage['seconds']:.1f} |"
         )
     text = "\n".join(lines) + "\n"
     if summary["domains"]:
@@ -270,7 +261,7 @@ def emptied_by(summary: dict) -> str | None:
 def _prepare_output(output: str) -> str:
     if not read.local(output):
         return output.rstrip("/")
-    output = os.path.abspath(output)
+    output = os.path.abspath(output.removeprefix("file://"))
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise CurationError(
             f"The output {output} already exists; name a new directory (nothing was overwritten)."
@@ -285,28 +276,21 @@ def _prepare_output(output: str) -> str:
     return work
 
 
-def run(config: CurateConfig, beam_args: Sequence[str] = ()) -> dict:
-    """Runs the curation; returns the summary (also in OUTPUT/report/report.json and .md)."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
+def run(config: CurateConfig, session=None, log=print) -> dict:
+    """Runs the curation (on a local Spark unless `session` says otherwise); returns the summary,
+    also written to OUTPUT/report/report.json and report.md."""
     if not config.output:
         raise CurationError("Name an output directory (output: in the config, or --output).")
-    args = list(beam_args)
-    if not any(a.startswith("--runner") for a in args):
-        args.append("--runner=DirectRunner")  # in-process; Beam's newer default downloads a runner
     work = _prepare_output(config.output)
+    session = session or spark_session()
     start = time.perf_counter()
-    pipeline = beam.Pipeline(options=PipelineOptions(args))
-    build(pipeline, config, work)
-    result = pipeline.run()
-    result.wait_until_finish()
-    summary = summarise(config, _counters(result), time.perf_counter() - start)
+    summary = build_and_run(session, config, work, log)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
     read.write_text(f"{work}/{REPORT_DIR}/report.json", json.dumps(summary, indent=2) + "\n")
     read.write_text(f"{work}/{REPORT_DIR}/report.md", markdown(summary))
     if read.local(config.output):
         os.remove(os.path.join(work, _PARTIAL_MARK))
-        output = os.path.abspath(config.output)
+        output = os.path.abspath(config.output.removeprefix("file://"))
         if os.path.isdir(output):
             os.rmdir(output)  # empty (checked before the run)
         os.replace(work, output)
@@ -331,7 +315,7 @@ def mixture_sources(output: str, weights: dict[str, float] | None = None) -> tup
     total = sum(d["tokens"] for d in domains.values()) or 1
     sources = []
     for name, counts in domains.items():
-        weight = (weights or {}).get(name, 0.0) if weights is not None else counts["tokens"] / total
+        weight = weights.get(name, 0.0) if weights is not None else counts["tokens"] / total
         if counts["docs"] == 0 or weight <= 0:
             continue
         sources.append(

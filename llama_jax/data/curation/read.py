@@ -2,8 +2,10 @@
 
 A document is a dict: `id` (the file and the record's position, so ids sort in corpus order),
 `text`, `url` when the input has one, and the record's other fields, which are written back out.
-A file, line or row that cannot be read (not UTF-8, not JSON, no text field) is not a document: it
-goes to the `unreadable` output with where and why, and the report counts and lists it.
+A file, line or row that cannot be read (not UTF-8, not JSON, no text field) is not a document:
+it comes out tagged UNREADABLE with where and why, and the report counts and lists it.
+Files are opened with fsspec, so inputs and reports may live on any file system it knows
+(gs://, s3://, hdfs://) as well as on local disk.
 """
 
 from __future__ import annotations
@@ -14,27 +16,39 @@ import os
 from llama_jax.data.curation.config import CurationError, InputConfig
 from llama_jax.data.sources import expand_paths
 
-UNREADABLE = "unreadable"
-_SUFFIXES_KIND = {"text": "text", "text_lines": "text_lines", "jsonl": "jsonl", "parquet": "parquet"}
+DOCUMENT, UNREADABLE = "document", "unreadable"
+
+
+def local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
 
 
 def input_files(source: InputConfig) -> list[str]:
-    """The local files a source names; a remote pattern (gs://...) is matched by Beam instead."""
-    if any("://" in p for p in source.paths):
-        return []
-    try:
-        return expand_paths(source.paths, _SUFFIXES_KIND[source.kind])
-    except FileNotFoundError as e:
-        raise CurationError(f"{e}.") from None
+    """The files a source names: local files, directories and globs, or remote globs."""
+    files: list[str] = []
+    for path in source.paths:
+        if local(path):
+            try:
+                files += expand_paths([path.removeprefix("file://")], source.kind)
+            except FileNotFoundError as e:
+                raise CurationError(f"{e}.") from None
+            continue
+        import fsspec
+
+        fs, _, _ = fsspec.get_fs_token_paths(path)
+        protocol = path.split("://", 1)[0]
+        found = sorted(f"{protocol}://{p}" for p in fs.glob(path.split("://", 1)[1]) if fs.isfile(p))
+        if not found:
+            raise CurationError(f"No files match {path}.")
+        files += found
+    return files
 
 
-def _unreadable(path: str, where: str, reason: str) -> dict:
-    import apache_beam as beam
-
-    return beam.pvalue.TaggedOutput(UNREADABLE, {"path": path, "where": where, "reason": reason})
+def _unreadable(path: str, where: str, reason: str):
+    return UNREADABLE, {"path": path, "where": where, "reason": reason}
 
 
-def _document(source: InputConfig, path: str, index: int | None, record: dict, text: str) -> dict:
+def _document(source: InputConfig, path: str, index: int | None, record: dict, text: str):
     doc = {k: v for k, v in record.items() if k not in (source.field, "id", "text")}
     doc["id"] = path if index is None else f"{path}#{index:010d}"
     doc["text"] = text
@@ -43,16 +57,18 @@ def _document(source: InputConfig, path: str, index: int | None, record: dict, t
         doc["url"] = url
     if source.url_field != "url":
         doc.pop(source.url_field, None)
-    return doc
+    return DOCUMENT, doc
 
 
 def read_documents(path: str, source: InputConfig):
-    """Yields the documents of one file, and TaggedOutputs for what cannot be read."""
-    from apache_beam.io.filesystems import FileSystems
+    """Yields (DOCUMENT, doc) for each document of one file and (UNREADABLE, record) for what
+    cannot be read; streams the file, so a file never has to fit in memory (but for kind text,
+    where the file is the document)."""
+    import fsspec
 
     try:
-        handle = FileSystems.open(path, compression_type="uncompressed")
-    except (OSError, IOError) as e:
+        handle = fsspec.open(path, "rb").open()
+    except OSError as e:
         yield _unreadable(path, path, f"cannot open: {e}")
         return
     with handle:
@@ -69,7 +85,7 @@ def read_documents(path: str, source: InputConfig):
             if text.strip():
                 yield _document(source, path, None, {}, text)
             return
-        for index, raw in enumerate(iter(handle.readline, b"")):
+        for index, raw in enumerate(handle):
             where = f"{path}:{index + 1}"
             try:
                 line = raw.decode("utf-8")
@@ -119,18 +135,30 @@ def to_json_line(doc: dict) -> str:
     return json.dumps(doc, ensure_ascii=False, default=str)
 
 
-def local(path: str) -> bool:
-    return "://" not in path
-
-
 def write_text(path: str, text: str) -> None:
-    """Writes a small report file, locally or on any file system Beam knows."""
-    from apache_beam.io.filesystems import FileSystems
-
+    """Writes a report file, locally or on any file system fsspec knows."""
     if local(path):
+        path = path.removeprefix("file://")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return
-    with FileSystems.create(path) as f:
-        f.write(text.encode("utf-8"))
+    import fsspec
+
+    with fsspec.open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_lines(path: str, lines) -> None:
+    """Streams JSON lines (an iterator) to a report file."""
+    if local(path):
+        path = path.removeprefix("file://")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        handle = open(path, "w", encoding="utf-8")
+    else:
+        import fsspec
+
+        handle = fsspec.open(path, "w", encoding="utf-8").open()
+    with handle:
+        for line in lines:
+            handle.write(line + "\n")

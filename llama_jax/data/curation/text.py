@@ -1,6 +1,6 @@
 """Per-document measures: normalised keys for deduplication, shingles, and the heuristic rules.
 
-Pure functions of a text; the stages in dedup.py and filters.py apply them inside Beam.
+Pure functions of a text; the stages in dedup.py and filters.py apply them on the Spark workers.
 """
 
 from __future__ import annotations
