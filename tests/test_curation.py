@@ -21,7 +21,8 @@ from llama_jax.data.sources import open_source
 WORDS = (
     "river stone garden window letter bridge market silver morning winter candle harbor meadow "
     "forest valley thunder lantern orchard painter village station kitchen mirror blanket engine "
-    "pocket island ladder carpet feather basket compass tunnel anchor pillow rocket saddle marble"
+    "pocket island ladder carpet feather basket compass tunnel anchor pillow rocket saddle marble "
+    "the and of with"
 ).split()
 
 
@@ -137,8 +138,13 @@ def test_line_dedup_strips_lines_shared_by_many_documents(tmp_path):
 
 
 def test_heuristic_rules_at_their_edges():
-    rules = Heuristics(min_words=5, max_duplicate_ngram_chars=None, max_top_ngram_chars=None)
+    rules = Heuristics(
+        min_words=5, max_duplicate_ngram_chars=None, max_top_ngram_chars=None, min_stop_words=None
+    )
     failure = text_lib.heuristic_failure
+    stop = Heuristics(min_words=1, max_top_ngram_chars=None, max_duplicate_ngram_chars=None)
+    assert failure("Rivers and lakes of Europe", stop, None) is None  # "and", "of"
+    assert failure("Rivers and lakes AND seas", stop, None) == "fewer than 2 stop words"  # one, twice
     assert failure("alpha beta gamma delta epsilon", rules, None) is None
     assert failure("alpha beta gamma delta", rules, None) == "fewer than 5 words"
     assert failure("a b c d e f", rules, None) == "mean word length below 3.0"
@@ -150,6 +156,7 @@ def test_heuristic_rules_at_their_edges():
                 max_duplicate_lines=None,
                 max_top_ngram_chars=None,
                 max_duplicate_ngram_chars=None,
+                min_stop_words=None,
             ),
             None,
         )
@@ -183,6 +190,7 @@ def test_ngram_shares_equal_the_direct_formula():
         max_mean_word_length=None,
         min_mean_word_length=None,
         max_duplicate_lines=None,
+        min_stop_words=None,
     )
     assert (
         text_lib.heuristic_failure(" ".join(words), rules, None)
@@ -412,3 +420,13 @@ def test_parquet_and_text_inputs(tmp_path):
     ]
     assert sorted(r["text"] for r in rows) == sorted(texts)
     assert sorted(r["n"] for r in rows if "n" in r) == [0, 1, 2, 3]  # other columns are kept
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_spark_afterwards():
+    """The tests share one local Spark; it stops when they are done, freeing its JVM's memory."""
+    yield
+    from pyspark import SparkContext
+
+    if SparkContext._active_spark_context is not None:
+        SparkContext._active_spark_context.stop()

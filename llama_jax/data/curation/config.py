@@ -2,7 +2,8 @@
 
 A stage is a one-key mapping, `{name: {option: value}}`; the options of each stage are the fields
 of its dataclass below, whose defaults follow the published filters (Gopher's heuristics, which
-Llama 3 cites; Llama 3's line deduplication). An unknown stage or option is one sentence.
+Llama 3 cites; Llama 3's line deduplication): docs/reference.md, "Data curation". An unknown
+stage or option is one sentence.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Heuristics:
     max_mean_word_length: float | None = 10.0
     max_symbol_ratio: float | None = 0.1  # '#' and '...' per word
     max_non_alpha_words: float | None = 0.2  # share of words without a letter
-    max_digit_ratio: float | None = 0.2  # share of characters
+    max_digit_ratio: float | None = 0.2  # share of characters (not Gopher's: tables of numbers)
+    min_stop_words: int | None = 2  # of the, be, to, of, and, that, have, with
     max_bullet_lines: float | None = 0.9
     max_ellipsis_lines: float | None = 0.3
     max_duplicate_lines: float | None = 0.3  # share of lines repeating an earlier line
@@ -246,6 +248,7 @@ _NON_NEGATIVE = {
     "max_symbol_ratio",
     "max_non_alpha_words",
     "max_digit_ratio",
+    "min_stop_words",
     "max_bullet_lines",
     "max_ellipsis_lines",
     "max_duplicate_lines",

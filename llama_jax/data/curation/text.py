@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _SPACE = re.compile(r"\s+")
+STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 _BULLET = re.compile(r"^\s*[-*\u2022\u2023\u25e6\u2043\u2219]")
 
 
@@ -97,6 +98,10 @@ def heuristic_failure(text: str, rules, blocklist: re.Pattern | None) -> str | N
         chars = sum(1 for c in text if not c.isspace())
         if chars and sum(1 for c in text if c.isdigit()) / chars > rules.max_digit_ratio:
             return f"digits above {rules.max_digit_ratio} of characters"
+    if rules.min_stop_words is not None:
+        found = STOP_WORDS.intersection(w.lower() for w in _WORD.findall(text))
+        if len(found) < rules.min_stop_words:
+            return f"fewer than {rules.min_stop_words} stop words"
     lines = [line for line in text.splitlines() if line.strip()]
     if lines:
         if rules.max_bullet_lines is not None:
