@@ -1,7 +1,8 @@
 """Classifier stages: document quality (keep or remove) and domain (a label for the data mix).
 
 Both train a small fast text classifier, scikit-learn's hashed word 1-2-grams into a logistic
-regression, on labelled documents of the stage's own input: the `sample` documents with the
+regression with the classes weighted to balance (a rare class still moves the boundary), on
+labelled documents of the stage's own input: the `sample` documents with the
 smallest id hashes (a fixed, uniform sample) are labelled by a function or joined with a labels
 file, the driver fits the model, and every worker scores with it (a broadcast variable). The
 fitted model and its held-out accuracy are written with the report.
@@ -52,7 +53,7 @@ def new_classifier():
 
     return make_pipeline(
         HashingVectorizer(ngram_range=(1, 2), n_features=1 << 18, alternate_sign=False),
-        LogisticRegression(max_iter=1000, C=4.0),
+        LogisticRegression(max_iter=1000, C=4.0, class_weight="balanced"),
     )
 
 

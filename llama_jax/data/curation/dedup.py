@@ -46,9 +46,15 @@ def exact_dedup(docs, options: ExactDedup):
     return grouped.union(passing) if options.key == "url" else grouped
 
 
+# Every LSH candidate pair is checked against the threshold with its signatures, so a false
+# positive of the banding costs a comparison and a false negative costs a missed duplicate: the
+# bands are chosen with false negatives weighted nine times as much.
+FALSE_NEGATIVE_WEIGHT = 0.9
+
+
 def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """The (bands, rows) whose S-curve 1 - (1 - s^rows)^bands best separates similarities below
-    and above `threshold`: the least area of false positives plus false negatives."""
+    and above `threshold`: the least weighted area of false positives and false negatives."""
     s = np.linspace(0.0, 1.0, 1001)
     best = (np.inf, 1, num_perm)
     for bands in range(1, num_perm + 1):
@@ -56,7 +62,8 @@ def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
         caught = 1 - (1 - s**rows) ** bands
         false_positive = np.trapezoid(np.where(s < threshold, caught, 0), s)
         false_negative = np.trapezoid(np.where(s >= threshold, 1 - caught, 0), s)
-        best = min(best, (false_positive + false_negative, bands, rows))
+        loss = (1 - FALSE_NEGATIVE_WEIGHT) * false_positive + FALSE_NEGATIVE_WEIGHT * false_negative
+        best = min(best, (loss, bands, rows))
     return best[1], best[2]
 
 

@@ -53,20 +53,20 @@ def count_words(text: str) -> int:
 
 def _ngram_shares(words: list[str], n: int) -> tuple[float, float]:
     """(characters in the most frequent n-gram's occurrences, characters in repeated n-grams),
-    each as a share of all the words' characters, as Gopher measures repetition."""
+    each as a share of all the words' characters, as Gopher measures repetition: an n-gram's
+    first occurrence is not a repeat, and a word inside several repeats counts once."""
     total = sum(len(w) for w in words)
     if total == 0 or len(words) < n:
         return 0.0, 0.0
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    top, top_count = counts.most_common(1)[0]
+    top, top_count = Counter(grams).most_common(1)[0]
     top_share = sum(len(w) for w in top) * top_count / total if top_count > 1 else 0.0
-    # Words covered by an n-gram that occurs more than once, each word counted once.
+    seen: set[tuple[str, ...]] = set()
     covered = [False] * len(words)
     for i, gram in enumerate(grams):
-        if counts[gram] > 1:
-            for j in range(i, i + n):
-                covered[j] = True
+        if gram in seen:
+            covered[i : i + n] = [True] * n
+        seen.add(gram)
     duplicate_share = sum(len(w) for w, c in zip(words, covered) if c) / total
     return top_share, duplicate_share
 
