@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 
-import numpy as np
 import pytest
 
 from llama_jax.data import curate
