@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -51,8 +52,11 @@ class Tokens:
 
 def spark_session(master: str = "local[*]", conf: Sequence[str] = (), progress: bool = False):
     """The Spark session; `conf` items are key=value Spark settings."""
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # nothing listens beyond this host
     from pyspark.sql import SparkSession
 
+    log4j = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
     builder = (
         SparkSession.builder.appName("llama_jax.data.curate")
         .master(master)
@@ -60,11 +64,14 @@ def spark_session(master: str = "local[*]", conf: Sequence[str] = (), progress: 
         .config("spark.ui.showConsoleProgress", str(progress).lower())
         .config("spark.pyspark.python", sys.executable)
         .config("spark.pyspark.driver.python", sys.executable)
+        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j}")
     )
     for item in conf:
         key, _, value = item.partition("=")
         builder = builder.config(key, value)
-    session = builder.getOrCreate()
+    with warnings.catch_warnings():  # pyspark checks pandas' version, which curation never uses
+        warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
+        session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     return session
 
