@@ -230,6 +230,10 @@ def quality_labels(texts):
     return [1.0 if sum(w in WORDS for w in t.split()) > len(t.split()) / 2 else 0.0 for t in texts]
 
 
+def failing_labels(texts):
+    raise RuntimeError("the judge is out")
+
+
 def domain_labels(texts):
     return ["numbers" if any(c.isdigit() for c in t) else "words" for t in texts]
 
@@ -355,6 +359,10 @@ def test_cli_reports_unreadable_input_and_writes_the_report(tmp_path, capsys):
             "are all 'high'",
         ),
         ("stages: [{heuristics: {min_words: 10000}}]", "Stage heuristics removed every document"),
+        (
+            "stages: [{quality: {labels: {function: 'test_curation:failing_labels'}}}]",
+            "test_curation:failing_labels failed: RuntimeError: the judge is out",
+        ),
     ],
 )
 def test_bad_configs_are_one_sentence(tmp_path, capsys, monkeypatch, yaml, message):
@@ -405,24 +413,29 @@ def test_parquet_and_text_inputs(tmp_path):
     (tmp_path / "docs").mkdir()
     for i, t in enumerate(texts[4:] + [texts[0]]):
         (tmp_path / "docs" / f"{i}.txt").write_text(t)
+    import gzip
+
+    with gzip.open(tmp_path / "more.jsonl.gz", "wt") as f:  # compressed input, named twice
+        f.write(json.dumps({"text": texts[1]}) + "\n" + json.dumps({"text": "gzipped " + texts[2]}) + "\n")
     config = parse_config(
         {
             "inputs": [
                 {"path": str(tmp_path / "a.parquet"), "kind": "parquet", "field": "content"},
                 {"path": str(tmp_path / "docs"), "kind": "text"},
+                {"path": [str(tmp_path / "more.jsonl.gz")] * 2},
             ],
             "output": str(tmp_path / "out"),
             "stages": ["exact_dedup"],
         }
     )
     summary = pipeline.run(config)
-    assert summary["read"]["docs"] == 7 and summary["stages"][0]["docs_out"] == 6
+    assert summary["read"]["docs"] == 9 and summary["stages"][0]["docs_out"] == 7
     rows = [
         json.loads(line)
         for p in (tmp_path / "out/data").glob("*.jsonl")
         for line in p.read_text().splitlines()
     ]
-    assert sorted(r["text"] for r in rows) == sorted(texts)
+    assert sorted(r["text"] for r in rows) == sorted(texts + ["gzipped " + texts[2]])
     assert sorted(r["n"] for r in rows if "n" in r) == [0, 1, 2, 3]  # other columns are kept
 
 
@@ -434,3 +447,16 @@ def _stop_spark_afterwards():
 
     if SparkContext._active_spark_context is not None:
         SparkContext._active_spark_context.stop()
+
+
+def test_no_java_is_one_sentence(tmp_path, capsys, monkeypatch):
+    rng = random.Random(9)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": prose(rng, 60)}])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"inputs: [{{path: {corpus}}}]\noutput: {tmp_path / 'out'}\nstages: [exact_dedup]\n")
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-java"))
+    code, out, err = run_cli([config], capsys)
+    assert code == 1 and err.strip() == (
+        "Spark needs Java 17 or later, and none was found: set JAVA_HOME or put java on PATH."
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -15,6 +15,8 @@ each stage removed.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -70,6 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"Curating {len(config.inputs)} input(s) through {len(config.stages)} stage(s) into {config.output}"
         )
+        java = (
+            os.path.join(os.environ["JAVA_HOME"], "bin", "java")
+            if os.environ.get("JAVA_HOME")
+            else shutil.which("java")
+        )
+        if not java or not os.access(java, os.X_OK):
+            raise CurationError(
+                "Spark needs Java 17 or later, and none was found: set JAVA_HOME or put java on PATH."
+            )
         try:
             session = pipeline.spark_session(args.master, args.spark_conf, progress=sys.stderr.isatty())
         except Exception as e:  # noqa: BLE001 - Spark reports a missing Java or a bad master many ways

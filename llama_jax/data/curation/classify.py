@@ -108,7 +108,10 @@ def _labelled_sample(docs, options: Quality | Domain, stage_name: str) -> list[t
         chosen = docs.map(lambda d: (sample_hash(d["id"]), d["text"])).takeOrdered(
             options.sample, key=lambda e: e[0]
         )
-        values = list(function([text for _, text in chosen]))
+        try:
+            values = list(function([text for _, text in chosen]))
+        except Exception as e:  # noqa: BLE001 - the user's function: its failure, in one sentence
+            raise CurationError(f"{stage_name}: {labels.function} failed: {type(e).__name__}: {e}") from None
         if len(values) != len(chosen):
             raise CurationError(
                 f"{stage_name}: {labels.function} returned {len(values)} labels for {len(chosen)} texts."

@@ -41,7 +41,7 @@ def input_files(source: InputConfig) -> list[str]:
         if not found:
             raise CurationError(f"No files match {path}.")
         files += found
-    return files
+    return list(dict.fromkeys(files))  # a file named twice is read once
 
 
 def _unreadable(path: str, where: str, reason: str):
@@ -67,7 +67,7 @@ def read_documents(path: str, source: InputConfig):
     import fsspec
 
     try:
-        handle = fsspec.open(path, "rb").open()
+        handle = fsspec.open(path, "rb", compression="infer").open()  # .gz, .bz2, .zst, ...
     except OSError as e:
         yield _unreadable(path, path, f"cannot open: {e}")
         return
