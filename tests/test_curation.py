@@ -79,7 +79,7 @@ def test_minhash_removes_pairs_above_the_threshold_and_keeps_those_below(tmp_pat
     for pair in range(12):
         original = prose(rng, 200).split()
         changed = list(original)
-        # Changing every k-th word sets the 3-gram Jaccard similarity, from about 0.95 down to 0.2.
+        # Changing every k-th word sets the 3-gram Jaccard similarity: 0.96, 0.90, 0.46 and 0.
         step = [100, 60, 8, 3, 2, 1][pair % 6]
         for i in range(0, len(changed), step):
             changed[i] = "zz" + str(rng.randrange(10**6))
