@@ -710,7 +710,7 @@ def train_tokenizer(clean: list[dict], root: Path, vocab_size: int) -> str:
     return str(path)
 
 
-def experiment(name: str, corpus: str, tokenizer: str, scale: Scale):
+def training_experiment(name: str, corpus: str, tokenizer: str, scale: Scale):
     from llama_jax.config import CheckpointConfig, TrainConfig
     from llama_jax.data.config import DataConfig, SourceConfig
 
@@ -977,7 +977,7 @@ def main(argv=None) -> int:
             for name, corpus in (("raw", str(raw_path)), ("curated", cur["curated"])):
                 workdir = root / f"train_{name}_seed{seed}"
                 t0 = time.time()
-                exp = experiment(name, corpus, tokenizer, dataclasses.replace(scale, seed=seed))
+                exp = training_experiment(name, corpus, tokenizer, dataclasses.replace(scale, seed=seed))
                 metrics = train_lib.train(exp, workdir, quiet=True)
                 seconds = time.time() - t0
                 loss = heldout_loss(workdir, tokenizer, [d["text"] for d in heldout], scale.seq_len)
