@@ -280,13 +280,16 @@ def test_domain_classifier_from_a_labels_file_feeds_the_mixture(tmp_path):
         [{"id": f"{corpus}#{i:010d}", "label": "words" if i % 2 else "numbers"} for i in range(0, 40, 2)]
         + [{"id": f"{corpus}#{i:010d}", "label": "words"} for i in range(1, 40, 2)],
     )
+    records.append(dict(records[1]))  # a duplicate, removed by a stage after the domain stage
     stage = {"domain": {"classes": ["words", "numbers"], "labels": {"file": str(labels)}}}
-    kept, summary, out = curate_records(tmp_path, records, [stage])
+    kept, summary, out = curate_records(tmp_path, records, [stage, "exact_dedup"])
     assert {i: d["domain"] for i, d in kept.items()} == {
         i: "words" if i % 2 else "numbers" for i in range(40)
     }
     tokens = {
-        name: sum(len(r["text"].split()) for i, r in enumerate(records) if (i % 2 == 1) == (name == "words"))
+        name: sum(
+            len(r["text"].split()) for i, r in enumerate(records[:40]) if (i % 2 == 1) == (name == "words")
+        )
         for name in ("words", "numbers")
     }
     assert summary["domains"] == {
@@ -301,7 +304,7 @@ def test_domain_classifier_from_a_labels_file_feeds_the_mixture(tmp_path):
     # The training pipeline reads a domain's shards as they are.
     source = open_source(SourceConfig(sources[0].path, kind="jsonl"))
     assert sorted(source[i] for i in range(len(source))) == sorted(
-        r["text"] for i, r in enumerate(records) if (i % 2 == 1) == (sources[0].name == "curated-words")
+        r["text"] for i, r in enumerate(records[:40]) if (i % 2 == 1) == (sources[0].name == "curated-words")
     )
     assert [s.weight for s in pipeline.mixture_sources(str(out), {"words": 3.0})] == [3.0]
 

@@ -180,6 +180,8 @@ def build_and_run(session, config: CurateConfig, work: str, log=print) -> dict:
         f"read {summary['read']['docs']:,} documents from {n_files:,} files ({summary['read']['unreadable']:,} unreadable)"
     )
     docs = tagged.filter(lambda t: t[0] == read.DOCUMENT).map(lambda t: t[1])
+    if n_files < sc.defaultParallelism:  # a partition per file: spread a few big files over the cores
+        docs = docs.repartition(2 * sc.defaultParallelism)
     docs_in, tokens_in, previous, classes = counts["docs"], counts["tokens"], tagged, ()
     for (name, options), stage_id in zip(config.stages, config.stage_ids):
         start = time.perf_counter()
@@ -211,6 +213,7 @@ def build_and_run(session, config: CurateConfig, work: str, log=print) -> dict:
         log(f"{stage_id}: {docs_in:,} -> {counts['docs']:,} documents in {seconds:.1f} s")
         if name == "domain":
             classes = options.classes
+        if classes:  # the domains' counts as they leave the last stage
             summary["domains"] = {
                 c: {"docs": counts["domains"].get(c, 0), "tokens": counts["domain_tokens"].get(c, 0)}
                 for c in classes
