@@ -357,6 +357,7 @@ def test_cli_reports_unreadable_input_and_writes_the_report(tmp_path, capsys):
         ("stages: [{heuristics: {min_words: -1}}]", "min_words must be"),
         ("stages: [heuristics]\nshards: 0", "shards must be"),
         ("stages: [heuristics]\nbatch: 3", "Unknown setting 'batch'"),
+        ("stages: 5", "stages must be a list of stages, got 5."),
         (
             "stages: [{quality: {labels: {function: 'test_curation:quality_labels'}, sample: 30}}]\n",
             "are all 'high'",

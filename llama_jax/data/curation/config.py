@@ -316,6 +316,11 @@ def parse_config(raw: Mapping[str, Any]) -> CurateConfig:
         inputs = [inputs]
     if not inputs:
         raise CurationError("The config names no inputs.")
+    if not isinstance(inputs, Sequence):
+        raise CurationError(f"inputs must be a list of paths or sources, got {inputs!r}.")
+    stage_list = raw.get("stages") or []
+    if isinstance(stage_list, (str, Mapping)) or not isinstance(stage_list, Sequence):
+        raise CurationError(f"stages must be a list of stages, got {stage_list!r}.")
     parsed_inputs = []
     for i, item in enumerate(inputs):
         if isinstance(item, str):
@@ -329,7 +334,7 @@ def parse_config(raw: Mapping[str, Any]) -> CurateConfig:
             )
         parsed_inputs.append(source)
     stages = []
-    for i, item in enumerate(raw.get("stages") or []):
+    for i, item in enumerate(stage_list):
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, Mapping) or len(item) != 1:
@@ -369,9 +374,13 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> CurateConfig:
         raise CurationError(f"No such config file: {path}.")
     try:
         conf = OmegaConf.load(path)
+        if not OmegaConf.is_dict(conf):
+            raise CurationError(f"{path} must be a mapping with inputs, stages and output.")
         if overrides:
             conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(conf, resolve=True)
+    except CurationError:
+        raise
     except (OmegaConfBaseException, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CurationError(f"Cannot read {path}: {first}") from None
