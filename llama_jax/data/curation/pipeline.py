@@ -9,7 +9,6 @@ complete, so a killed run never leaves something that looks finished.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -77,7 +76,7 @@ def spark_session(master: str = "local[*]", conf: Sequence[str] = (), progress: 
 
 
 def _sample_key(doc: dict) -> int:
-    return int.from_bytes(hashlib.blake2b(doc["id"].encode("utf-8"), digest_size=8).digest(), "little")
+    return classify.sample_hash(doc["id"])  # the audit samples follow the classifiers' rule
 
 
 def _stats(tokens: Tokens):
@@ -149,6 +148,18 @@ def _write_data(docs, directory: str, shards: int) -> None:
             os.remove(path)
 
 
+def _stage_record(stage_id: str, docs_in: int, tokens_in: int, counts: dict, seconds: float) -> dict:
+    return {
+        "stage": stage_id,
+        "docs_in": docs_in,
+        "docs_out": counts["docs"],
+        "tokens_in": tokens_in,
+        "tokens_out": counts["tokens"],
+        "removed": dict(counts["reasons"].most_common()),
+        "seconds": round(seconds, 3),
+    }
+
+
 def build_and_run(session, config: CurateConfig, work: str, log=print) -> dict:
     """Runs every stage, writing under the directory `work`; returns the summary."""
     from pyspark import StorageLevel
@@ -199,17 +210,7 @@ def build_and_run(session, config: CurateConfig, work: str, log=print) -> dict:
                 f"{report_dir}/removed/{stage_id}.jsonl",
                 (read.to_json_line(d) for d in sorted(audit, key=lambda d: d["id"])),
             )
-        summary["stages"].append(
-            {
-                "stage": stage_id,
-                "docs_in": docs_in,
-                "docs_out": counts["docs"],
-                "tokens_in": tokens_in,
-                "tokens_out": counts["tokens"],
-                "removed": dict(counts["reasons"].most_common()),
-                "seconds": round(seconds, 3),
-            }
-        )
+        summary["stages"].append(_stage_record(stage_id, docs_in, tokens_in, counts, seconds))
         log(f"{stage_id}: {docs_in:,} -> {counts['docs']:,} documents in {seconds:.1f} s")
         if name == "domain":
             classes = options.classes
