@@ -2,6 +2,7 @@
 in phases to 8x that context with Llama 3.1's RoPE scaling, for two seeds.
 
     python experiments/long_context_demo.py [--seeds 0 1] [--workdir runs/long_context_demo] [--smoke]
+                                            [--short-steps 1000] [--extension-steps 500]
 
 The task (passkey retrieval): a document says "There is a pass key hidden in this text...", then
 filler sentences ("The grass is green. The sky is blue. ..."), somewhere among them "The pass key
@@ -56,8 +57,9 @@ class Scale:
     ffn_dim: int = 384
     vocab_size: int = 512  # a SentencePiece model of the corpus this size: digits are single tokens
     tokens_per_step: int = 2048
-    short_steps: int = 1600
-    extension_steps: int = 200  # each of 2x, 4x, 8x
+    # Retrieval at 1x appears after 800-1000 steps; the rest of the budget goes to the extension.
+    short_steps: int = 1000
+    extension_steps: int = 500  # each of 2x, 4x, 8x
     lr: float = 3e-3
     # Mixing is by documents, and a corpus file is thousands of tokens: this weight makes the
     # passkey documents most of the tokens.
@@ -238,7 +240,14 @@ def run_seed(seed: int, scale: Scale, root: Path, tokenizer, tokenizer_path: str
     workdir = root / f"seed{seed}"
     result_path = workdir / "retrieval.json"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        if result.get("scale", dataclasses.asdict(scale)) != json.loads(
+            json.dumps(dataclasses.asdict(scale))
+        ):
+            raise SystemExit(
+                f"{workdir} holds seed {seed} trained with other settings: use another --workdir."
+            )
+        return result
     exp = demo_experiment(scale, seed, tokenizer_path, passkeys)
     started = time.time()
     train(exp, workdir, quiet=True)
@@ -247,7 +256,7 @@ def run_seed(seed: int, scale: Scale, root: Path, tokenizer, tokenizer_path: str
         workdir / "checkpoints" / str(scale.short_steps),
         workdir / "checkpoints" / str(exp.train.steps),
     )
-    result = {"train_seconds": trained_s}
+    result = {"train_seconds": trained_s, "scale": dataclasses.asdict(scale)}
     for name, checkpoint in (("before", before), ("after", after)):
         result[name] = {
             f"{m}x": retrieval_accuracy(checkpoint, tokenizer, m * scale.base_len, scale) for m in MULTIPLES
@@ -277,6 +286,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--workdir", default="runs/long_context_demo")
     parser.add_argument("--smoke", action="store_true", help="toy scale, a few minutes: proves it runs")
+    parser.add_argument("--short-steps", type=int, help=f"steps at 1x (default {Scale.short_steps})")
+    parser.add_argument(
+        "--extension-steps", type=int, help=f"steps of each longer phase (default {Scale.extension_steps})"
+    )
     args = parser.parse_args(argv)
 
     from llama_jax.data.config import STDLIB_TRAIN
@@ -284,6 +297,11 @@ def main(argv=None) -> int:
     from llama_jax.tokenizer import load_tokenizer
 
     scale = SMOKE if args.smoke else Scale()
+    for name in ("short_steps", "extension_steps"):
+        if getattr(args, name) is not None:
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            scale = dataclasses.replace(scale, **{name: getattr(args, name)})
     root = Path(args.workdir)
     log = lambda message: print(message, flush=True)  # noqa: E731
     tokenizer_path = cached_tokenizer(STDLIB_TRAIN, scale.vocab_size, quiet=False)
