@@ -239,11 +239,10 @@ def run_seed(seed: int, scale: Scale, root: Path, tokenizer, tokenizer_path: str
 
     workdir = root / f"seed{seed}"
     result_path = workdir / "retrieval.json"
+    settings = json.loads(json.dumps(dataclasses.asdict(scale)))  # as read back: tuples are lists
     if result_path.exists():
         result = json.loads(result_path.read_text())
-        if result.get("scale", dataclasses.asdict(scale)) != json.loads(
-            json.dumps(dataclasses.asdict(scale))
-        ):
+        if result.get("scale", settings) != settings:
             raise SystemExit(
                 f"{workdir} holds seed {seed} trained with other settings: use another --workdir."
             )
@@ -256,7 +255,7 @@ def run_seed(seed: int, scale: Scale, root: Path, tokenizer, tokenizer_path: str
         workdir / "checkpoints" / str(scale.short_steps),
         workdir / "checkpoints" / str(exp.train.steps),
     )
-    result = {"train_seconds": trained_s, "scale": dataclasses.asdict(scale)}
+    result = {"train_seconds": trained_s, "scale": settings}
     for name, checkpoint in (("before", before), ("after", after)):
         result[name] = {
             f"{m}x": retrieval_accuracy(checkpoint, tokenizer, m * scale.base_len, scale) for m in MULTIPLES

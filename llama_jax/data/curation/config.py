@@ -319,7 +319,7 @@ def parse_config(raw: Mapping[str, Any]) -> CurateConfig:
     if not isinstance(inputs, Sequence):
         raise CurationError(f"inputs must be a list of paths or sources, got {inputs!r}.")
     stage_list = raw.get("stages") or []
-    if isinstance(stage_list, (str, Mapping)) or not isinstance(stage_list, Sequence):
+    if isinstance(stage_list, str) or not isinstance(stage_list, Sequence):
         raise CurationError(f"stages must be a list of stages, got {stage_list!r}.")
     parsed_inputs = []
     for i, item in enumerate(inputs):

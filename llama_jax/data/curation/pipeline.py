@@ -75,10 +75,6 @@ def spark_session(master: str = "local[*]", conf: Sequence[str] = (), progress: 
     return session
 
 
-def _sample_key(doc: dict) -> int:
-    return classify.sample_hash(doc["id"])  # the audit samples follow the classifiers' rule
-
-
 def _stats(tokens: Tokens):
     """Per-partition counts of a tagged RDD, merged with `_merge`."""
 
@@ -204,7 +200,7 @@ def build_and_run(session, config: CurateConfig, work: str, log=print) -> dict:
             audit = (
                 tagged.filter(lambda t: t[0] != KEPT)
                 .map(lambda t: t[1])
-                .takeOrdered(config.samples, key=_sample_key)
+                .takeOrdered(config.samples, key=lambda d: classify.sample_hash(d["id"]))
             )
             read.write_lines(
                 f"{report_dir}/removed/{stage_id}.jsonl",
