@@ -2,10 +2,19 @@
 small model, and with --vs-hf the same model, batch and optimizer in Hugging Face transformers
 (PyTorch) side by side in the same run.
 
-    python experiments/bench_train.py [--vs-hf] [--keep-logits] [--steps 10] [--batch 8] [--seq 256]
+    python experiments/bench_train.py [--vs-hf] [--keep-logits] [--cpu-options] [--steps 10]
+                                      [--batch 8] [--seq 256]
 
 --keep-logits also times the step with train.keep_logits (the LM head's logits kept for the
 backward pass instead of computed again), in the same run.
+
+--cpu-options times the same step, in one process and in interleaved rounds, compiled with each of
+XLA:CPU's runtime, fusion and library options in CPU_OPTIONS (YNNPACK, XNNPACK, oneDNN, fast math,
+vector width, scheduling) and with the layers' loop scanned, unrolled or unstacked, and prints each
+one's speed against the experiment as configured.
+
+--gemms times each matrix product of the step's shapes (tokens x dim x ffn, the LM head, their
+transposes) in JAX and in PyTorch on this CPU, to tell the matmuls from the rest of the step.
 
 MFU is against the measured fp32 matmul peak of this CPU (`llama_jax.metrics.measured_cpu_peak`).
 """
@@ -48,7 +57,9 @@ def time_steps(step, steps: int, repeats: int = 3) -> float:
     return best
 
 
-def bench_llama_jax(exp: Experiment, steps: int) -> float:
+def llama_jax_step(exp: Experiment, compiler_options: dict | None = None):
+    """A function that runs one training step of `exp` on one device and waits for it, compiled
+    (with `compiler_options`, XLA debug options by name) and warmed up."""
     mesh = make_mesh(exp.mesh, jax.devices()[:1])
     optimizer, schedule = make_optimizer(exp.optim, 1000)
     compiled = Pretrain().compile(exp, optimizer, schedule, mesh)
@@ -57,15 +68,77 @@ def bench_llama_jax(exp: Experiment, steps: int) -> float:
         batch_of(np.random.default_rng(0), exp.train.batch_size, exp.train.seq_len, exp.model.vocab_size),
         compiled.batch_sharding,
     )
+    with activation_sharding(mesh):
+        train_step = compiled.train_step.lower(state, batch).compile(compiler_options)
     holder = {"state": state}
 
     def step():
-        holder["state"], metrics = compiled.train_step(holder["state"], batch)
+        holder["state"], metrics = train_step(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    with activation_sharding(mesh):
-        step(), step()  # compile and warm up
-        return time_steps(step, steps)
+    step(), step()  # warm up
+    return step
+
+
+def bench_llama_jax(exp: Experiment, steps: int) -> float:
+    return time_steps(llama_jax_step(exp), steps)
+
+
+_FUSION = "LIBRARY_FUSION_TYPE_"
+# XLA:CPU options worth trying on a training step (names from jaxlib's DebugOptions; the defaults
+# already send dots to YNNPACK and use the concurrency-optimized scheduler).
+CPU_OPTIONS = {
+    "YNNPACK also for elementwise ops": {
+        "xla_cpu_experimental_ynn_fusion_type": f"{_FUSION}DOT,{_FUSION}ELTWISE"
+    },
+    "YNNPACK for dots, elementwise ops, reductions": {
+        "xla_cpu_experimental_ynn_fusion_type": f"{_FUSION}DOT,{_FUSION}ELTWISE,{_FUSION}REDUCE"
+    },
+    "XNNPACK fusions of dots": {"xla_cpu_experimental_xnn_fusion_type": f"{_FUSION}DOT"},
+    "XNNPACK fusions of dots and elementwise ops": {
+        "xla_cpu_experimental_xnn_fusion_type": f"{_FUSION}DOT,{_FUSION}ELTWISE"
+    },
+    "XNNPACK greedy graph fusion": {
+        "xla_cpu_experimental_xnn_graph_fusion_mode": "XNN_GRAPH_FUSION_MODE_GREEDY"
+    },
+    "oneDNN": {"xla_cpu_use_onednn": True},
+    "oneDNN custom calls": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
+    "fast math": {"xla_cpu_enable_fast_math": True},
+    "128-bit vectors": {"xla_cpu_prefer_vector_width": 128},
+    "legacy loop emitters": {"xla_cpu_use_fusion_emitters": False},
+    "default scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": False},
+}
+
+
+def sweep_cpu_options(exp: Experiment, steps: int, rounds: int = 4) -> None:
+    """Print the step's speed under each of CPU_OPTIONS and each layer layout, against `exp` as
+    configured; all compiled first, then timed round-robin so that load on the machine hits
+    every variant alike."""
+    m = exp.model
+    layouts = {
+        "layers scanned, loop not unrolled": m.replace(scan_layers=True, scan_unroll=1),
+        "layers scanned, loop unrolled": m.replace(scan_layers=True, scan_unroll=m.n_layers),
+        "layers unstacked": m.replace(scan_layers=False),
+    }
+    variants = {"as configured": llama_jax_step(exp)}
+    for name, model in layouts.items():
+        variants[name] = llama_jax_step(exp.replace(model=model))
+    for name, options in CPU_OPTIONS.items():
+        try:
+            variants[name] = llama_jax_step(exp, options)
+        except Exception as error:  # an option this jaxlib does not have
+            print(f"{name}: not available ({str(error).splitlines()[0]})")
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(rounds):
+        for name, step in variants.items():
+            best[name] = min(best[name], time_steps(step, steps, repeats=1))
+    tokens = exp.train.batch_size * exp.train.seq_len
+    print(f"{'variant':48s} {'tokens/s':>9s} {'ms/step':>8s}  vs as configured")
+    for name, seconds in best.items():
+        print(
+            f"{name:48s} {tokens / seconds:9,.0f} {seconds * 1e3:8.1f}  "
+            f"{best['as configured'] / seconds:.3f}x"
+        )
 
 
 def bench_transformers(exp: Experiment, steps: int) -> float:
@@ -111,6 +184,35 @@ def bench_transformers(exp: Experiment, steps: int) -> float:
     return time_steps(step, steps)
 
 
+def gemm_shapes(exp: Experiment) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the step's 2-D products: the projections and the head, forward and backward."""
+    cfg, tokens = exp.model, exp.train.batch_size * exp.train.seq_len
+    shapes = []
+    for k, n in {(cfg.dim, cfg.ffn_dim), (cfg.dim, cfg.n_heads * cfg.head_dim), (cfg.dim, cfg.vocab_size)}:
+        shapes += [(tokens, k, n), (tokens, n, k), (k, tokens, n)]  # forward, input grad, weight grad
+    return sorted(set(shapes))
+
+
+def bench_gemms(exp: Experiment, steps: int) -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    rng = np.random.default_rng(0)
+    matmul = jax.jit(lambda a, b: a @ b)
+    print(f"{'m x k x n':>20s} {'JAX GFLOP/s':>12s} {'PyTorch GFLOP/s':>16s}  JAX / PyTorch")
+    for m, k, n in gemm_shapes(exp):
+        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+        ja, jb = jax.device_put(a), jax.device_put(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        ours = time_steps(lambda: matmul(ja, jb).block_until_ready(), steps)
+        theirs = time_steps(lambda: ta @ tb, steps)
+        flops = 2 * m * k * n
+        print(
+            f"{f'{m} x {k} x {n}':>20s} {flops / ours / 1e9:12.1f} {flops / theirs / 1e9:16.1f}  "
+            f"{theirs / ours:.2f}x"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vs-hf", action="store_true", help="also run transformers and print the ratio")
@@ -119,6 +221,10 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--keep-logits", action="store_true", help="also time train.keep_logits=true")
+    parser.add_argument(
+        "--cpu-options", action="store_true", help="compare XLA:CPU's options and the layer layouts"
+    )
+    parser.add_argument("--gemms", action="store_true", help="time the step's matmuls in JAX and PyTorch")
     args = parser.parse_args()
 
     exp = Experiment(
@@ -134,6 +240,12 @@ def main():
         f"model {args.preset}: batch {args.batch} x {args.seq} tokens, {flops / 1e9:.1f} GFLOP/step; "
         f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} cores"
     )
+    if args.cpu_options:
+        sweep_cpu_options(exp, args.steps)
+        return
+    if args.gemms:
+        bench_gemms(exp, args.steps * 4)
+        return
     ours = bench_llama_jax(exp, args.steps)
     print(
         f"llama_jax     {tokens / ours:10,.0f} tokens/s  {ours * 1e3:8.1f} ms/step  "

@@ -433,6 +433,7 @@ class Llama(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast,) * 4 + (0,),
                 length=cfg.n_layers,
+                unroll=min(cfg.scan_unroll, cfg.n_layers),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             (x, cache), _ = stack(cfg, name="layers")((x, cache), cos, sin, segment_ids, dropout_key, layers)

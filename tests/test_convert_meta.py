@@ -237,7 +237,7 @@ def test_params_json_of_every_preset():
         read = config_from_meta(
             fields, fields["vocab_size"], max_seq_len=cfg.max_seq_len, tie_embeddings=cfg.tie_embeddings
         )
-        assert read == cfg, name
+        assert read == cfg.replace(scan_unroll=1), name  # how to compile is not in params.json
         if family == "llama3":
             args = ModelArgs(**fields)
             assert (args.n_kv_heads, args.rope_theta, args.use_scaled_rope) == (

@@ -75,6 +75,8 @@ def test_invalid_config_is_rejected():
         model_preset("tiny", n_kv_heads=3)
     with pytest.raises(ValueError, match="remat must be one of"):
         model_preset("tiny", remat="sometimes")
+    with pytest.raises(ValueError, match="scan_unroll"):
+        model_preset("tiny", scan_unroll=0)
 
 
 SMALL = ModelConfig(
@@ -117,6 +119,29 @@ def test_scan_and_loop_compute_the_same_function():
     b = jax.jit(Llama(loop_cfg).apply)({"params": looped}, tokens)
     assert jax.tree.structure(init_params(loop_cfg, jax.random.key(0))) == jax.tree.structure(looped)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_unrolled_scan_keeps_parameters_function_and_gradients(unroll):
+    # 2 of 3 layers per iteration leaves a remainder; 3 unrolls the loop fully.
+    cfg = SMALL.replace(scan_unroll=unroll)
+    params = init_params(SMALL, jax.random.key(0))
+    unrolled_init = init_params(cfg, jax.random.key(0))
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(unrolled_init), strict=True):
+        np.testing.assert_array_equal(x, y)
+    tokens = _tokens((2, 16))
+
+    def loss(p, cfg):
+        return jnp.mean(Llama(cfg).apply({"params": p}, tokens) ** 2)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (a, grads_a), (b, grads_b) = value_and_grad(params, SMALL), value_and_grad(params, cfg)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    # The compiled program does change: the unrolled one has fewer loop iterations to run.
+    hlo = lambda c: jax.jit(lambda p: loss(p, c)).lower(params).as_text()  # noqa: E731
+    assert hlo(SMALL) != hlo(cfg)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
