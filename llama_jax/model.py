@@ -32,14 +32,15 @@ from llama_jax.quantize import QUANTIZED
 ACTIVATION = ("batch", "length", "embed")
 HEADS = ("batch", "length", "heads", "head_dim")
 KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
-CACHE = ("layers", "batch", "length", "kv_heads", "head_dim")  # KVCache keys and values
+CACHE = ("layers", "batch", "kv_heads", "length", "head_dim")  # KVCache keys and values
 
 
 @flax.struct.dataclass
 class KVCache:
     """The decoder's key/value cache, preallocated for `max_len` positions of every layer.
 
-    keys, values  [n_layers, batch, max_len, n_kv_heads, head_dim]
+    keys, values  [n_layers, batch, n_kv_heads, max_len, head_dim]: each head's keys contiguous,
+                  the layout the attention's matmuls read (no transposed copy of the cache per step)
     segment_ids   [batch, max_len]: the segment id of every slot (0: empty or padding)
     index         []: the next slot to write; every row writes at the same index
 
@@ -57,7 +58,7 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
         dtype = cfg.dtype if dtype is None else dtype
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         return cls(
             keys=jnp.zeros(shape, dtype),
             values=jnp.zeros(shape, dtype),
@@ -91,10 +92,14 @@ class KVCache:
     def write(self, layer, k, v) -> KVCache:
         """k, v [B, T, K, D] written at (`layer`, index) of the first B rows: only the new slice,
         in place inside the decode loop, never a copy of the whole cache."""
-        at = (layer, 0, self.index, 0, 0)
+        at = (layer, 0, 0, self.index, 0)
+
+        def slice_of(x, cache):  # [B, T, K, D] -> [1, B, K, T, D]
+            return x.transpose(0, 2, 1, 3)[None].astype(cache.dtype)
+
         return self.replace(
-            keys=jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), at),
-            values=jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), at),
+            keys=jax.lax.dynamic_update_slice(self.keys, slice_of(k, self.keys), at),
+            values=jax.lax.dynamic_update_slice(self.values, slice_of(v, self.values), at),
         )
 
     def layer(self, layer, dtype, rows: int | None = None):
@@ -102,14 +107,16 @@ class KVCache:
         `rows` rows only (the server's decode step over its busy slots)."""
         rows = self.keys.shape[1] if rows is None else rows
         size = (1, rows, *self.keys.shape[2:])
+        # Transposed back to the attention's [B, S, K, D]: it transposes to [B, K, S, D] again,
+        # and XLA folds the two away.
         return tuple(
-            jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), size)[0].astype(dtype)
+            jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), size)[0].astype(dtype).transpose(0, 2, 1, 3)
             for c in (self.keys, self.values)
         )
 
     def advanced(self, length: int) -> KVCache:
         if self.wraps:
-            return self.replace(index=(self.index + length) % self.keys.shape[2])
+            return self.replace(index=(self.index + length) % self.max_len)
         return self.replace(index=self.index + length)
 
     def query_offset(self, length: int):
@@ -118,8 +125,12 @@ class KVCache:
         if self.wraps:
             if length != 1:
                 raise ValueError("A wrapping KV cache takes one token per step.")
-            return self.keys.shape[2] - 1
+            return self.max_len - 1
         return self.index
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
 
 
 _REMAT_POLICIES = {

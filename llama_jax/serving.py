@@ -116,7 +116,7 @@ def _prefill(params, cache, tokens, positions, segment_ids, slot, temperature, t
     )
     token = sample_rows(logits[:, -1], _row_keys(seed, jnp.zeros_like(seed)), temperature, top_k, top_p)
 
-    max_len = cache.keys.shape[2]
+    max_len = cache.max_len
 
     def placed(x, axis):  # x's length axis padded at the front to max_len, then rolled to end at index
         pad = [(0, 0)] * x.ndim
@@ -124,8 +124,8 @@ def _prefill(params, cache, tokens, positions, segment_ids, slot, temperature, t
         return jnp.roll(jnp.pad(x, pad), cache.index, axis=axis)
 
     cache = cache.replace(
-        keys=cache.keys.at[:, slot].set(placed(small.keys[:, 0], 1)),
-        values=cache.values.at[:, slot].set(placed(small.values[:, 0], 1)),
+        keys=cache.keys.at[:, slot].set(placed(small.keys[:, 0], 2)),  # [layers, K, length, D]
+        values=cache.values.at[:, slot].set(placed(small.values[:, 0], 2)),
         segment_ids=cache.segment_ids.at[slot].set(placed(small.segment_ids[0], 0)),
     )
     return token, cache
