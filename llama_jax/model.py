@@ -109,10 +109,6 @@ class KVCache:
         size = (1, rows, *self.keys.shape[2:])
         # Transposed back to the attention's [B, S, K, D]: it transposes to [B, K, S, D] again,
         # and XLA folds the two away.
-        if isinstance(layer, int):  # unrolled layers: a static slice, cheaper than a dynamic one
-            return tuple(
-                c[layer, :rows].astype(dtype).transpose(0, 2, 1, 3) for c in (self.keys, self.values)
-            )
         return tuple(
             jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), size)[0].astype(dtype).transpose(0, 2, 1, 3)
             for c in (self.keys, self.values)
@@ -455,7 +451,7 @@ class Llama(nn.Module):
         else:
             for i in range(cfg.n_layers):
                 (x, cache), _ = block(cfg, name=f"layers_{i}")(
-                    (x, cache), cos, sin, segment_ids, dropout_key, i
+                    (x, cache), cos, sin, segment_ids, dropout_key, layers[i]
                 )
 
         x = nn.with_logical_constraint(unbalance(RMSNorm(cfg, name="norm")(x), parts), ACTIVATION)
