@@ -118,11 +118,16 @@ def _devices(topology: Topology, slices: int) -> list:
     return list(description.devices)
 
 
-def _on_tpu(exp):
-    """exp as the TPU computes it: "auto" would resolve to fp32 on this CPU host, the TPU's is bf16."""
-    if exp.model.compute_dtype == "auto":
-        return exp.replace(model=exp.model.replace(compute_dtype="bfloat16"))
-    return exp
+def _on_tpu(exp, slices: int = 1):
+    """exp as the TPU computes it: "auto" would resolve to fp32 on this CPU host, the TPU's is bf16.
+    Across slices the layer loop is not unrolled: libtpu's SPMD partitioner aborts on an unrolled
+    scan there (a failed IsManualSubgroup check, libtpu 0.0.42), and the unroll is a CPU setting."""
+    model = exp.model
+    if model.compute_dtype == "auto":
+        model = model.replace(compute_dtype="bfloat16")
+    if slices > 1 and model.scan_unroll > 1:
+        model = model.replace(scan_unroll=1)
+    return exp if model == exp.model else exp.replace(model=model)
 
 
 def _lower(exp, whole, devices):
@@ -158,7 +163,7 @@ def compile_for_topology(
     """Compiles exp's train step (of phase `phase`, counted from 1, if given) for `slices` x
     `topology`; returns the report as a dict. With `estimate`, also the step time and MFU from
     unrolled one- and two-layer compiles (`estimate_step`)."""
-    whole, exp = exp, _on_tpu(phase_of(exp, phase))
+    whole, exp = exp, _on_tpu(phase_of(exp, phase), slices)
     devices = _devices(topology, slices)
     start = time.perf_counter()
     mesh, lowered = _lower(exp, whole, devices)

@@ -140,7 +140,8 @@ class ModelConfig:
     # Stack the layers with nn.scan so compile time does not grow with depth.
     scan_layers: bool = True
     # Layers per iteration of that scan (n_layers: the loop fully unrolled, the parameters still
-    # stacked). Not architecture: only the compiled program changes.
+    # stacked). Not architecture: only the compiled program changes. A CPU setting: libtpu 0.0.42
+    # aborts compiling an unrolled loop across slices, so `llama_jax.aot --slices N` compiles with 1.
     scan_unroll: int = 1
     # Standard deviation of the normal initialiser of every weight matrix.
     init_std: float = 0.02

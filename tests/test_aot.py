@@ -157,7 +157,7 @@ def test_two_slices_reduce_gradients_over_dcn_once_per_step():
 
 @pytest.mark.slow  # TPU compiles (about 15 s each): CI runs the slow set after the suite
 def test_a_step_that_cannot_fit_is_reported_not_raised():
-    exp = apply_overrides(Experiment(), ["train.batch_size=2048", "train.seq_len=512"])
+    exp = apply_overrides(Experiment(), ["train.batch_size=8192", "train.seq_len=512"])
     report = compile_for_topology(exp, parse_topology("v5e-4"))
     assert report["fits"] is False and report["temp_bytes"] > report["hbm_bytes"]
     assert "RESOURCE_EXHAUSTED" in report["compiler_message"]
