@@ -464,3 +464,14 @@ def test_no_java_is_one_sentence(tmp_path, capsys, monkeypatch):
         "Spark needs Java 17 or later, and none was found: set JAVA_HOME or put java on PATH."
     )
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_local_workers_run_the_drivers_python(monkeypatch):
+    """The workers unpickle the stages with llama_jax's own packages, activated environment or not."""
+    import sys
+
+    monkeypatch.delenv("PYSPARK_PYTHON", raising=False)
+    session = pipeline.spark_session("local[1]")
+    assert session.sparkContext.pythonExec == sys.executable
+    prefixes = session.sparkContext.parallelize([0], 1).map(lambda _: __import__("sys").prefix).collect()
+    assert prefixes == [sys.prefix]

@@ -53,6 +53,10 @@ def spark_session(master: str = "local[*]", conf: Sequence[str] = (), progress: 
     """The Spark session; `conf` items are key=value Spark settings."""
     if master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # nothing listens beyond this host
+        # pyspark starts its workers with PYSPARK_PYTHON, else whatever `python3` is on PATH (not
+        # `spark.pyspark.python`): without this, a virtual environment run as `.venv/bin/python`
+        # without activating it would unpickle the stages in a Python that lacks llama_jax's packages.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     log4j = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
