@@ -527,7 +527,7 @@ def main(argv=None) -> int:
         "--check",
         metavar="README",
         help="with --recipes: exit 1 unless each fits with "
-        f"{HEADROOM:.0%} HBM to spare and README holds the same rows",
+        f"{HEADROOM:.0%}% HBM to spare and README holds the same rows",
     )
     parser.add_argument(
         "--estimate",
