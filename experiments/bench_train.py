@@ -10,8 +10,9 @@ backward pass instead of computed again), in the same run.
 
 --cpu-options times the same step, in one process and in interleaved rounds, compiled with each of
 XLA:CPU's runtime, fusion and library options in CPU_OPTIONS (YNNPACK, XNNPACK, oneDNN, fast math,
-vector width, scheduling) and with the layers' loop scanned, unrolled or unstacked, and prints each
-one's speed against the experiment as configured.
+vector width, scheduling), with the layers' loop scanned, unrolled or unstacked, and with causal
+attention in other query blocks than `attention.causal_block_starts` gives (one unsplit matrix,
+blocks of 16 or 32 queries), and prints each one's speed against the experiment as configured.
 
 --gemms times each matrix product of the step's shapes (tokens x dim x ffn, the LM head, their
 transposes) in JAX and in PyTorch on this CPU, to tell the matmuls from the rest of the step.
@@ -22,6 +23,7 @@ MFU is against the measured fp32 matmul peak of this CPU (`llama_jax.metrics.mea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import time
@@ -29,6 +31,7 @@ import time
 import jax
 import numpy as np
 
+from llama_jax import attention
 from llama_jax.config import Experiment, MeshConfig, OptimConfig, TrainConfig, model_preset
 from llama_jax.metrics import flops_per_token, measured_cpu_peak
 from llama_jax.optim import make_optimizer
@@ -110,6 +113,18 @@ CPU_OPTIONS = {
 }
 
 
+@contextlib.contextmanager
+def query_blocks(size: int | None):
+    """Causal self-attention traced inside is split into blocks of `size` queries (None: one
+    unsplit matrix) instead of the library's choice."""
+    chosen = attention.causal_block_starts
+    attention.causal_block_starts = lambda length: list(range(0, length, size or length))
+    try:
+        yield
+    finally:
+        attention.causal_block_starts = chosen
+
+
 def sweep_cpu_options(exp: Experiment, steps: int, rounds: int = 4) -> None:
     """Print the step's speed under each of CPU_OPTIONS and each layer layout, against `exp` as
     configured; all compiled first, then timed round-robin so that load on the machine hits
@@ -123,6 +138,11 @@ def sweep_cpu_options(exp: Experiment, steps: int, rounds: int = 4) -> None:
     variants = {"as configured": llama_jax_step(exp)}
     for name, model in layouts.items():
         variants[name] = llama_jax_step(exp.replace(model=model))
+    for size in (None, 32, 16):
+        with query_blocks(size):
+            variants[f"attention in blocks of {size} queries" if size else "attention unsplit"] = (
+                llama_jax_step(exp)
+            )
     for name, options in CPU_OPTIONS.items():
         try:
             variants[name] = llama_jax_step(exp, options)

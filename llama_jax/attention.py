@@ -1,7 +1,8 @@
 """Causal grouped-query attention with document (segment) masking.
 
 One entry point, `attention`, behind which the backends live:
-  - `xla`: the reference, everywhere; it materialises the [T, S] fp32 score matrix.
+  - `xla`: the reference, everywhere; it materialises fp32 score matrices (for causal
+    self-attention, block by block of queries against the keys up to each block's end).
   - `splash`: the TPU Pallas splash-attention kernel (blockwise, causal blocks skipped, segment ids
     and GQA native), under `shard_map` over whatever mesh the caller set.
   - `cudnn`: cuDNN flash attention on NVIDIA GPUs through `jax.nn.dot_product_attention`.
@@ -62,8 +63,45 @@ def attention_mask(
     return mask
 
 
+def causal_block_starts(length: int) -> list[int]:
+    """Where each block of queries starts when self-attention of `length` tokens is computed block
+    by block: blocks of max(64, length / 8) queries, the last one possibly shorter. One block (no
+    split) for 64 tokens or fewer."""
+    size = max(64, length // 8)
+    return list(range(0, length, size))
+
+
 def xla_attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None, q_index=None):
     """q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K. Returns [B, T, H, D].
+
+    Causal self-attention (no cache, no context parallelism) runs block by block of queries, each
+    against the keys up to its own end: the masked upper triangle is mostly never computed, which
+    makes the training step about 10% faster on a CPU (README, "Speed on a CPU") and gives the same
+    result, since a masked score's weight is exactly 0.
+    """
+    self_attention = q_offset is None and q_index is None and q.shape[1] == k.shape[1]
+    starts = causal_block_starts(q.shape[1]) if self_attention else [0]
+    if len(starts) == 1:
+        return _dense_attention(q, k, v, segment_ids, kv_segment_ids, q_offset, q_index)
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    outs = []
+    for start, end in zip(starts, starts[1:] + [q.shape[1]]):
+        outs.append(
+            _dense_attention(
+                q[:, start:end],
+                k[:, :end],
+                v[:, :end],
+                None if segment_ids is None else segment_ids[:, start:end],
+                None if kv_segment_ids is None else kv_segment_ids[:, :end],
+                q_offset=start,
+            )
+        )
+    return jnp.concatenate(outs, axis=1)
+
+
+def _dense_attention(q, k, v, segment_ids=None, kv_segment_ids=None, q_offset=None, q_index=None):
+    """Every query against every key, masked: the score matrix [B, K, (H/K)*T, S] in fp32.
 
     Each KV head serves H/K consecutive query heads (the Hugging Face `repeat_kv` order). The
     query heads of a group are stacked as extra rows, [B, K, (H/K)*T, D], so K and V are never
