@@ -583,7 +583,7 @@ def _load(args) -> tuple[Engine, object, str]:
     return engine, tokenizer, args.name or Path(args.ckpt or args.hf).resolve().name
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llama_jax.serve", description="Serve a model with an OpenAI-compatible HTTP API."
     )
@@ -621,7 +621,11 @@ def main(argv=None) -> int:
         default=None,
         help="chat format (default: the tokenizer's family's)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
 
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.convert import ConversionError
