@@ -538,6 +538,12 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
+        if args.slices < 1:
+            raise ConfigError(f"--slices must be at least 1, got {args.slices}.")
+        if args.check and args.recipes is None:
+            raise ConfigError("--check goes with --recipes: it checks the recipes' table in README.")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise ConfigError(f"--json {args.json}: its directory does not exist.")
         if args.recipes is not None:
             if args.phase is not None:
                 raise ConfigError(
@@ -548,16 +554,20 @@ def main(argv=None) -> int:
             )
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
         topology = args.topology or exp.target
-        if not topology:
-            raise ConfigError(f"{exp.name} names no target slice; pass --topology.")
+        if not topology or topology == "cpu":
+            raise ConfigError(f"{exp.name} names no TPU slice as its target; pass --topology (e.g. v5e-4).")
         report = compile_for_topology(exp, parse_topology(topology), args.slices, args.phase, args.estimate)
     except (ConfigError, MeshError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_report(report))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=1)
+        try:
+            with open(args.json, "w") as file:
+                json.dump(report, file, indent=1)
+        except OSError as err:
+            print(f"error: cannot write the report to {args.json}: {err.strerror}.", file=sys.stderr)
+            return 2
     return 0
 
 

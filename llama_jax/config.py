@@ -945,12 +945,15 @@ def load_experiment(name_or_path: str) -> Experiment:
         if name_or_path == "tiny":
             return Experiment()  # the embedded default, also when experiments/ is not installed
         if looks_like_path:
-            raise ConfigError(f"Experiment file {name_or_path} does not exist.")
+            problem = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"Experiment file {name_or_path} {problem}.")
         close = difflib.get_close_matches(name_or_path, list_experiments(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
             f"Unknown experiment {name_or_path!r}.{hint} See `python -m llama_jax.train --help` for the list."
         )
+    if path.suffix != ".py":
+        raise ConfigError(f"Experiment file {name_or_path} is not a Python file (.py).")
     spec = importlib.util.spec_from_file_location(f"llama_jax_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -211,7 +211,7 @@ def score_choices(
 
 def _json_lines(path: Path):
     """(line number, object) for each non-blank line of a JSONL file."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_utf8_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -221,6 +221,13 @@ def _json_lines(path: Path):
         if not isinstance(record, dict):
             raise EvalError(f"Line {number} of {path} is not a JSON object.")
         yield number, record
+
+
+def _utf8_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded).") from None
 
 
 def _existing(path: str | Path) -> Path:
@@ -234,7 +241,7 @@ def read_documents(path: str | Path, field: str = "text") -> list[str]:
     """The texts of a .jsonl file (each line's `field`), or a whole text file as one document."""
     path = _existing(path)
     if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
+        return [_utf8_text(path)]
     documents = []
     for number, record in _json_lines(path):
         if not isinstance(record.get(field), str):

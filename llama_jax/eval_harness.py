@@ -266,8 +266,12 @@ def run_cli(args) -> int:
         if not names:
             raise EvalError("--tasks names no task.")
         limit = args.limit
+        if limit is not None and limit <= 0:
+            raise EvalError(f"--limit must be positive (a count, or a fraction below 1), got {limit:g}.")
         if limit is not None and limit >= 1:
             limit = int(limit)
+        if args.output and not Path(args.output).resolve().parent.is_dir():
+            raise EvalError(f"--output {args.output}: its directory does not exist.")
         # Tasks first, so that a misspelt name fails before the model loads.
         manager = _known_tasks(names, args.include_path)
         lm = LlamaJaxLM.from_files(
@@ -289,6 +293,14 @@ def run_cli(args) -> int:
         )
     except (EvalError, CheckpointError, ConversionError, GenerationError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ConnectionError as err:  # a task whose dataset lives on the Hub, from a host without it
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(
+            f"error: a task's dataset could not be downloaded ({first}); on a host without the Hugging "
+            "Face Hub, point the task at local files (--include-path).",
+            file=sys.stderr,
+        )
         return 2
     print(lm_utils.make_table(results))
     if results.get("groups"):

@@ -226,6 +226,12 @@ def load_model(ckpt: str | None, hf: str | None, tokenizer_path: str | None = No
     from llama_jax.init_from import load_model as load_checkpoint  # a LoRA run comes merged
     from llama_jax.tokenizer import load_tokenizer
 
+    # The model first: a wrong model path is the error to report, not the tokenizer it implies.
+    for flag, path in (("--ckpt", ckpt), ("--hf", hf)):
+        if path is not None and not Path(path).exists():
+            raise GenerationError(f"{flag} {path} does not exist.")
+    if hf and not (Path(hf) / "config.json").is_file():
+        raise GenerationError(f"--hf {hf} is not a Hugging Face model directory: it has no config.json.")
     tokenizer_path = tokenizer_path or hf
     if tokenizer_path is None or not Path(tokenizer_path).exists():
         raise GenerationError("No tokenizer: pass --tokenizer path/to/tokenizer.model (or tokenizer.json).")
@@ -320,6 +326,9 @@ def main(argv=None) -> int:
     from llama_jax.convert import ConversionError
 
     try:
+        if not args.chat and (args.system or args.template):
+            flag = "--system" if args.system else "--template"
+            raise GenerationError(f"{flag} goes with --chat; --prompt continues plain text.")
         sampling = sampling_from_flags(args)
         cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
         if args.quant:

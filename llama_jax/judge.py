@@ -112,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("The prompt must contain {text}, where the document goes.")
         if os.path.exists(args.output):
             raise ValueError(f"{args.output} already exists; name a new file (nothing was overwritten).")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise ValueError(f"--output {args.output}: its directory does not exist.")
         config = load_config(args.config)
         chosen = sample(documents(config), args.sample)
         if not chosen:
@@ -131,10 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     temporary = args.output + ".partial"
-    with open(temporary, "w", encoding="utf-8") as f:
-        for doc, score in zip(chosen, scores):
-            f.write(json.dumps({"id": doc["id"], "label": round(float(score), 6)}) + "\n")
-    os.replace(temporary, args.output)
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            for doc, score in zip(chosen, scores):
+                f.write(json.dumps({"id": doc["id"], "label": round(float(score), 6)}) + "\n")
+        os.replace(temporary, args.output)
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e.strerror or e}.", file=sys.stderr)
+        return 2
     print(
         f"Judged {len(chosen):,} documents: mean P(yes) {float(np.mean(scores)):.3f}; labels in {args.output}"
     )

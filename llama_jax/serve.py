@@ -575,7 +575,7 @@ def _load(args) -> tuple[Engine, object, str]:
         slots=args.slots,
         # Every slot holds max_len tokens of cache: Llama 3.1's whole 128K context in 8 slots
         # would be over 100 GB for the 8B model, so longer slots are asked for, not assumed.
-        max_len=args.max_len or min(cfg.max_seq_len, DEFAULT_MAX_LEN),
+        max_len=min(cfg.max_seq_len, DEFAULT_MAX_LEN) if args.max_len is None else args.max_len,
         queue_size=args.queue,
         buckets=buckets,
         mesh=mesh,

@@ -163,7 +163,7 @@ class Engine:
         mesh=None,
         rules=None,
     ):
-        max_len = max_len or cfg.max_seq_len
+        max_len = cfg.max_seq_len if max_len is None else max_len
         if cfg.scan_layers:  # one token at a time runs faster with the layers unrolled
             params, cfg = unstack_layers(params, cfg), cfg.replace(scan_layers=False)
         if slots < 1 or queue_size < 0:

@@ -147,6 +147,9 @@ def test_requests_that_can_never_run_are_refused(params):
         with pytest.raises(RequestError, match=words):
             engine.submit(request)
     assert engine.load()["waiting"] == 0
+    # A cache of 0 tokens is refused, not read as "the model's whole context".
+    with pytest.raises(RequestError, match="cache length"):
+        Engine(params, CFG, slots=2, max_len=0, queue_size=1, buckets=(8,))
 
 
 def test_sample_rows_settings_per_row():

@@ -65,8 +65,11 @@ def atomic_directory(path: Path):
     if it fails: a conversion that fails part way leaves nothing at its destination. `path` must
     be absent or empty (renaming onto an empty directory replaces it)."""
     require_empty_destination(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as err:
+        raise ConversionError(f"Cannot create {path}: {err.strerror or err}.") from None
     try:
         yield partial
         partial.chmod(0o755)  # mkdtemp's 0o700 is for the unfinished directory only

@@ -178,6 +178,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.docs_per_shard < 1:
         parser.error("--docs-per-shard must be >= 1")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
     return args
 
 
@@ -191,6 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if totals["documents"] == 0:
+        print(
+            f"error: no document could be read ({totals['skipped']} skipped, see the warnings above); "
+            f"check --kind (here {args.kind}) and --field (here {args.field}).",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"Wrote {totals['documents']} documents ({totals['tokens']} tokens) in "
         f"{totals['shards']} shards to {args.output}; skipped {totals['skipped']}."

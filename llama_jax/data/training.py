@@ -50,9 +50,18 @@ def cached_tokenizer(data: DataConfig, vocab_size: int, quiet: bool = False) -> 
                 flush=True,
             )
         tmp_prefix = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
-        trained = train_sentencepiece(
-            files, str(tmp_prefix), vocab_size, input_sentence_size=200_000, quiet=True
-        )
+        try:
+            trained = train_sentencepiece(
+                files, str(tmp_prefix), vocab_size, input_sentence_size=200_000, quiet=True
+            )
+        except ValueError as err:
+            # Without data.tokenizer_path the tokenizer is trained on the sources: a corpus too
+            # small (or unreadable) shows up here first, so say which files and what to do.
+            where = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+            raise ValueError(
+                f"No tokenizer could be trained on {where} ({err}); check the data sources or give "
+                "data.tokenizer_path"
+            ) from None
         os.replace(trained, model)  # atomic: a concurrent or killed run never sees half a file
         Path(str(tmp_prefix) + ".vocab").unlink(missing_ok=True)
     return str(model)

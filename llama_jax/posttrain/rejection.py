@@ -93,6 +93,11 @@ def run(args) -> dict:
         raise RejectionSamplingError("--k, --batch-prompts and --max-new-tokens must be at least 1.")
     if args.pairs and args.k < 2:
         raise RejectionSamplingError("--pairs needs --k of at least 2.")
+    threshold = 0.15 if args.safety_threshold is None else args.safety_threshold  # Llama 2's
+    if args.safety_threshold is not None and not (args.safety_reward_model or args.safety_score):
+        raise RejectionSamplingError("--safety-threshold goes with --safety-reward-model or --safety-score.")
+    if not 0.0 < threshold < 1.0:
+        raise RejectionSamplingError(f"--safety-threshold is a probability in (0, 1), got {threshold}.")
     sampling = sampling_from_flags(args)
     tokenizer_path = args.tokenizer or (recorded_tokenizer(args.ckpt) if args.ckpt else None)
     cfg, params, tokenizer = load_model(args.ckpt, args.hf, tokenizer_path)
@@ -105,7 +110,7 @@ def run(args) -> dict:
         vocab_size=cfg.vocab_size,
         safety_reward_model=args.safety_reward_model or "",
         safety_score_fn=args.safety_score or "",
-        safety_threshold=args.safety_threshold,
+        safety_threshold=threshold,
     )
     try:
         prompts = load_prompts(args.prompts)
@@ -190,8 +195,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--safety-threshold",
         type=float,
-        default=0.15,
-        help="a response is unsafe where sigmoid(safety score) is below this (Llama 2: 0.15)",
+        default=None,
+        help="a response is unsafe where sigmoid(safety score) is below this (default: Llama 2's 0.15)",
     )
     parser.add_argument("--k", type=int, default=10, help="samples per prompt (Llama 2/3: 10-30)")
     parser.add_argument("--pairs", action="store_true", help="also keep the worst sample (DPO pairs)")

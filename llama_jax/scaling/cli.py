@@ -274,6 +274,10 @@ def main(argv=None) -> int:
     except ScalingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an output directory that cannot be made, a file that cannot be read
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}.", file=sys.stderr)
+        return 2
     return 0
 
 

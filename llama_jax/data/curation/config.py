@@ -367,6 +367,7 @@ def parse_config(raw: Mapping[str, Any]) -> CurateConfig:
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> CurateConfig:
     """Reads a YAML config; `overrides` are OmegaConf dotlist items such as output=curated/."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -386,4 +387,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> CurateConfig:
         raise CurationError(f"Cannot read {path}: {first}") from None
     except UnicodeDecodeError:
         raise CurationError(f"Cannot read {path}: it is not UTF-8 text.") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise CurationError(f"{path} is not valid YAML: {problem}{where}.") from None
     return parse_config(raw)

@@ -282,8 +282,11 @@ def _prepare_output(output: str) -> str:
         if not os.path.exists(os.path.join(work, _PARTIAL_MARK)):
             raise CurationError(f"{work} exists and is not an unfinished curation run; move it away.")
         shutil.rmtree(work)  # an unfinished earlier run of ours: nothing in it is a result
-    os.makedirs(work)
-    open(os.path.join(work, _PARTIAL_MARK), "w").close()
+    try:
+        os.makedirs(work)
+        open(os.path.join(work, _PARTIAL_MARK), "w").close()
+    except OSError as err:
+        raise CurationError(f"Cannot create the output {output}: {err.strerror or err}.") from None
     return work
 
 
