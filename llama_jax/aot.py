@@ -554,7 +554,7 @@ def main(argv=None) -> int:
             )
         exp = apply_overrides(load_experiment(args.exp), args.overrides)
         topology = args.topology or exp.target
-        if not topology or topology == "cpu":
+        if not topology or (topology == "cpu" and not args.topology):
             raise ConfigError(f"{exp.name} names no TPU slice as its target; pass --topology (e.g. v5e-4).")
         report = compile_for_topology(exp, parse_topology(topology), args.slices, args.phase, args.estimate)
     except (ConfigError, MeshError) as err:

@@ -307,5 +307,9 @@ def run_cli(args) -> int:
         print(lm_utils.make_table(results, "groups"))
     if args.output:
         text = json.dumps(results, indent=2, default=lm_utils.handle_non_serializable, ensure_ascii=False)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        try:
+            Path(args.output).write_text(text + "\n", encoding="utf-8")
+        except OSError as err:
+            print(f"error: cannot write {args.output}: {err.strerror or err}.", file=sys.stderr)
+            return 2
     return 0

@@ -562,6 +562,11 @@ def _load(args) -> tuple[Engine, object, str]:
         raise RequestError(f"--buckets takes lengths separated by commas, got {args.buckets!r}.") from None
     if buckets and min(buckets) < 1:
         raise RequestError("--buckets must be positive lengths.")
+    # Before the model loads (the engine checks them again against the model's context).
+    if args.max_len is not None and args.max_len < 2:
+        raise RequestError(f"--max-len must be at least 2 tokens, got {args.max_len}.")
+    if args.slots < 1 or args.queue < 0:
+        raise RequestError("--slots must be at least 1 and --queue at least 0.")
     cfg, params, tokenizer = load_model(args.ckpt, args.hf, args.tokenizer)
     # Layers unrolled (as the engine runs them), before placing, so only one copy is kept.
     params, cfg = unstack_layers(params, cfg), cfg.replace(scan_layers=False)

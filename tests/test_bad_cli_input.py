@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from llama_jax import aot, generate, rejection_sample, train
+from llama_jax import aot, generate, rejection_sample, serve, train
 from llama_jax import eval as eval_cli
 from llama_jax.convert.common import ConversionError, atomic_directory
 from llama_jax.data import curate, prepare
@@ -76,8 +76,10 @@ def test_prepare_with_nothing_readable_fails(tmp_path, capsys):
     corpus = tmp_path / "notes.txt"
     corpus.write_text("plain text, not JSON\nmore of it\n")
     argv = [str(corpus), "--tokenizer", tokenizer, "--output", str(tmp_path / "out"), "--quiet"]
-    assert prepare.main(argv + ["--workers", "1"]) == 1  # --kind defaults to jsonl
+    assert prepare.main(argv + ["--workers", "1"]) == 2  # --kind defaults to jsonl
     one_error_line(capsys, "no document could be read", "--kind (here jsonl)")
+    assert not (tmp_path / "out").exists()  # so the corrected command can use the same --output
+    assert prepare.main(argv + ["--workers", "1", "--kind", "text_lines"]) == 0
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(argv + ["--workers", "0"])
     assert exit_info.value.code == 2
@@ -117,3 +119,10 @@ def test_harness_limit_and_output_are_checked_first(tmp_path, blocked, capsys):
     one_error_line(capsys, "--limit must be positive")
     assert eval_cli.main(base + ["--output", str(blocked / "r.json")]) == 2
     one_error_line(capsys, "its directory does not exist")
+
+
+def test_serve_checks_its_sizes_before_loading_a_model(tmp_path, capsys):
+    assert serve.main(["--hf", str(tmp_path), "--max-len", "0"]) == 2
+    one_error_line(capsys, "--max-len must be at least 2")
+    assert serve.main(["--hf", str(tmp_path), "--slots", "0"]) == 2
+    one_error_line(capsys, "--slots must be at least 1")

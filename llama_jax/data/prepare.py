@@ -14,6 +14,7 @@ result with `SourceConfig(output, kind="arrayrecord", tokenized=True)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -160,6 +161,20 @@ def _totals(output: str, num_shards: int) -> dict[str, int]:
     return totals
 
 
+def _discard(output: str, num_shards: int) -> None:
+    """Removes what a preparation that read no document wrote (its empty shards, their stats and
+    the manifest), so that the same --output can be used again with other settings."""
+    names = [sources_lib.MANIFEST_NAME]
+    for shard in range(num_shards):
+        name = shard_name(shard, num_shards)
+        names += [name, name.replace(".array_record", ".stats.json")]
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(output)  # only if nothing else is there
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llama_jax.data.prepare",
@@ -194,12 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if totals["documents"] == 0:
+        _discard(args.output, totals["shards"])
         print(
-            f"error: no document could be read ({totals['skipped']} skipped, see the warnings above); "
-            f"check --kind (here {args.kind}) and --field (here {args.field}).",
+            f"error: no document could be read ({totals['skipped']} skipped); check --kind "
+            f"(here {args.kind}) and --field (here {args.field}). Nothing was kept in {args.output}.",
             file=sys.stderr,
         )
-        return 1
+        return 2
     print(
         f"Wrote {totals['documents']} documents ({totals['tokens']} tokens) in "
         f"{totals['shards']} shards to {args.output}; skipped {totals['skipped']}."

@@ -382,11 +382,11 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> CurateConfig:
         raw = OmegaConf.to_container(conf, resolve=True)
     except CurationError:
         raise
+    except UnicodeDecodeError:  # a ValueError: before the clause below
+        raise CurationError(f"Cannot read {path}: it is not UTF-8 text.") from None
     except (OmegaConfBaseException, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CurationError(f"Cannot read {path}: {first}") from None
-    except UnicodeDecodeError:
-        raise CurationError(f"Cannot read {path}: it is not UTF-8 text.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
