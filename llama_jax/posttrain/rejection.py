@@ -82,6 +82,21 @@ def _prompts_to_sample(prompts, already, tokenizer, template, max_new_tokens: in
     return todo, counts
 
 
+def _checked_settings(args) -> float:
+    """Refuses out-of-range counts and a stray or out-of-range --safety-threshold, before any model
+    loads; returns the safety threshold (Llama 2's 0.15 unless given)."""
+    if args.k < 1 or args.batch_prompts < 1 or args.max_new_tokens < 1:
+        raise RejectionSamplingError("--k, --batch-prompts and --max-new-tokens must be at least 1.")
+    if args.pairs and args.k < 2:
+        raise RejectionSamplingError("--pairs needs --k of at least 2.")
+    if args.safety_threshold is not None and not (args.safety_reward_model or args.safety_score):
+        raise RejectionSamplingError("--safety-threshold goes with --safety-reward-model or --safety-score.")
+    threshold = 0.15 if args.safety_threshold is None else args.safety_threshold
+    if not 0.0 < threshold < 1.0:
+        raise RejectionSamplingError(f"--safety-threshold is a probability in (0, 1), got {threshold}.")
+    return threshold
+
+
 def run(args) -> dict:
     """Samples, scores and writes; returns counts {"written", "skipped_done", "skipped_long",
     "skipped_bad"}."""
@@ -89,15 +104,7 @@ def run(args) -> dict:
     from llama_jax.posttrain.data import load_prompts
     from llama_jax.posttrain.inputs import recorded_tokenizer
 
-    if args.k < 1 or args.batch_prompts < 1 or args.max_new_tokens < 1:
-        raise RejectionSamplingError("--k, --batch-prompts and --max-new-tokens must be at least 1.")
-    if args.pairs and args.k < 2:
-        raise RejectionSamplingError("--pairs needs --k of at least 2.")
-    threshold = 0.15 if args.safety_threshold is None else args.safety_threshold  # Llama 2's
-    if args.safety_threshold is not None and not (args.safety_reward_model or args.safety_score):
-        raise RejectionSamplingError("--safety-threshold goes with --safety-reward-model or --safety-score.")
-    if not 0.0 < threshold < 1.0:
-        raise RejectionSamplingError(f"--safety-threshold is a probability in (0, 1), got {threshold}.")
+    threshold = _checked_settings(args)
     sampling = sampling_from_flags(args)
     tokenizer_path = args.tokenizer or (recorded_tokenizer(args.ckpt) if args.ckpt else None)
     cfg, params, tokenizer = load_model(args.ckpt, args.hf, tokenizer_path)
