@@ -244,8 +244,34 @@ def _known_tasks(names: list[str], include_path: str | None):
     unknown = [name for name in names if not manager.match_tasks([name])]
     if unknown:
         where = "the harness's tasks" + (f" or those under {include_path}" if include_path else "")
-        raise EvalError(f"Unknown task {', '.join(map(repr, unknown))}: it is not among {where}.")
+        unread = _unreadable_task_files(include_path) if include_path else []
+        because = f"; these task files could not be read: {'; '.join(unread)}" if unread else ""
+        raise EvalError(f"Unknown task {', '.join(map(repr, unknown))}: it is not among {where}{because}.")
     return manager
+
+
+def _unreadable_task_files(include_path: str) -> list[str]:
+    """The YAML files under `include_path` that do not parse, each with where and why (the
+    harness skips them without a word, so their tasks are merely "unknown")."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # the harness's own tags (!function ...) are not errors
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    unread = []
+    for path in sorted(Path(include_path).rglob("*.y*ml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        except UnicodeDecodeError:
+            unread.append(f"{path} is not UTF-8 text")
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+            unread.append(f"{path}{where} {getattr(err, 'problem', None) or err}")
+        except OSError as err:
+            unread.append(f"{path}: {err.strerror or err}")
+    return unread
 
 
 def run_cli(args) -> int:

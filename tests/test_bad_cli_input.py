@@ -121,6 +121,18 @@ def test_harness_limit_and_output_are_checked_first(tmp_path, blocked, capsys):
     one_error_line(capsys, "its directory does not exist")
 
 
+def test_harness_names_a_task_file_that_does_not_parse(tmp_path, capsys):
+    """The harness skips a task YAML it cannot parse; its task must not be merely "unknown"."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "good.yaml").write_text("task: good\ndataset_path: json\nprocess_docs: !function utils.docs\n")
+    (tasks / "broken.yaml").write_text("task: broken\ndataset_path: json\n  output_type: [loglikelihood\n")
+    args = ["harness", "--hf", str(tmp_path), "--tasks", "broken", "--include-path", str(tasks)]
+    assert eval_cli.main(args) == 2
+    message = one_error_line(capsys, "Unknown task 'broken'")
+    assert "broken.yaml line 3" in message and "good.yaml" not in message
+
+
 def test_serve_checks_its_sizes_before_loading_a_model(tmp_path, capsys):
     assert serve.main(["--hf", str(tmp_path), "--max-len", "0"]) == 2
     one_error_line(capsys, "--max-len must be at least 2")
