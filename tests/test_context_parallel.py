@@ -171,3 +171,51 @@ def test_a_fresh_state_initialises_under_context_parallelism():
     single = init_params(CFG, jax.random.key(3))
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(single)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+@pytest.mark.parametrize("context", [1, 2, 4])
+def test_the_cudnn_path_equals_xla(context, monkeypatch):
+    """There is no GPU here, so `jax.nn.dot_product_attention`, asked for cuDNN, runs XLA's
+    implementation of the same call: what is checked is everything llama_jax puts around the
+    kernel (each device's mask of documents and causality at its balanced query indices, GQA),
+    forward and gradients, without and with context parallelism."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def without_cudnn(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", without_cudnn)
+    rng = np.random.default_rng(2)
+    batch, length, heads, kv_heads, head_dim = 2, 256, 4, 2, 16
+    q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), jnp.bfloat16) for _ in range(2))
+    segments = np.sort(rng.integers(1, 4, (batch, length)), axis=1).astype(np.int32)
+    segments[1, -9:] = 0  # padding
+    segments = jnp.asarray(segments)
+
+    def balanced(q, k, v):
+        parts = context_parallel.context_size()
+        args = (context_parallel.balance(x, parts) for x in (q, k, v, segments))
+        out = attention_lib.attention(*args, implementation="cudnn")
+        return context_parallel.unbalance(out, parts).astype(jnp.float32)
+
+    def reference(q, k, v):
+        return attention_lib.xla_attention(*(x.astype(jnp.float32) for x in (q, k, v)), segments)
+
+    live = (segments > 0)[:, :, None, None]  # padding queries attend to nothing; their rows differ
+
+    def objective(fn):
+        return lambda *a: jnp.sum(jnp.where(live, fn(*a), 0.0) ** 2)
+
+    want = reference(q, k, v)
+    want_grads = jax.grad(objective(reference), (0, 1, 2))(q, k, v)
+    mesh_cfg = MeshConfig(context=context, fsdp=1, data=-1)
+    with activation_sharding(make_mesh(mesh_cfg), mesh_cfg.rules):
+        got = jax.jit(balanced)(q, k, v)
+        grads = jax.jit(jax.grad(objective(balanced), (0, 1, 2)))(q, k, v)
+    assert calls and set(calls) == {"cudnn"}
+    np.testing.assert_allclose(np.where(live, got, 0), np.where(live, want, 0), atol=3e-2)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=0.1, rtol=0.05)
