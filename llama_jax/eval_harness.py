@@ -251,26 +251,25 @@ def _known_tasks(names: list[str], include_path: str | None):
 
 
 def _unreadable_task_files(include_path: str) -> list[str]:
-    """The YAML files under `include_path` that do not parse, each with where and why (the
-    harness skips them without a word, so their tasks are merely "unknown")."""
+    """The task files under `include_path` that the harness's own loader (lm-eval is pinned) cannot
+    read, each with where and why: the harness skips them without a word, so their tasks are
+    merely "unknown"."""
     import yaml
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._yaml_loader import load_yaml
 
-    class Loader(yaml.SafeLoader):  # the harness's own tags (!function ...) are not errors
-        pass
-
-    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
     unread = []
-    for path in sorted(Path(include_path).rglob("*.y*ml")):
+    for path in TaskIndex._iter_yaml_files(Path(include_path)):
         try:
-            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
-        except UnicodeDecodeError:
+            load_yaml(path, resolve_func=False)
+        except yaml.reader.ReaderError:
             unread.append(f"{path} is not UTF-8 text")
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-            unread.append(f"{path}{where} {getattr(err, 'problem', None) or err}")
-        except OSError as err:
-            unread.append(f"{path}: {err.strerror or err}")
+            unread.append(f"{path}{where} {(getattr(err, 'problem', None) or str(err)).splitlines()[0]}")
+        except (ValueError, OSError) as err:  # not a mapping, an include cycle, a missing include
+            unread.append(f"{path}: {getattr(err, 'strerror', None) or err}")
     return unread
 
 
