@@ -314,6 +314,31 @@ def _frozen_inputs(exp, mesh, value_cfg, host_policy, host_value, host_reference
     return bases, jax.device_put(host_reference, plain)
 
 
+def _ppo_shardings(exp: Experiment, mesh, value_cfg, policy_opt, value_opt):
+    """(the policy's state shardings, the value model's, the PPOState's); under LoRA only the
+    adapters (and the value model's head) are trained state."""
+    rules, trainable = exp.mesh.rules, lora_training.trainable_part(exp)
+    policy = state_shardings(Llama(exp.model), policy_opt, mesh, rules, trainable)
+    value = state_shardings(ScalarModel(value_cfg), value_opt, mesh, rules, trainable)
+    shardings = PPOState(
+        step=policy.step,
+        params=policy.params,
+        opt_state=policy.opt_state,
+        value_params=value.params,
+        value_opt_state=value.opt_state,
+    )
+    return policy, value, shardings
+
+
+def _summary(exp: Experiment, updates_per_iteration: int, prompts: int, held_out: int) -> str:
+    settings = exp.posttrain
+    return (
+        f"PPO, {exp.train.steps} iterations of {exp.train.batch_size} prompts, "
+        f"{updates_per_iteration} updates each; {prompts} prompts, {held_out} held out; "
+        f"reward from {settings.reward_model or settings.score_fn}"
+    )
+
+
 @register_stage("ppo")
 class PPO(ChatStage):
     """Each step of the loop is one PPO iteration: rollouts, scores, advantages, updates."""
@@ -339,16 +364,7 @@ class PPO(ChatStage):
         scorer_cfg = value_cfg
         if lora:  # the value model trains its own adapters (and its head) on its frozen base
             value_cfg = value_cfg.replace(lora=exp.model.lora)
-        trainable = lora_training.trainable_part(exp)
-        policy = state_shardings(Llama(exp.model), policy_opt, mesh, rules, trainable)
-        value = state_shardings(ScalarModel(value_cfg), value_opt, mesh, rules, trainable)
-        shardings = PPOState(
-            step=policy.step,
-            params=policy.params,
-            opt_state=policy.opt_state,
-            value_params=value.params,
-            value_opt_state=value.opt_state,
-        )
+        policy, value, shardings = _ppo_shardings(exp, mesh, value_cfg, policy_opt, value_opt)
         if isinstance(scorer, RewardModelScorer):  # scored on the mesh, sharded as the value model
             whole_value = state_shardings(ScalarModel(scorer_cfg), value_opt, mesh, rules).params
             scorer.params = jax.device_put(host_value, whole_value)
@@ -396,7 +412,6 @@ class PPO(ChatStage):
             bases,
         )
         data = TrainingData(None, None, tokenizer, exp.train.sample_prompt, chat_template=template)
-        settings = exp.posttrain
         return Run(
             exp=exp,
             abstract_state=abstract_state(
@@ -410,11 +425,7 @@ class PPO(ChatStage):
             evaluate=iterations.evaluate if eval_prompts else None,
             sample=self._sampler(exp, data, lambda state: whole(bases, state.params, {})[0]),
             tokenizer_path=exp.data.tokenizer_path,
-            summary=(
-                f"PPO, {exp.train.steps} iterations of {exp.train.batch_size} prompts, "
-                f"{updates_per_iteration} updates each; {len(prompts)} prompts, {len(eval_prompts)} held out; "
-                f"reward from {settings.reward_model or settings.score_fn}"
-            ),
+            summary=_summary(exp, updates_per_iteration, len(prompts), len(eval_prompts)),
             progress=lambda last: {"score": f"{last['score']:.3f}", "kl": f"{last['kl']:.3f}"},
         )
 
